@@ -1,0 +1,253 @@
+"""BSBRAttention: the layer that owns BSBR's weights and picks the reference, parallel or recurrent form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import _checks
+from ..ops.bsbr import STATE_NORMS, bsbr_parallel, bsbr_reference, compress_states, retrieve, state_scale
+from .block import Block
+from .cache import GrowableBuffer, LayerCache
+from .common import QKVAttention, split_heads
+
+META_QUERIES = ("first", "prev_last")
+
+
+@dataclass
+class BSBRCache(LayerCache):
+    """What BSBR keeps while streaming, per row and head.
+
+    states:    GrowableBuffer [B, H, C, m]  stored state of each completed chunk (m = d*d, or d*d/f compressed)
+    meta_keys: GrowableBuffer [B, H, C, d]  meta key of each completed chunk
+    buf_k, buf_v: [B, H, chunk, d]           keys and values of the open (incomplete) chunk
+    retrieved: [B, H, d, d]                  S of the open chunk (fixed once the chunk opens)
+    open_query: [B, H, d]                    meta query of the open chunk (``prev_last``: of the next one)
+
+    Size: C*(m + d) + 2*chunk*d + d*d + d numbers per head, against 2*n*d for a KV cache.
+    """
+
+    states: GrowableBuffer = field(default_factory=GrowableBuffer)
+    meta_keys: GrowableBuffer = field(default_factory=GrowableBuffer)
+    buf_k: torch.Tensor | None = None
+    buf_v: torch.Tensor | None = None
+    retrieved: torch.Tensor | None = None
+    open_query: torch.Tensor | None = None
+
+    def _allocate(self, B: int, H: int, chunk: int, d: int, like: torch.Tensor) -> None:
+        if self.buf_k is None:
+            self.buf_k = like.new_zeros(B, H, chunk, d)
+            self.buf_v = like.new_zeros(B, H, chunk, d)
+            self.retrieved = like.new_zeros(B, H, d, d)
+            self.open_query = like.new_zeros(B, H, d)
+
+
+class BSBRAttention(QKVAttention):
+    """Block Sparse attention with Block Retrieval.
+
+    Args:
+        hidden_dim: model width D; num_heads: H (head dim d = D / H).
+        chunk_size: tokens per chunk (B in the paper).  Softmax attention runs inside chunks; between chunks
+            each chunk retrieves a softmax mixture of earlier chunks' K^T V states.
+        dropout: dropout on the attention output (training only).
+        compression_factor: store each state in d*d/f numbers through a learned map P (and restore with P');
+            f must divide d*d.  None stores full d x d states.
+        state_norm: "mean" (default) divides each chunk's K^T V by the chunk size so the retrieved term is on
+            the scale of the local one; "none" keeps the raw sum of the original formula.
+        meta_query: where the chunk's meta query r_i comes from: "first" (default) the chunk's first token,
+            the latest position every token of the chunk may see; "prev_last" the previous chunk's last token.
+        rope, rope_base, bias: see :class:`~bsbr.layers.common.QKVAttention`.
+
+    Shapes: hidden_states [B, T, D] -> [B, T, D].  Extra weights beyond standard attention: ``meta_q_proj``
+    (W_r) and ``meta_k_proj`` (W_h), each D x D, and with compression ``compress`` (m x d*d) and
+    ``restore`` (d*d x m), shared by the heads.
+    """
+
+    def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.1,
+                 compression_factor: int | None = None, *, state_norm: str = "mean", meta_query: str = "first",
+                 rope: bool = True, rope_base: float = 10000.0, bias: bool = False):
+        super().__init__(hidden_dim, num_heads, dropout, bias=bias, rope=rope, rope_base=rope_base)
+        self.chunk_size = _checks.positive_int("chunk_size", chunk_size)
+        self.state_norm = _checks.one_of("state_norm", state_norm, STATE_NORMS)
+        self.meta_query = _checks.one_of("meta_query", meta_query, META_QUERIES)
+        d = self.head_dim
+        self.meta_q_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)  # W_r: meta queries
+        self.meta_k_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)  # W_h: meta keys
+        self.compression_factor = compression_factor
+        if compression_factor is not None:
+            f = _checks.positive_int("compression_factor", compression_factor)
+            if (d * d) % f:
+                raise ValueError(
+                    f"compression_factor must divide head_dim*head_dim={d * d}, got {compression_factor}"
+                )
+            m = d * d // f
+            self.compress = nn.Linear(d * d, m, bias=False)  # P
+            self.restore = nn.Linear(m, d * d, bias=False)  # P'
+            self.state_size = m
+        else:
+            self.compress = self.restore = None
+            self.state_size = d * d
+
+    # ----------------------------------------------------------------------------------- helpers
+    def _maps(self):
+        if self.compress is None:
+            return None, None
+        return self.compress.weight, self.restore.weight
+
+    def _meta(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, n, D] -> [B, H, n, d]."""
+        return split_heads(proj(x), self.num_heads)
+
+    def _chunk_meta(self, x: torch.Tensor, first: int, open_query: torch.Tensor | None):
+        """Meta queries and keys of the chunks of a segment of new tokens x [B, T, D].
+
+        ``first`` = number of the open chunk's tokens already seen (0 if the segment starts a chunk).
+        Returns r, h: [B, H, C, d] for the C chunks the segment touches.
+        """
+        T = x.shape[1]
+        ch = self.chunk_size
+        C = -(-(first + T) // ch)
+        starts = torch.arange(C, device=x.device) * ch - first  # segment chunk starts, in x's indices
+        ends = (starts + ch - 1).clamp(max=T - 1)
+        h = self._meta(self.meta_k_proj, x[:, ends])
+        if self.meta_query == "first":
+            r = self._meta(self.meta_q_proj, x[:, starts.clamp(min=0)])
+            if first:
+                r[:, :, 0] = open_query
+        else:  # the previous chunk's last token; for chunk 0 it was seen earlier (or there is none)
+            prev = (starts - 1).clamp(min=0)
+            r = self._meta(self.meta_q_proj, x[:, prev])
+            r[:, :, 0] = open_query if open_query is not None else 0.0
+        return r, h
+
+    # ------------------------------------------------------------------------------------ forms
+    def _reference(self, x):
+        T = x.shape[1]
+        q, k, v = self.qkv(x, torch.arange(T, device=x.device))
+        r, h = self._meta(self.meta_q_proj, x), self._meta(self.meta_k_proj, x)
+        compress, restore = self._maps()
+        o = bsbr_reference(q, k, v, r, h, self.chunk_size, state_norm=self.state_norm, compress=compress,
+                           restore=restore, meta_query=self.meta_query)
+        return self.out(o)
+
+    def _parallel(self, x):
+        return self.out(self._segment(x, None).out)
+
+    def _segment(self, x, cache: BSBRCache | None, first: int = 0):
+        offset = 0 if cache is None else int(cache.lengths[0])
+        q, k, v = self.qkv(x, offset + torch.arange(x.shape[1], device=x.device))
+        r, h = self._chunk_meta(x, first, None if cache is None else cache.open_query)
+        if first:  # prepend the open chunk's keys/values; its queries were answered already
+            q = torch.cat([q.new_zeros(*q.shape[:2], first, q.shape[-1]), q], dim=2)
+            k = torch.cat([cache.buf_k[:, :, :first], k], dim=2)
+            v = torch.cat([cache.buf_v[:, :, :first], v], dim=2)
+        compress, restore = self._maps()
+        past_states = past_keys = None
+        if cache is not None:
+            past_states, past_keys = cache.states.view(), cache.meta_keys.view()
+        seg = bsbr_parallel(q, k, v, r, h, self.chunk_size, state_norm=self.state_norm, compress=compress,
+                            restore=restore, past_states=past_states, past_keys=past_keys)
+        if first:
+            seg.out = seg.out[:, :, first:]
+        if cache is not None:
+            self._absorb(cache, seg, k, v, r, h, first + x.shape[1], x)
+        return seg
+
+    def _absorb(self, cache: BSBRCache, seg, k, v, r, h, seg_len: int, x) -> None:
+        """Move a processed segment (starting at a chunk boundary, seg_len tokens) into the cache."""
+        ch = self.chunk_size
+        done, tail = divmod(seg_len, ch)
+        B, H = k.shape[:2]
+        cache._allocate(B, H, ch, self.head_dim, k)
+        if done:
+            cache.states.append(seg.states[:, :, :done].detach())
+            cache.meta_keys.append(h[:, :, :done].detach())
+        if tail:
+            cache.buf_k[:, :, :tail] = k[:, :, done * ch : seg_len].detach()
+            cache.buf_v[:, :, :tail] = v[:, :, done * ch : seg_len].detach()
+            cache.retrieved = seg.last_retrieved.detach()
+            cache.open_query = r[:, :, done].detach()
+        elif self.meta_query == "prev_last":
+            # the next chunk's meta query is the last token of the chunk that just completed
+            cache.open_query = self._meta(self.meta_q_proj, x[:, -1:])[:, :, 0].detach()
+
+    def _extend(self, x, cache: BSBRCache):
+        first = int(cache.lengths[0]) % self.chunk_size
+        out = self._segment(x, cache, first).out
+        return self.out(out)
+
+    def _step(self, x, valid, cache: BSBRCache):
+        ch, d = self.chunk_size, self.head_dim
+        lengths = cache.lengths
+        phase = lengths % ch  # [B] position inside the open chunk
+        q, k, v = self.qkv(x[:, None], lengths[:, None])  # [B, H, 1, d]
+        B, H = q.shape[:2]
+        cache._allocate(B, H, ch, d, q)
+        compress, restore = self._maps()
+        opening = valid & (phase == 0)
+        if bool(opening.any()):
+            if self.meta_query == "first":
+                r = self._meta(self.meta_q_proj, x[:, None])[:, :, 0]
+                cache.open_query = torch.where(opening[:, None, None], r, cache.open_query)
+            states = cache.states.view()
+            if states is not None:
+                counts = lengths // ch  # completed chunks per row
+                allowed = torch.arange(states.shape[2], device=x.device)[None, :] < counts[:, None]
+                S = retrieve(cache.open_query[:, :, None], cache.meta_keys.view(), states,
+                             allowed[:, None, None, :], restore, d)[:, :, 0]
+            else:
+                S = torch.zeros_like(cache.retrieved)
+            cache.retrieved = torch.where(opening[:, None, None, None], S, cache.retrieved)
+        rows = valid.nonzero().squeeze(-1)
+        cache.buf_k[rows, :, phase[rows]] = k[rows, :, 0]
+        cache.buf_v[rows, :, phase[rows]] = v[rows, :, 0]
+        # local softmax over the open chunk's keys 0..phase; readout of the retrieved states
+        scores = (q @ cache.buf_k.transpose(-1, -2)) * d ** -0.5  # [B, H, 1, ch]
+        seen = torch.arange(ch, device=x.device)[None, :] <= phase[:, None]
+        scores = scores.masked_fill(~seen[:, None, None, :], float("-inf"))
+        o = torch.softmax(scores, dim=-1) @ cache.buf_v + (q * d ** -0.5) @ cache.retrieved
+        closing = valid & (phase == ch - 1)
+        if bool(closing.any()):
+            kv = cache.buf_k.transpose(-1, -2) @ cache.buf_v * state_scale(ch, self.state_norm)
+            cache.states.append_rows(compress_states(kv.flatten(-2), compress), closing)
+            cache.meta_keys.append_rows(self._meta(self.meta_k_proj, x[:, None])[:, :, 0], closing)
+            if self.meta_query == "prev_last":
+                r = self._meta(self.meta_q_proj, x[:, None])[:, :, 0]
+                cache.open_query = torch.where(closing[:, None, None], r, cache.open_query)
+        return self.out(o)[:, 0]
+
+    def _new_cache(self, lengths):
+        return BSBRCache(lengths)
+
+    # ----------------------------------------------------------------------------- attention maps
+    def _attention_weights(self, x):
+        if self.compress is not None:
+            raise NotImplementedError(
+                "with compression the retrieved term mixes value dimensions through P'P, so it is not a "
+                "token-to-token weighting; get_attention_weights needs compression_factor=None"
+            )
+        T = x.shape[1]
+        q, k, v = self.qkv(x, torch.arange(T, device=x.device))
+        r, h = self._meta(self.meta_q_proj, x), self._meta(self.meta_k_proj, x)
+        _, local, retrieval = bsbr_reference(q, k, v, r, h, self.chunk_size, state_norm=self.state_norm,
+                                             meta_query=self.meta_query, return_weights=True)
+        return {"total": local + retrieval, "local": local, "retrieval": retrieval}
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", chunk_size={self.chunk_size}, compression_factor={self.compression_factor}"
+                f", state_norm={self.state_norm!r}, meta_query={self.meta_query!r}")
+
+
+class BSBRLayer(Block):
+    """A transformer block with BSBR attention: x + BSBR(norm(x)), then x + FF(norm(x)).
+
+    hidden_states [B, T, hidden_dim] -> [B, T, hidden_dim]; ``forward(x, attention_mask=None, cache=None)``.
+    Extra keyword arguments go to :class:`BSBRAttention` (state_norm, meta_query, rope, ...).
+    """
+
+    def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, ff_dim: int, dropout: float = 0.1,
+                 compression_factor: int | None = None, *, norm: str = "layernorm", **attention_options):
+        attention = BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor, **attention_options)
+        super().__init__(attention, ff_dim, dropout, norm)

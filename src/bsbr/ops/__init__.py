@@ -1,0 +1,1 @@
+"""Pure tensor functions: the reference, parallel and recurrent forms of each mechanism."""
