@@ -2,7 +2,8 @@
 
 Every layer cache records ``lengths`` — the number of real tokens each batch row has absorbed — so rows may
 differ in length (a left-padded prompt leaves them ragged).  The tensors a cache holds are allocated
-lazily on first use, in the dtype and device of the hidden states, and grow by doubling.
+lazily on first use, in the dtype and device of the hidden states, and grow by doubling.  Streaming is for
+inference: what enters a cache is detached, so no gradient flows through it.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class GrowableBuffer:
         if self.filled is not None and not bool((self.filled == start).all()):
             raise RuntimeError("GrowableBuffer.append needs equally filled rows; use append_rows")
         self._reserve(new, start + n)
-        self.data[:, :, start : start + n] = new
+        self.data[:, :, start : start + n] = new.detach()
         self.filled += n
 
     def append_rows(self, new: torch.Tensor, rows: torch.Tensor) -> None:
@@ -88,7 +89,7 @@ class GrowableBuffer:
         self._reserve(like, needed)
         idx = rows.nonzero().squeeze(-1)
         if idx.numel():
-            self.data[idx, :, self.filled[idx]] = new[idx]
+            self.data[idx, :, self.filled[idx]] = new[idx].detach()
             self.filled[idx] += 1
 
     def view(self) -> torch.Tensor | None:
