@@ -134,7 +134,8 @@ def test_streaming_long_pieces(model_name):
     ids = torch.randint(0, 50, (1, 300))
     full = lm(ids).logits
     cache = lm.new_cache(1)
-    pieces = [lm(ids[:, a:b], cache=cache, use_cache=True).logits for a, b in [(0, 37), (37, 38), (38, 138), (138, 300)]]
+    splits = [(0, 37), (37, 38), (38, 138), (138, 300)]
+    pieces = [lm(ids[:, a:b], cache=cache, use_cache=True).logits for a, b in splits]
     assert_close(f"{model_name} streaming 37/1/100/162", torch.cat(pieces, 1), full)
 
 
