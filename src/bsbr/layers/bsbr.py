@@ -20,10 +20,10 @@ META_QUERIES = ("first", "prev_last")
 class BSBRCache(LayerCache):
     """What BSBR keeps while streaming, per row and head.
 
-    states:    GrowableBuffer [B, H, C, m]  stored state of each completed chunk (m = d*d, or d*d/f compressed)
+    states:    GrowableBuffer [B, H, C, m]  each completed chunk's K^T V (raw sum; m = d*d, or d*d/f compressed)
     meta_keys: GrowableBuffer [B, H, C, d]  meta key of each completed chunk
     buf_k, buf_v: [B, H, chunk, d]           keys and values of the open (incomplete) chunk
-    retrieved: [B, H, d, d]                  S of the open chunk (fixed once the chunk opens)
+    retrieved: [B, H, d, d]                  raw mixture S of the open chunk (fixed once the chunk opens)
     open_query: [B, H, d]                    meta query of the open chunk (``prev_last``: of the next one)
 
     Size: C*(m + d) + 2*chunk*d + d*d + d numbers per head, against 2*n*d for a KV cache.
@@ -148,7 +148,8 @@ class BSBRAttention(QKVAttention):
         if cache is not None:
             past_states, past_keys = cache.states.view(), cache.meta_keys.view()
         seg = bsbr_parallel(q, k, v, r, h, self.chunk_size, state_norm=self.state_norm, compress=compress,
-                            restore=restore, past_states=past_states, past_keys=past_keys)
+                            restore=restore, past_states=past_states, past_keys=past_keys,
+                            need_states=cache is not None)
         if first:
             seg.out = seg.out[:, :, first:]
         if cache is not None:
@@ -207,10 +208,11 @@ class BSBRAttention(QKVAttention):
         scores = (q @ cache.buf_k.transpose(-1, -2)) * d ** -0.5  # [B, H, 1, ch]
         seen = torch.arange(ch, device=x.device)[None, :] <= phase[:, None]
         scores = scores.masked_fill(~seen[:, None, None, :], float("-inf"))
-        o = torch.softmax(scores, dim=-1) @ cache.buf_v + (q * d ** -0.5) @ cache.retrieved
+        readout_scale = d**-0.5 * state_scale(ch, self.state_norm)  # states are raw sums (see bsbr_parallel)
+        o = torch.softmax(scores, dim=-1) @ cache.buf_v + (q * readout_scale) @ cache.retrieved
         closing = valid & (phase == ch - 1)
         if bool(closing.any()):
-            kv = cache.buf_k.transpose(-1, -2) @ cache.buf_v * state_scale(ch, self.state_norm)
+            kv = cache.buf_k.transpose(-1, -2) @ cache.buf_v
             cache.states.append_rows(compress_states(kv.flatten(-2), compress), closing)
             cache.meta_keys.append_rows(self._meta(self.meta_k_proj, x[:, None])[:, :, 0], closing)
             if self.meta_query == "prev_last":

@@ -110,8 +110,14 @@ class BSBRSegment:
     """What :func:`bsbr_parallel` returns besides the outputs, for building a streaming cache."""
 
     out: torch.Tensor  # [B, H, T, d]
-    states: torch.Tensor  # [B, H, C, m] stored (compressed) states of every chunk of the segment
-    last_retrieved: torch.Tensor  # [B, H, d, d]: S of the segment's last chunk
+    states: torch.Tensor | None  # [B, H, C, m] raw-sum states of the segment's chunks (if need_states)
+    last_retrieved: torch.Tensor  # [B, H, d, d]: the raw-sum mixture S_raw of the segment's last chunk
+
+
+# Rows (batch x head) are processed in groups whose tensors stay under this size: large temporaries are
+# returned to the OS by the allocator and page-faulted in again on every call, which costs more than the
+# arithmetic on 2 CPU cores; small ones are reused.
+_GROUP_BYTES = 16 * 2**20
 
 
 def _mixing_groups(rows: int, past: int) -> list[tuple[int, int]]:
@@ -126,8 +132,8 @@ def _mixing_groups(rows: int, past: int) -> list[tuple[int, int]]:
 def retrieve(r, keys, states, allowed, restore, d: int):
     """Block retrieval: S = unvec(restore(softmax(r . keys / sqrt(d)) masked by ``allowed`` @ states)).
 
-    r: [B, H, n, d]; keys: [B, H, C, d]; states: [B, H, C, m]; allowed: bool, broadcastable to [B, H, n, C].
-    Rows with nothing allowed retrieve zero.  Returns [B, H, n, d, d].
+    r: [..., n, d]; keys: [..., C, d]; states: [..., C, m]; allowed: bool, broadcastable to [..., n, C].
+    Rows with nothing allowed retrieve zero.  Returns [..., n, d, d].
     """
     logits = (r @ keys.transpose(-1, -2)) * d ** -0.5
     logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)  # finite: no NaN in empty rows
@@ -136,49 +142,96 @@ def retrieve(r, keys, states, allowed, restore, d: int):
 
 
 def bsbr_parallel(q, k, v, r, h, chunk: int, *, state_norm: str = "mean", compress=None, restore=None,
-                  past_states=None, past_keys=None) -> BSBRSegment:
+                  past_states=None, past_keys=None, need_states: bool = False) -> BSBRSegment:
     """Chunked BSBR over a segment that starts at a chunk boundary.
 
     q, k, v: [B, H, T, d]; r, h: [B, H, C, d] — the meta query and meta key of each chunk of the segment
     (the key of a chunk that is not complete is never used).  ``past_states`` [B, H, C0, m] and
     ``past_keys`` [B, H, C0, d] are earlier chunks' stored states and meta keys (streaming); chunk i of
-    the segment retrieves from the C0 past chunks and segment chunks < i.
+    the segment retrieves from the C0 past chunks and segment chunks < i.  ``need_states`` also returns
+    the segment's chunk states (for a streaming cache).
+
+    States are kept as raw sums K_j^T V_j (compressed if asked); the normalisation 1/N_j (N_j = chunk for
+    every chunk that can be retrieved) commutes with the mixture and the linear maps, so it is applied once,
+    at readout.
     """
     B, H, T, d = q.shape
     C = math.ceil(T / chunk)
-    scale = d ** -0.5
     pad = C * chunk - T
     if pad:  # right padding cannot reach real tokens: attention inside a chunk is causal
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    # 1. local causal softmax inside each chunk, one fused 4-D SDPA call over B x (H*C) blocks
-    qc = q.reshape(B, H * C, chunk, d)
-    kc = k.reshape(B, H * C, chunk, d)
-    vc = v.reshape(B, H * C, chunk, d)
-    local = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True)  # [B, H*C, chunk, d]
-    # 2. chunk states F_j = norm * K_j^T V_j, stored (compressed) as [B, H, C, m]
-    kv = (kc.transpose(-1, -2) @ vc).view(B, H, C, d * d) * state_scale(chunk, state_norm)
-    states = compress_states(kv, compress)
+    n = B * H
+    rows = [t.reshape(n, *t.shape[2:]) for t in (q, k, v, r, h)]
+    past = None
     if past_states is not None and past_states.shape[2]:
-        all_states = torch.cat([past_states, states], dim=2)
-        all_keys = torch.cat([past_keys, h], dim=2)
-    else:
-        all_states, all_keys = states, h
-    C0 = all_states.shape[2] - C
-    # 3. block retrieval: chunk i mixes the states of chunks j < C0 + i (row groups skip zero blocks)
-    pieces = []
+        past = (past_states.reshape(n, *past_states.shape[2:]), past_keys.reshape(n, *past_keys.shape[2:]))
+    norm = state_scale(chunk, state_norm)
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (*rows, compress, restore, *(past or ())))
+    # with autograd (no in-place updates) rows go in groups whose pieces are concatenated; for inference one
+    # SDPA call covers every row and its output is updated in place
+    group = max(1, _GROUP_BYTES // (C * chunk * d * q.element_size())) if differentiable else n
+    outs, states, lasts = [], [], []
+    for lo in range(0, n, group):
+        sl = slice(lo, lo + group)
+        o, z, last = _bsbr_rows(*(t[sl] for t in rows), chunk, norm, compress, restore,
+                                None if past is None else (past[0][sl], past[1][sl]), not differentiable, need_states)
+        outs.append(o)
+        states.append(z)
+        lasts.append(last)
+    cat = lambda ts: torch.cat(ts) if len(ts) > 1 else ts[0]  # noqa: E731
+    out = cat(outs).view(B, H, C * chunk, d)[:, :, :T]
+    return BSBRSegment(out=out, states=cat(states).view(B, H, C, -1) if need_states else None,
+                       last_retrieved=cat(lasts).view(B, H, d, d))
+
+
+def _bsbr_rows(q, k, v, r, h, chunk, norm, compress, restore, past, inplace, need_states):
+    """BSBR for n independent rows (batch x head): q, k, v [n, C*chunk, d]; r, h [n, C, d]; ``past`` =
+    (states [n, C0, m], keys [n, C0, d]) or None.  Returns (out [n, C*chunk, d], raw states [n, C, m], the last
+    chunk's raw mixture [n, d, d]).  ``inplace`` adds the readout into SDPA's output (no autograd); states are
+    returned only if ``need_states``."""
+    n, Tp, d = q.shape
+    C = Tp // chunk
+    qc, kc, vc = (t.reshape(n, C, chunk, d) for t in (q, k, v))
+    # 1. local causal softmax inside each chunk: one fused 4-D SDPA call over n*C blocks
+    local = F.scaled_dot_product_attention(*(t.reshape(1, n * C, chunk, d) for t in (qc, kc, vc)), is_causal=True)
+    local = local.view(n, C, chunk, d)
+    C0 = 0 if past is None else past[0].shape[1]
+    # Long segments go one (batch, head) row at a time, in row groups that skip the zero upper blocks of the
+    # strictly lower-triangular mixture; every slice stays contiguous and every temporary small.
+    groups = _mixing_groups(C, C0)
+    row_sets = [slice(0, n)] if len(groups) == 1 else [slice(i, i + 1) for i in range(n)]
     cols = torch.arange(C0 + C, device=q.device)
-    for lo, hi in _mixing_groups(C, C0):
-        width = C0 + hi - 1 if hi > lo else 0
-        if width <= 0:
-            pieces.append(q.new_zeros(B, H, hi - lo, d, d))
-            continue
-        rows = torch.arange(lo, hi, device=q.device)
-        allowed = cols[None, :width] < (C0 + rows)[:, None]
-        pieces.append(retrieve(r[:, :, lo:hi], all_keys[:, :, :width], all_states[:, :, :width], allowed,
-                               restore, d))
-    S = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]  # [B, H, C, d, d]
-    # 4. readout, added to the local part: o += (q / sqrt(d)) S_{c(t)}
-    out = torch.baddbmm(local.reshape(B * H * C, chunk, d), qc.reshape(B * H * C, chunk, d),
-                        S.reshape(B * H * C, d, d), alpha=scale)
-    out = out.view(B, H, C * chunk, d)[:, :, :T]
-    return BSBRSegment(out=out, states=states, last_retrieved=S[:, :, -1])
+    pieces, states, lasts = [], [], []
+    for rows in row_sets:
+        # 2. chunk states K_j^T V_j (raw sums), stored compressed if asked: [rows, C, m]
+        z = compress_states((kc[rows].transpose(-1, -2) @ vc[rows]).flatten(-2), compress)
+        if need_states:
+            states.append(z)
+        all_states, all_keys = z, h[rows]
+        if past is not None:
+            all_states = torch.cat([past[0][rows], z], dim=1)
+            all_keys = torch.cat([past[1][rows], h[rows]], dim=1)
+        for lo, hi in groups:
+            # 3. block retrieval: chunk i mixes the states of chunks j < C0 + i
+            width = C0 + hi - 1
+            allowed = cols[None, :width] < (C0 + torch.arange(lo, hi, device=q.device))[:, None]
+            S = retrieve(r[rows, lo:hi], all_keys[:, :width], all_states[:, :width], allowed, restore, d)
+            if hi == C:
+                lasts.append(S[:, -1])
+            # 4. readout added to the local part: o += (q / sqrt(d)) * norm * S_{c(t)}
+            m = S.shape[0] * (hi - lo)
+            qs, Ss = qc[rows, lo:hi].reshape(m, chunk, d), S.reshape(m, d, d)
+            if inplace:
+                local[rows, lo:hi].view(m, chunk, d).baddbmm_(qs, Ss, alpha=norm * d**-0.5)
+            else:
+                base = local[rows, lo:hi].reshape(m, chunk, d)
+                pieces.append(torch.baddbmm(base, qs, Ss, alpha=norm * d**-0.5).view(-1, hi - lo, chunk, d))
+    if inplace:
+        out = local
+    else:
+        if len(groups) > 1:  # reassemble [rows][groups] pieces into [n, C, chunk, d]
+            pieces = [torch.cat(pieces[i : i + len(groups)], dim=1) for i in range(0, len(pieces), len(groups))]
+        out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    cat = lambda ts: torch.cat(ts) if len(ts) > 1 else ts[0]  # noqa: E731
+    return out.reshape(n, Tp, d), cat(states) if need_states else None, cat(lasts)

@@ -1,0 +1,226 @@
+"""BSBR-specific checks: the three forms of the op agree, B >= T is softmax attention, compression stores
+d*d/f numbers, attention maps reproduce the outputs, and bad options are refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bsbr import BSBRAttention, BSBRForCausalLM, BSBRLayer, BSBRModel
+from bsbr.layers.standard import StandardAttention
+from bsbr.models import ModelConfig
+from bsbr.ops.bsbr import bsbr_parallel, bsbr_reference
+
+from conftest import make_attention, make_lm
+from helpers import assert_close
+
+
+def _op_inputs(B, H, T, d, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, d, generator=g, dtype=dtype, requires_grad=True) for _ in range(5)]
+
+
+def _chunk_meta(r, h, chunk, meta_query="first"):
+    T = r.shape[2]
+    C = math.ceil(T / chunk)
+    starts = torch.arange(C) * chunk
+    ends = (starts + chunk - 1).clamp(max=T - 1)
+    if meta_query == "first":
+        rq = r[:, :, starts]
+    else:
+        rq = torch.cat([torch.zeros_like(r[:, :, :1]), r[:, :, (starts - 1)[1:]]], dim=2)
+    return rq, h[:, :, ends]
+
+
+@pytest.mark.parametrize("T,chunk", [(1, 4), (7, 8), (8, 8), (9, 8), (63, 8), (100, 16), (130, 7)])
+@pytest.mark.parametrize("variant", ["plain", "none_norm", "prev_last", "compressed"])
+def test_op_parallel_equals_reference_with_grads(T, chunk, variant):
+    B, H, d = 2, 3, 60 if variant != "compressed" else 8
+    q, k, v, r, h = _op_inputs(B, H, T, d)
+    kw = {"state_norm": "none" if variant == "none_norm" else "mean"}
+    meta_query = "prev_last" if variant == "prev_last" else "first"
+    if variant == "compressed":
+        g = torch.Generator().manual_seed(1)
+        kw["compress"] = (0.1 * torch.randn(16, d * d, generator=g, dtype=torch.float64)).requires_grad_()
+        kw["restore"] = (0.1 * torch.randn(d * d, 16, generator=g, dtype=torch.float64)).requires_grad_()
+    leaves = [q, k, v, r, h] + [t for t in (kw.get("compress"), kw.get("restore")) if t is not None]
+    ref = bsbr_reference(q, k, v, r, h, chunk, meta_query=meta_query, **kw)
+    gout = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad((ref * gout).sum(), leaves, allow_unused=True, materialize_grads=True)
+    rq, hk = _chunk_meta(r, h, chunk, meta_query)
+    par = bsbr_parallel(q, k, v, rq, hk, chunk, **kw).out
+    par_grads = torch.autograd.grad((par * gout).sum(), leaves, allow_unused=True, materialize_grads=True)
+    assert_close(f"output T={T} chunk={chunk} {variant}", par, ref)
+    for name, a, b in zip(["q", "k", "v", "r", "h", "P", "P'"], par_grads, ref_grads, strict=False):
+        assert_close(f"d/d{name} T={T} chunk={chunk} {variant}", a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("group_bytes", [None, 1])
+def test_op_long_sequence_all_paths(monkeypatch, group_bytes):
+    """C >= 64 chunks switches on the triangular row groups; autograd and inference paths both match."""
+    import bsbr.ops.bsbr as op
+
+    if group_bytes:  # force one (batch, head) row per group in the autograd path
+        monkeypatch.setattr(op, "_GROUP_BYTES", group_bytes)
+    q, k, v, r, h = _op_inputs(2, 2, 301, 8)
+    ref = bsbr_reference(q, k, v, r, h, 4)
+    rq, hk = _chunk_meta(r, h, 4)
+    with torch.no_grad():
+        seg = bsbr_parallel(q, k, v, rq, hk, 4, need_states=True)
+    assert_close("inference path", seg.out, ref)
+    assert_close("autograd path", bsbr_parallel(q, k, v, rq, hk, 4).out, ref)
+    # continuing from 40 past chunks (C0 < C) exercises the grouped mixture with a past
+    with torch.no_grad():
+        tail = bsbr_parallel(q[:, :, 160:], k[:, :, 160:], v[:, :, 160:], rq[:, :, 40:], hk[:, :, 40:], 4,
+                             past_states=seg.states[:, :, :40], past_keys=hk[:, :, :40])
+    assert_close("continued inference path", tail.out, ref[:, :, 160:])
+
+
+def test_op_continues_from_past_states():
+    """Splitting a sequence at a chunk boundary and passing the first part's states gives the same outputs."""
+    q, k, v, r, h = (t.detach() for t in _op_inputs(1, 2, 77, 16))
+    rq, hk = _chunk_meta(r, h, 8)
+    whole = bsbr_parallel(q, k, v, rq, hk, 8)
+    first = bsbr_parallel(q[:, :, :40], k[:, :, :40], v[:, :, :40], rq[:, :, :5], hk[:, :, :5], 8, need_states=True)
+    second = bsbr_parallel(q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], rq[:, :, 5:], hk[:, :, 5:], 8,
+                           past_states=first.states, past_keys=hk[:, :, :5])
+    assert_close("continued segment", torch.cat([first.out, second.out], 2), whole.out)
+
+
+def test_large_chunk_equals_causal_softmax_attention():
+    """With chunk_size >= T there is one chunk: BSBR is causal softmax attention with the same q/k/v/out."""
+    torch.manual_seed(0)
+    bsbr = BSBRAttention(48, 4, chunk_size=64, dropout=0.0).double().eval()
+    std = StandardAttention(48, 4, dropout=0.0).double().eval()
+    missing = std.load_state_dict(bsbr.state_dict(), strict=False)
+    assert not missing.missing_keys  # q_proj, k_proj, v_proj, out_proj map one to one
+    x = torch.randn(3, 50, 48, dtype=torch.float64)
+    assert_close("BSBR(chunk >= T) vs softmax", bsbr(x), std(x))
+    bsbr.chunk_size = 10  # and with several chunks it is something else
+    assert (bsbr(x) - std(x)).abs().max() > 1e-3
+
+
+def test_causality_catches_a_leaky_meta_query(monkeypatch):
+    """The causality test is not vacuous: taking r_i from the chunk's last token (the naive reading) leaks."""
+    attn = make_attention("BSBR")
+    x = torch.randn(1, 40, 32, dtype=torch.float64)
+    base = attn(x)
+
+    def leaky(self, x, first, open_query):
+        T, ch = x.shape[1], self.chunk_size
+        C = -(-T // ch)
+        ends = (torch.arange(C) * ch + ch - 1).clamp(max=T - 1)
+        meta = self._meta(self.meta_q_proj, x[:, ends]), self._meta(self.meta_k_proj, x[:, ends])
+        return meta
+
+    monkeypatch.setattr(BSBRAttention, "_chunk_meta", leaky)
+    x2 = x.clone()
+    x2[:, 23] += 1.0  # last token of chunk 2 (chunk_size 8)
+    assert not torch.equal(attn(x2)[:, 16:23], base[:, 16:23])
+
+
+@pytest.mark.parametrize("factor", [None, 2, 4, 8])
+def test_cache_stores_d2_over_f_numbers_per_chunk(factor):
+    d, chunk, n = 16, 8, 100
+    lm = make_lm("BSBR", hidden_dim=32, num_heads=2, compression_factor=factor)
+    ids = torch.randint(0, 50, (1, n))
+    cache = lm.new_cache(1)
+    with torch.no_grad():
+        lm(ids, cache=cache, use_cache=True)
+    m = d * d // (factor or 1)
+    for layer in cache.layers:
+        assert layer.states.data.shape[-1] == m
+        assert int(layer.states.filled[0]) == n // chunk
+        assert layer.buf_k.shape[2] == chunk  # at most one chunk of keys and values is kept
+    per_layer = 2 * ((n // chunk) * (m + d) + 2 * chunk * d + d * d + d) * 8  # 2 heads, fp64
+    assert cache.state_nbytes() == len(cache.layers) * per_layer + len(cache.layers) * 8  # + lengths (int64)
+
+
+def test_attention_weights_reproduce_outputs():
+    attn = make_attention("BSBR")
+    x = torch.randn(2, 29, 32, dtype=torch.float64)
+    maps = attn.attention_weights(x, parts=True)
+    assert_close("local + retrieval", maps["local"] + maps["retrieval"], maps["total"])
+    q, k, v = attn.qkv(x, torch.arange(29))
+    y = attn.out(maps["total"] @ v)
+    assert_close("sum_s w[t,s] v_s", y, attn(x))
+    # local weights are zero outside the chunk, retrieval weights are zero inside it and after it
+    t = torch.arange(29)
+    same_chunk = (t[:, None] // 8) == (t[None, :] // 8)
+    assert torch.all(maps["local"][..., ~same_chunk] == 0)
+    assert torch.all(maps["retrieval"][..., same_chunk | (t[None, :] > t[:, None])] == 0)
+
+
+def test_model_attention_weights_shape_and_sparsity():
+    model = BSBRModel(vocab_size=50, hidden_dim=32, num_layers=2, num_heads=2, chunk_size=8, ff_dim=64)
+    w = model.get_attention_weights(torch.randint(0, 50, (3, 20)))
+    assert w.shape == (2, 3, 2, 20, 20)
+    sparsity = (w == 0).float().mean().item()
+    assert 0.45 < sparsity < 0.6  # the upper triangle (190/400 + diagonal excluded) is exactly zero
+    with pytest.raises(NotImplementedError, match="compression"):
+        BSBRModel(50, 32, 1, 2, 8, 64, compression_factor=2).get_attention_weights(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_bad_options_raise_clear_errors():
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        BSBRAttention(32, 2, chunk_size=0)
+    with pytest.raises(TypeError, match="chunk_size"):
+        BSBRAttention(32, 2, chunk_size=2.5)
+    with pytest.raises(ValueError, match="compression_factor must divide head_dim\\*head_dim=256, got 3"):
+        BSBRAttention(32, 2, chunk_size=8, compression_factor=3)
+    with pytest.raises(ValueError, match="hidden_dim must be divisible by num_heads"):
+        BSBRLayer(30, 4, 8, 64)
+    with pytest.raises(ValueError, match="state_norm"):
+        BSBRAttention(32, 2, 8, state_norm="sum")
+    with pytest.raises(ValueError, match="meta_query"):
+        BSBRAttention(32, 2, 8, meta_query="last")
+    with pytest.raises(ValueError, match="unknown option"):
+        BSBRModel(50, 32, 1, 2, 8, 64, window_size=3)
+    with pytest.raises(ValueError, match="unknown ModelConfig key"):
+        ModelConfig.from_dict({**BSBRModel(50, 32, 1, 2, 8, 64).config.to_dict(), "lr": 1})
+    with pytest.raises(ValueError, match="unknown model"):
+        ModelConfig(50, 32, 1, 2, 64, attention="Transformer-XL")
+
+
+def test_config_round_trip_rebuilds_the_same_model():
+    lm = BSBRForCausalLM(50, 32, 2, 2, 8, 64, dropout=0.0, compression_factor=4)
+    again = type(lm).__mro__[1](ModelConfig.from_dict(lm.config.to_dict()))
+    again.load_state_dict(lm.state_dict())
+    ids = torch.randint(0, 50, (2, 30))
+    assert torch.equal(again(ids).logits, lm.eval()(ids).logits)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    lm = make_lm("BSBR").train()
+    ids = torch.randint(0, 50, (2, 40))
+    grads = []
+    for enable in (False, True):
+        lm.zero_grad()
+        if enable:
+            lm.gradient_checkpointing_enable()
+        lm(ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in lm.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert_close("checkpointed grad", b, a)
+
+
+def test_streaming_cache_is_bounded():
+    """The number of cached keys/values never exceeds one chunk, however long the stream."""
+    lm = make_lm("BSBR", dtype=torch.float32)
+    cache = lm.new_cache(1)
+    with torch.inference_mode():
+        for _ in range(10):
+            lm(torch.randint(0, 50, (1, 97)), cache=cache, use_cache=True)
+    layer = cache.layers[0]
+    assert layer.buf_k.shape[2] == 8 and int(layer.states.filled[0]) == 970 // 8
+
+
+@pytest.mark.slow
+def test_million_token_forward():
+    model = BSBRModel(vocab_size=256, hidden_dim=64, num_layers=2, num_heads=2, chunk_size=128, ff_dim=128,
+                      dropout=0.0).eval()
+    with torch.inference_mode():
+        h = model(torch.randint(0, 256, (1, 1_000_000)))
+    assert h.shape == (1, 1_000_000, 64) and torch.isfinite(h).all()
