@@ -1,0 +1,89 @@
+"""Shared pieces of the benchmark scripts: environment header, warmed-up median timing, log-log fits, JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict:
+    """What the numbers were measured on: recorded beside every result."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=False).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except OSError:
+        commit = "unknown"
+    return {"cpu": cpu, "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": "cpu", "commit": commit,
+            "date": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def header(env: dict) -> str:
+    return (f"{env['cpu']} | {env['threads']} threads | torch {env['torch']} | commit {env['commit']} | "
+            f"{env['date']}")
+
+
+def time_fn(fn: Callable[[], object], min_time: float = 1.0, min_runs: int = 3, warmup: int = 1) -> dict:
+    """Median wall time of ``fn`` after ``warmup`` calls, over at least ``min_runs`` runs and ``min_time`` s."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median": statistics.median(times), "p25": q[0], "p75": q[2], "runs": len(times)}
+
+
+def loglog_fit(xs: list[float], ys: list[float]) -> dict:
+    """Least-squares fit of y = a * x^k on log-log axes: returns k, a, R^2 and the x range."""
+    lx = [math.log(x) for x in xs]
+    ly = [math.log(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    sxx = sum((x - mx) ** 2 for x in lx)
+    k = sum((x - mx) * (y - my) for x, y in zip(lx, ly, strict=True)) / sxx
+    b = my - k * mx
+    ss_res = sum((y - (k * x + b)) ** 2 for x, y in zip(lx, ly, strict=True))
+    ss_tot = sum((y - my) ** 2 for y in ly)
+    return {"k": k, "a": math.exp(b), "r2": 1 - ss_res / ss_tot if ss_tot else 1.0, "range": [min(xs), max(xs)]}
+
+
+def matmul_peak(sizes=(2048, 4096)) -> dict:
+    """This machine's fp32 matmul throughput (GFLOP/s), best over square sizes."""
+    best = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        t = time_fn(lambda a=a, b=b: a @ b, min_time=1.0)["median"]
+        best[n] = 2 * n**3 / t / 1e9
+    return {"gflops": max(best.values()), "by_size": best}
+
+
+def write_json(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(data, indent=2))
+    return path
