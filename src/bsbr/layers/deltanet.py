@@ -11,7 +11,8 @@ T = (I + tril(diag(beta) K K^T, -1))^-1 diag(beta) (one triangular solve per chu
 
     W = T K,  U = T V - W S0,   O = Q S0 + tril(Q K^T) U,   S_end = S0 + K^T U
 
-Only the last three products run chunk after chunk.  Reference: the token recurrence.
+Rearranged so that only S_end = (I - K^T W) S0 + K^T (T V) — one d x d matmul per chunk — runs chunk after
+chunk; every other product is batched over all chunks.  Reference: the token recurrence.
 """
 
 from __future__ import annotations
@@ -42,14 +43,22 @@ def delta_chunkwise(q, k, v, beta, chunk: int, state: torch.Tensor | None = None
     sol = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     w, u = sol.split([k.shape[-1], v.shape[-1]], dim=-1)
     local = (qc @ kc.transpose(-1, -2)).tril()
-    S = q.new_zeros(*q.shape[:2], k.shape[-1], v.shape[-1]) if state is None else state
-    outs = []
-    for n in range(qc.shape[2]):
-        un = u[:, :, n] - w[:, :, n] @ S
-        outs.append(qc[:, :, n] @ S + local[:, :, n] @ un)
-        S = S + kc[:, :, n].transpose(-1, -2) @ un
-    o = torch.stack(outs, dim=2).flatten(2, 3)[:, :, :T]
-    return o, S
+    # O_n = (Q_n - local_n W_n) S_n + local_n U_n and S_{n+1} = (I - K_n^T W_n) S_n + K_n^T U_n: everything but
+    # the state recursion is batched over chunks, which leaves one small matmul per chunk in the loop
+    q_eff = qc - local @ w
+    o_local = local @ u
+    decay = torch.eye(k.shape[-1], dtype=q.dtype, device=q.device) - kc.transpose(-1, -2) @ w  # [B, H, N, d, d]
+    writes = kc.transpose(-1, -2) @ u  # [B, H, N, d, e]
+    B, H, N = qc.shape[:3]
+    decay, writes = decay.flatten(0, 1), writes.flatten(0, 1)
+    S = q.new_zeros(B * H, k.shape[-1], v.shape[-1]) if state is None else state.flatten(0, 1)
+    starts = []
+    for n in range(N):
+        starts.append(S)
+        S = torch.baddbmm(writes[:, n], decay[:, n], S)
+    starts = torch.stack(starts, dim=1).view(B, H, N, k.shape[-1], v.shape[-1])
+    o = (q_eff @ starts + o_local).flatten(2, 3)[:, :, :T]
+    return o, S.view(B, H, k.shape[-1], v.shape[-1])
 
 
 def delta_recurrent(q, k, v, beta, state: torch.Tensor | None = None):
