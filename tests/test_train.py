@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,8 @@ def test_tiny_model_learns_recall(name):
     assert result.history[-1]["step"] == 150 and len(result.history) == 150
 
 
-def test_resume_after_interrupt_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("how", ["exception", "sigint"])
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path, how):
     task = get_task("mqar", seq_len=32, vocab_size=32, num_kv_pairs=3)
     cfg = dict(steps=12, eval_every=4, eval_batches=1)  # dropout on: the RNG state must be restored too
     ref = tiny_lm(task, dropout=0.1)
@@ -64,7 +66,10 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path):
 
     def interrupt(record):
         if record["step"] == 7:
-            raise KeyboardInterrupt
+            if how == "sigint":  # Ctrl-C: the loop finishes the step, saves, then raises KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                raise KeyboardInterrupt
 
     lm = tiny_lm(task, dropout=0.1)
     with pytest.raises(KeyboardInterrupt):
