@@ -176,6 +176,8 @@ def test_lm_valid_windows_tile_the_split_and_buckets_add_up():
     joined = torch.cat([a.input_ids.flatten(), b.input_ids.flatten()])
     assert torch.equal(joined, task._data["valid"][:600].long())  # consecutive, non-overlapping windows
     assert task.num_batches("valid", 3) == math.ceil(n / 3)
+    last = task.batch("valid", 3, task.num_batches("valid", 3) - 1)  # rows past the end are not scored twice
+    assert int((last.labels != -100).any(dim=1).sum()) == n - 3 * (task.num_batches("valid", 3) - 1)
     logits = torch.randn(3, 100, 256)
     out = task.score(logits, a)
     assert sum(out["bucket_total"]) == out["total"] == 3 * 99

@@ -2,7 +2,8 @@
 
 Training batches are windows of ``seq_len`` bytes at random offsets of the train split (the offsets depend
 only on the seed and the batch index).  Validation and test batches tile their split with non-overlapping
-windows in order, so ``num_batches(split, batch_size)`` batches cover it once.  Every byte after the first
+windows in order, so ``num_batches(split, batch_size)`` batches cover it once (rows past the end wrap
+around to the start and are not scored).  Every byte after the first
 of a window is scored.  ``score`` adds the loss per position bucket: does the model use long context?
 """
 
@@ -58,11 +59,17 @@ class LanguageModeling(Task):
         if split == "train":
             g = torch.Generator().manual_seed(derive_seed(self.name, sorted(self.options.items()), split, index))
             starts = torch.randint(0, data.numel() - t + 1, (batch_size,), generator=g)
+            repeat = None
         else:
             windows = data.numel() // t
-            starts = ((index * batch_size + torch.arange(batch_size)) % windows) * t
+            flat = index * batch_size + torch.arange(batch_size)
+            starts = (flat % windows) * t
+            repeat = flat >= windows  # past the end of the split: wrapped around, so not scored again
         ids = data[starts[:, None] + torch.arange(t)].long()
-        return Batch(ids, ids.clone())
+        labels = ids.clone()
+        if repeat is not None:
+            labels[repeat] = -100
+        return Batch(ids, labels)
 
     def score(self, logits: torch.Tensor, batch: Batch) -> dict:
         """As :meth:`Task.score`, plus "bucket_nll_sum" / "bucket_total" (summed loss and count of predicted
