@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from .base import SPLITS, Batch, Task
 from .listops import ListOps
 from .lm import LanguageModeling
@@ -28,8 +30,6 @@ def get_task(name: str, seq_len: int | None = None, **options) -> Task:
     if not isinstance(name, str) or name.lower().replace("-", "_") not in _TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks are {list_tasks()}")
     cls = _TASKS[name.lower().replace("-", "_")]
-    import inspect
-
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "seq_len"}
     unknown = set(options) - accepted
     if unknown:
