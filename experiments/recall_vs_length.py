@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--test-batches", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="", help="results go to results/recall_vs_length_<tag>.json (another budget)")
     args = p.parse_args()
     budget = vars(args)
     jobs = []
@@ -42,7 +43,8 @@ def main() -> None:
                 jobs.append((f"{model}|T={t}|lr={lr:g}", {"model": model, "model_opts": opts, "task_spec": task,
                                                            "train_opts": train_opts,
                                                            "test_batches": args.test_batches}))
-    run_grid("recall_vs_length", budget, jobs, lambda **job: train_run(**job, keep_every=10)[0])
+    name = f"recall_vs_length_{args.tag}" if args.tag else "recall_vs_length"
+    run_grid(name, budget, jobs, lambda **job: train_run(**job, keep_every=10)[0])
 
 
 if __name__ == "__main__":

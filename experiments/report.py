@@ -38,8 +38,8 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def recall(lines: list[str]) -> None:
-    data = _load("recall_vs_length")
+def recall(lines: list[str], name: str = "recall_vs_length") -> None:
+    data = _load(name)
     if not data:
         return
     b = data["budget"]
@@ -50,14 +50,15 @@ def recall(lines: list[str]) -> None:
             best[key] = run
     models = sorted({m for m, _ in best}, key=lambda m: (m != "BSBR", m))
     lengths = sorted({t for _, t in best})
-    lines += ["## 1. Associative recall (MQAR) vs sequence length", "",
+    tag = name[len("recall_vs_length_"):] if name != "recall_vs_length" else ""
+    lines += [f"## 1. Associative recall (MQAR) vs sequence length{f' ({tag})' if tag else ''}", "",
               f"Budget: {b['steps']} steps of batch {b['batch_size']}, vocabulary {b['vocab_size']}, "
               f"num_kv_pairs = T/16, hidden 128, 2 layers, 4 heads, BSBR chunk {b['chunk_size']}, learning rates "
               f"{b['lrs']} (best valid accuracy kept), seed {b['seed']}. Test-split accuracy on the scored values "
               f"({b['test_batches']} batches of {b['batch_size']}). {_env(data)}", "",
               f"Command: `{RUN}recall_vs_length.py "
               f"--models {' '.join(models)} --lengths {' '.join(map(str, b['lengths']))} --lrs "
-              f"{' '.join(f'{x:g}' for x in b['lrs'])} --steps {b['steps']}`", ""]
+              f"{' '.join(f'{x:g}' for x in b['lrs'])} --steps {b['steps']}{f' --tag {tag}' if tag else ''}`", ""]
     rows = []
     for m in models:
         for t in lengths:
@@ -75,9 +76,9 @@ def recall(lines: list[str]) -> None:
     ax.set_ylabel("MQAR test accuracy")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(FIGS / "recall_vs_length.png", dpi=120)
+    fig.savefig(FIGS / f"{name}.png", dpi=120)
     plt.close(fig)
-    lines += ["![MQAR accuracy vs length](figures/recall_vs_length.png)", ""]
+    lines += [f"![MQAR accuracy vs length](figures/{name}.png)", ""]
 
 
 def convergence(lines: list[str], corpus: str = "prose") -> None:
@@ -185,7 +186,8 @@ def main() -> None:
              "shared with other jobs (timings are wall-clock under `/tmp/bsbr-cpu.lock` with one torch thread). "
              "Budgets are small so the whole set runs in well under an hour: read the numbers as what a few "
              "hundred steps buy, not as converged results.", ""]
-    recall(lines)
+    for path in sorted(RESULTS.glob("recall_vs_length*.json")):
+        recall(lines, path.stem)
     convergence(lines)
     ablations(lines)
     ablations(lines, "lm")
