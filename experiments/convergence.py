@@ -29,6 +29,7 @@ def main() -> None:
                    help="record the first evaluated step at or below this valid loss (training continues)")
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="", help="results go to results/convergence_<corpus>_<tag>.json")
     args = p.parse_args()
     jobs = []
     for t in args.lengths:
@@ -50,7 +51,8 @@ def main() -> None:
             summary["target_loss"] = target
         return summary
 
-    run_grid(f"convergence_{args.corpus}", vars(args), jobs, one)
+    name = f"convergence_{args.corpus}" + (f"_{args.tag}" if args.tag else "")
+    run_grid(name, vars(args), jobs, one)
 
 
 if __name__ == "__main__":

@@ -81,13 +81,15 @@ def recall(lines: list[str], name: str = "recall_vs_length") -> None:
     lines += [f"![MQAR accuracy vs length](figures/{name}.png)", ""]
 
 
-def convergence(lines: list[str], corpus: str = "prose") -> None:
-    data = _load(f"convergence_{corpus}")
+def convergence(lines: list[str], name: str = "convergence_prose") -> None:
+    data = _load(name)
     if not data:
         return
     b = data["budget"]
     runs = list(data["runs"].values())
-    lines += ["## 2-3. Convergence and perplexity (byte-level LM, prose corpus)", "",
+    corpus = b["corpus"]
+    tag = f" --tag {b['tag']}" if b.get("tag") else ""
+    lines += [f"## 2-3. Convergence and perplexity (byte-level LM, {corpus} corpus, T = {b['lengths']})", "",
               f"Budget: {b['steps']} steps of batch {b['batch_size']} at T = {b['lengths']}, lr {b['lr']:g} "
               f"(warmup {max(1, b['steps'] // 10)}, cosine), hidden 128, 2 layers, 4 heads, BSBR chunk "
               f"{b['chunk_size']}, seed {b['seed']}; valid loss every {b['eval_every']} steps on 4 batches; the final "
@@ -95,7 +97,8 @@ def convergence(lines: list[str], corpus: str = "prose") -> None:
               f"'steps to target': {b['target_loss']} nats/byte. {_env(data)}", "",
               f"Command: `{RUN}convergence.py "
               f"--models {' '.join(r['model'] for r in runs)} --lengths {' '.join(map(str, b['lengths']))} "
-              f"--steps {b['steps']} --eval-every {b['eval_every']} --target-loss {b['target_loss']}`", ""]
+              f"--steps {b['steps']} --batch-size {b['batch_size']} --eval-every {b['eval_every']} "
+              f"--target-loss {b['target_loss']}{tag}`", ""]
     rows = [[r["model"], r["task"]["seq_len"], r["parameters"], f"{r['valid']['bits_per_token']:.3f}",
              f"{r['test']['bits_per_token']:.3f}", f"{r['test']['perplexity']:.2f}",
              r["steps_to_target"] or "not reached", f"{r['seconds']:.0f}", f"{r['tokens_per_second']:.0f}",
@@ -120,9 +123,9 @@ def convergence(lines: list[str], corpus: str = "prose") -> None:
         ax.set_ylabel("loss (nats/byte)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(FIGS / f"convergence_{corpus}.png", dpi=120)
+    fig.savefig(FIGS / f"{name}.png", dpi=120)
     plt.close(fig)
-    lines += [f"![loss vs step and time](figures/convergence_{corpus}.png)", ""]
+    lines += [f"![loss vs step and time](figures/{name}.png)", ""]
 
 
 def ablations(lines: list[str], task: str = "mqar") -> None:
@@ -188,7 +191,8 @@ def main() -> None:
              "hundred steps buy, not as converged results.", ""]
     for path in sorted(RESULTS.glob("recall_vs_length*.json")):
         recall(lines, path.stem)
-    convergence(lines)
+    for path in sorted(RESULTS.glob("convergence_*.json")):
+        convergence(lines, path.stem)
     ablations(lines)
     ablations(lines, "lm")
     long_document(lines)
