@@ -166,9 +166,10 @@ def long_document(lines: list[str]) -> None:
                   f"Command: `{RUN}long_document.py "
                   f"--tokens {b['tokens']} --steps {b['steps']} --train-len {b['train_len']}`", "",
                   f"Stream: {s['tokens_per_second']:.0f} tokens/s, cache {s['final_cache_bytes'] / MiB:.2f} MiB after "
-                  f"{s['tokens']:,} tokens (at 8,192 tokens: BSBR {s['bsbr_cache_bytes_at_8192'] / MiB:.2f} MiB, the KV "
-                  f"cache of a standard-attention model of the same size {s['standard_kv_cache_bytes_at_8192'] / MiB:.2f}"
-                  f" MiB, both measured). Bits per byte over the positions scored both ways: streamed with the whole "
+                  f"{s['tokens']:,} tokens (at 8,192 tokens: BSBR {s['bsbr_cache_bytes_at_8192'] / MiB:.2f} MiB, "
+                  f"the KV cache of a standard-attention model of the same size "
+                  f"{s['standard_kv_cache_bytes_at_8192'] / MiB:.2f} MiB, both measured). Bits per byte over the "
+                  f"positions scored both ways: streamed with the whole "
                   f"prefix in the cache {s['bits_per_byte']:.3f}, the same bytes in independent windows of "
                   f"{s['window']} {s['windowed_bits_per_byte']:.3f}.", ""]
         rows = [[f"{x['from']:,}-{x['to']:,}", f"{x['bits_per_byte']:.3f}", f"{x['windowed_bits_per_byte']:.3f}",
