@@ -173,6 +173,7 @@ def _run_cli(extra: list[str], out: Path, nproc: int) -> list[float]:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
                *common]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == nproc
     return [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines() if '"event"' not in x]
 
 

@@ -90,6 +90,7 @@ def run_spec(spec: dict, eval_split: str | None = "test") -> dict:
     summary = {"model": name, "parameters": lm.num_parameters(), "task": task.options | {"name": task.name},
                "steps": result.steps, "stopped": result.stopped, "seconds": result.seconds,
                "peak_memory_bytes": result.peak_memory_bytes, "memory_kind": result.memory_kind,
+               "world_size": result.world_size,
                "final_valid": result.final, "steps_to_target": result.steps_to_target}
     if eval_split:
         summary[f"final_{eval_split}"] = evaluate(lm, task, eval_split, cfg.batch_size, cfg.eval_batches)

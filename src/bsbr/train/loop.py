@@ -44,6 +44,7 @@ class TrainResult:
     stopped: str = "completed"  # "completed", "early_stop" or "target_loss"
     steps_to_target: int | None = None  # first evaluated step with valid loss <= cfg.target_loss
     memory_kind: str = ""
+    world_size: int = 1  # processes that trained (torchrun)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -239,7 +240,7 @@ def train(lm: torch.nn.Module, task: Task, cfg: TrainConfig, callback=None) -> T
     result = TrainResult(history=history, final=final, seconds=state["seconds"],
                          peak_memory_bytes=max(state["peak_memory_bytes"], memory.peak()), steps=state["step"],
                          evals=evals, stopped=state["stopped"], steps_to_target=state["steps_to_target"],
-                         memory_kind=memory.kind)
+                         memory_kind=memory.kind, world_size=world)
     if out is not None and rank == 0:
         save_checkpoint(out / "checkpoint", lm, optimizer, state)
         summary = {k: v for k, v in result.__dict__.items() if k != "history"}
