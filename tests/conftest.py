@@ -12,6 +12,11 @@ from bsbr.models.registry import attention_class
 SMALL_OPTIONS: dict[str, dict] = {
     "BSBR": {"chunk_size": 8},
     "Standard": {},
+    "Linear": {"chunk_size": 8},
+    "SlidingWindow": {"window_size": 8},
+    "DeltaNet": {"chunk_size": 8},
+    "Hopfield": {"update_steps": 2},
+    "GAU": {"group_size": 8, "qk_dim": 16, "expansion_dim": 48},
 }
 
 

@@ -4,8 +4,18 @@ from .config import ModelConfig
 from .lm import CausalLM, CausalLMOutput, ModelCache, TransformerModel
 from .registry import list_models, register_attention
 from .zoo import (
+    GAU,
     BSBRForCausalLM,
     BSBRModel,
+    DeltaNet,
+    DeltaNetForCausalLM,
+    GAUForCausalLM,
+    HopfieldForCausalLM,
+    HopfieldNetwork,
+    LinearForCausalLM,
+    LinearTransformer,
+    SlidingWindowForCausalLM,
+    SlidingWindowTransformer,
     StandardForCausalLM,
     StandardTransformer,
     build_model,
@@ -13,7 +23,9 @@ from .zoo import (
 )
 
 __all__ = [
-    "BSBRForCausalLM", "BSBRModel", "CausalLM", "CausalLMOutput", "ModelCache", "ModelConfig",
+    "GAU", "BSBRForCausalLM", "BSBRModel", "CausalLM", "CausalLMOutput", "DeltaNet", "DeltaNetForCausalLM",
+    "GAUForCausalLM", "HopfieldForCausalLM", "HopfieldNetwork", "LinearForCausalLM", "LinearTransformer",
+    "ModelCache", "ModelConfig", "SlidingWindowForCausalLM", "SlidingWindowTransformer",
     "StandardForCausalLM", "StandardTransformer", "TransformerModel", "build_model", "list_models",
     "make_config", "register_attention",
 ]

@@ -7,6 +7,11 @@ states) or :class:`~bsbr.models.lm.CausalLM` (logits, loss, cache, generate).
 from __future__ import annotations
 
 from ..layers.bsbr import BSBRAttention
+from ..layers.deltanet import DeltaNetAttention
+from ..layers.gau import GAUAttention
+from ..layers.hopfield import HopfieldAttention
+from ..layers.linear import LinearAttention
+from ..layers.sliding_window import SlidingWindowAttention
 from ..layers.standard import StandardAttention
 from .config import ModelConfig
 from .lm import CausalLM, TransformerModel
@@ -14,6 +19,11 @@ from .registry import canonical_name, register_attention
 
 register_attention("BSBR", {"chunk_size": 128})(BSBRAttention)
 register_attention("Standard")(StandardAttention)
+register_attention("Linear", {"chunk_size": 64})(LinearAttention)
+register_attention("SlidingWindow", {"window_size": 128})(SlidingWindowAttention)
+register_attention("DeltaNet", {"chunk_size": 64})(DeltaNetAttention)
+register_attention("Hopfield", {"update_steps": 1})(HopfieldAttention)
+register_attention("GAU", {"group_size": 256, "qk_dim": 128})(GAUAttention)
 
 _MODEL_OPTIONS = ("norm", "tie_embeddings")
 
@@ -68,3 +78,31 @@ class StandardForCausalLM(CausalLM):
                  dropout: float = 0.1, **options):
         super().__init__(make_config("Standard", vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout,
                                      **options))
+
+
+def _named(mechanism: str, class_name: str, base: type, doc: str) -> type:
+    """A named model class: ``class_name(vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout=0.1,
+    **options)`` building ``base`` (TransformerModel or CausalLM) with attention ``mechanism``."""
+
+    def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
+                 dropout: float = 0.1, **options):
+        base.__init__(self, make_config(mechanism, vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout,
+                                        **options))
+
+    return type(class_name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+_HIDDEN = "backbone: input_ids [B, T] -> hidden states [B, T, hidden_dim]."
+_LM = "language model: logits, loss, streaming cache and ``generate``."
+LinearTransformer = _named("Linear", "LinearTransformer", TransformerModel, f"Linear-attention {_HIDDEN}")
+LinearForCausalLM = _named("Linear", "LinearForCausalLM", CausalLM, f"Linear-attention {_LM}")
+SlidingWindowTransformer = _named("SlidingWindow", "SlidingWindowTransformer", TransformerModel,
+                                  f"Sliding-window {_HIDDEN} Option: window_size.")
+SlidingWindowForCausalLM = _named("SlidingWindow", "SlidingWindowForCausalLM", CausalLM,
+                                  f"Sliding-window {_LM} Option: window_size.")
+DeltaNet = _named("DeltaNet", "DeltaNet", TransformerModel, f"DeltaNet {_HIDDEN}")
+DeltaNetForCausalLM = _named("DeltaNet", "DeltaNetForCausalLM", CausalLM, f"DeltaNet {_LM}")
+HopfieldNetwork = _named("Hopfield", "HopfieldNetwork", TransformerModel, f"Hopfield-layer {_HIDDEN}")
+HopfieldForCausalLM = _named("Hopfield", "HopfieldForCausalLM", CausalLM, f"Hopfield-layer {_LM}")
+GAU = _named("GAU", "GAU", TransformerModel, f"Gated-attention-unit (FLASH) {_HIDDEN} ff_dim is unused.")
+GAUForCausalLM = _named("GAU", "GAUForCausalLM", CausalLM, f"Gated-attention-unit (FLASH) {_LM} ff_dim is unused.")

@@ -1,0 +1,204 @@
+"""Gated Attention Unit with FLASH mixed chunk attention (Hua et al. 2022, "Transformer Quality in Linear Time").
+
+One GAU replaces the attention + feed-forward pair (``has_feedforward = True``: the block adds no FFN):
+
+    U = SiLU(x W_u), V = SiLU(x W_v)            [T, e]   (e = expansion_dim, 2 D by default)
+    Z = SiLU(x W_z)                             [T, s]   (s = qk_dim, 128 by default; single head)
+    Q_quad, K_quad, Q_lin, K_lin = Z * gamma_i + beta_i   (per-dimension scale and offset), rotary positions
+    out = (U * (A V)) W_o
+
+FLASH's causal mixed chunk attention splits the sequence into groups of g tokens (counted from the row's
+first token).  A[t, s] for s <= t is
+
+    relu(Q_quad[t] . K_quad[s] / sqrt(s_dim))^2 / g           if s is in t's group   (quadratic, local)
+    (Q_lin[t] . K_lin[s]) / (g * group(t))                    if s is in an earlier group (linear, global)
+
+Scaling: the paper divides relu^2 scores by the sequence length n.  For a causal model n would make a token's
+output depend on how many tokens follow it (breaking causality and streaming), so the local part divides by the
+fixed group size g and the global part by the number of earlier-group tokens, g * group(t): both are averages
+over a causal, length-independent count.  The 1/sqrt(s) inside relu keeps scores O(1) at any qk_dim, as in
+softmax attention.  With group_size >= T the whole sequence is one group: plain quadratic GAU.
+
+Parallel form: per-group g x g products plus a cumulative sum of per-group K_lin^T V states — O(T g + T s e).
+Reference: the dense T x T matrix A above with its causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _checks
+from ..ops.rope import apply_rope
+from .base import CausalAttention
+from .cache import LayerCache
+from .linear import work_dtype
+
+
+def gau_mixed(qq, kq, lq, lk, v, group: int, start: int = 0, state: torch.Tensor | None = None):
+    """Mixed chunk attention A V for a segment that begins at absolute position ``start`` (a multiple of g).
+
+    qq, kq, lq, lk: [B, T, s]; v: [B, T, e]; state: [B, s, e] = sum of K_lin^T V over earlier groups, or None.
+    Returns (A V [B, T, e], prefix [B, N, s, e]: that state after each of the segment's N groups).
+    """
+    B, T, s = qq.shape
+    g = group
+    N = -(-T // g)
+    pad = N * g - T
+    qq, kq, lq, lk, v = (F.pad(t, (0, 0, 0, pad)).view(B, N, g, -1) for t in (qq, kq, lq, lk, v))
+    scores = (qq @ kq.transpose(-1, -2)) * s**-0.5
+    causal = torch.ones(g, g, dtype=torch.bool, device=qq.device).tril()
+    local = (F.relu(scores).square() / g).masked_fill(~causal, 0.0) @ v
+    kv = lk.transpose(-1, -2) @ v  # [B, N, s, e]
+    prefix = kv.cumsum(dim=1)
+    first = torch.zeros_like(kv[:, :1]) if state is None else state[:, None]
+    if state is not None:
+        prefix = prefix + first
+    before = torch.cat([first, prefix[:, :-1]], dim=1)
+    count = (start + g * torch.arange(N, device=qq.device)).clamp(min=1).to(qq.dtype)
+    glob = (lq @ before) / count[None, :, None, None]
+    return (local + glob).flatten(1, 2)[:, :T], prefix
+
+
+def gau_dense(qq, kq, lq, lk, v, group: int):
+    """Reference: the dense [B, T, T] matrix A of the module docstring, and A V."""
+    T, s = qq.shape[1], qq.shape[2]
+    pos = torch.arange(T, device=qq.device)
+    grp = pos // group
+    causal = pos[None, :] <= pos[:, None]
+    same = (grp[None, :] == grp[:, None]) & causal
+    earlier = grp[None, :] < grp[:, None]
+    quad = F.relu((qq @ kq.transpose(-1, -2)) * s**-0.5).square() / group
+    lin = (lq @ lk.transpose(-1, -2)) / (group * grp).clamp(min=1).to(qq.dtype)[:, None]
+    A = quad.masked_fill(~same, 0.0) + lin.masked_fill(~earlier, 0.0)
+    return A @ v, A
+
+
+@dataclass
+class GAUCache(LayerCache):
+    """state [B, s, e]: sum of K_lin^T V over completed groups; buf_kq, buf_lk [B, g, s], buf_v [B, g, e]: the
+    open group's tokens (slot = position mod g)."""
+
+    state: torch.Tensor | None = None
+    buf_kq: torch.Tensor | None = None
+    buf_lk: torch.Tensor | None = None
+    buf_v: torch.Tensor | None = None
+
+
+class GAUAttention(CausalAttention):
+    """Gated attention unit (attention and feed-forward in one), single-headed, FLASH mixed chunk attention.
+
+    Args:
+        hidden_dim: model width D.  num_heads: checked to divide D (the common interface) but unused: GAU
+            has a single head of size qk_dim.  dropout: on the unit's output.
+        group_size: g, tokens per group of the mixed chunk attention (256 in the paper).
+        qk_dim: s, the shared Q/K dimension (128 in the paper); even when rope is on.
+        expansion_dim: e, width of U and V; None means 2 * hidden_dim (the paper's choice).
+        rope, rope_base: rotary positions on the four Q/K views.
+
+    Shapes: hidden_states [B, T, D] -> [B, T, D].  Weights: uv_proj (D -> 2e), z_proj (D -> s), gamma and
+    beta (4 x s), out_proj (e -> D); the block's ff_dim is not used.
+    """
+
+    has_feedforward = True
+
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.1, group_size: int = 256,
+                 qk_dim: int = 128, expansion_dim: int | None = None, *, rope: bool = True,
+                 rope_base: float = 10000.0):
+        super().__init__(hidden_dim, num_heads, dropout)
+        self.group_size = _checks.positive_int("group_size", group_size)
+        self.qk_dim = _checks.positive_int("qk_dim", qk_dim)
+        self.expansion_dim = _checks.positive_int("expansion_dim", 2 * hidden_dim if expansion_dim is None
+                                                  else expansion_dim)
+        if rope and qk_dim % 2:
+            raise ValueError(f"rope=True needs an even qk_dim, got qk_dim={qk_dim}")
+        if not rope_base > 1:
+            raise ValueError(f"rope_base must be > 1, got {rope_base}")
+        self.rope, self.rope_base = bool(rope), float(rope_base)
+        self.uv_proj = nn.Linear(hidden_dim, 2 * self.expansion_dim)
+        self.z_proj = nn.Linear(hidden_dim, qk_dim)
+        self.gamma = nn.Parameter(0.02 * torch.randn(4, qk_dim))
+        self.beta = nn.Parameter(torch.zeros(4, qk_dim))
+        self.out_proj = nn.Linear(self.expansion_dim, hidden_dim)
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+        """u, v [B, T, e]; qq, kq, lq, lk [B, T, s] (rotated), in the working dtype."""
+        w = work_dtype(x.dtype)
+        u, v = F.silu(self.uv_proj(x)).to(w).chunk(2, dim=-1)
+        z = F.silu(self.z_proj(x)).to(w)
+        views = z[:, :, None, :] * self.gamma.to(w) + self.beta.to(w)  # [B, T, 4, s]
+        if self.rope:
+            views = apply_rope(views.transpose(1, 2), positions, self.rope_base).transpose(1, 2)
+        qq, kq, lq, lk = views.unbind(dim=2)
+        return u, v, qq, kq, lq, lk
+
+    def _finish(self, u, av, dtype):
+        return self.out_proj((u * av).to(dtype))
+
+    def _new_cache(self, lengths):
+        return GAUCache(lengths)
+
+    def _reference(self, x):
+        u, v, qq, kq, lq, lk = self._project(x, torch.arange(x.shape[1], device=x.device))
+        return self._finish(u, gau_dense(qq, kq, lq, lk, v, self.group_size)[0], x.dtype)
+
+    def _attention_weights(self, x):
+        _, v, qq, kq, lq, lk = self._project(x, torch.arange(x.shape[1], device=x.device))
+        return gau_dense(qq, kq, lq, lk, v, self.group_size)[1][:, None].to(x.dtype)  # [B, 1, T, T]
+
+    def _parallel(self, x):
+        u, v, qq, kq, lq, lk = self._project(x, torch.arange(x.shape[1], device=x.device))
+        return self._finish(u, gau_mixed(qq, kq, lq, lk, v, self.group_size)[0], x.dtype)
+
+    def _extend(self, x, cache: GAUCache):
+        g, T = self.group_size, x.shape[1]
+        offset = int(cache.lengths[0])
+        u, v, qq, kq, lq, lk = self._project(x, offset + torch.arange(T, device=x.device))
+        self._allocate(cache, v, qq)
+        r = offset % g  # tokens of the open group already seen: the segment restarts at its first token
+        seg = [torch.cat([buf[:, :r], new], dim=1) for buf, new in
+               ((torch.zeros_like(cache.buf_kq), qq), (cache.buf_kq, kq), (torch.zeros_like(cache.buf_lk), lq),
+                (cache.buf_lk, lk), (cache.buf_v, v))]
+        av, prefix = gau_mixed(*seg, g, offset - r, cache.state)
+        complete, rest = divmod(r + T, g)
+        if complete:
+            cache.state = prefix[:, complete - 1].detach()
+        for name, full in (("buf_kq", seg[1]), ("buf_lk", seg[3]), ("buf_v", seg[4])):
+            getattr(cache, name)[:, :rest] = full[:, complete * g:].detach()
+        return self._finish(u, av[:, r:], x.dtype)
+
+    def _step(self, x, valid, cache: GAUCache):
+        g = self.group_size
+        u, v, qq, kq, lq, lk = (t[:, 0] for t in self._project(x[:, None], cache.lengths[:, None]))
+        self._allocate(cache, v[:, None], qq[:, None])
+        slot = cache.lengths % g
+        rows = valid.nonzero().squeeze(-1)
+        cache.buf_kq[rows, slot[rows]] = kq[rows].detach()
+        cache.buf_lk[rows, slot[rows]] = lk[rows].detach()
+        cache.buf_v[rows, slot[rows]] = v[rows].detach()
+        scores = (cache.buf_kq @ qq[:, :, None])[..., 0] * self.qk_dim**-0.5  # [B, g]
+        seen = torch.arange(g, device=x.device)[None, :] <= slot[:, None]
+        weights = (F.relu(scores).square() / g).masked_fill(~seen, 0.0)
+        local = (weights[:, None, :] @ cache.buf_v)[:, 0]
+        count = (cache.lengths - slot).clamp(min=1).to(v.dtype)
+        glob = (lq[:, None, :] @ cache.state)[:, 0] / count[:, None]
+        done = valid & (slot == g - 1)  # this token closes its group: fold the group into the state
+        if bool(done.any()):
+            closed = cache.buf_lk.transpose(-1, -2) @ cache.buf_v
+            cache.state = torch.where(done[:, None, None], cache.state + closed, cache.state).detach()
+        return self._finish(u, local + glob, x.dtype)
+
+    def _allocate(self, cache: GAUCache, v: torch.Tensor, q: torch.Tensor) -> None:
+        if cache.buf_kq is None:
+            B, g = v.shape[0], self.group_size
+            cache.buf_kq = q.new_zeros(B, g, self.qk_dim)
+            cache.buf_lk = q.new_zeros(B, g, self.qk_dim)
+            cache.buf_v = v.new_zeros(B, g, self.expansion_dim)
+            cache.state = v.new_zeros(B, self.qk_dim, self.expansion_dim)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_dim={self.hidden_dim}, group_size={self.group_size}, qk_dim={self.qk_dim}, "
+                f"expansion_dim={self.expansion_dim}, rope={self.rope}")

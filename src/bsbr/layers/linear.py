@@ -1,0 +1,146 @@
+"""Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs"), causal.
+
+With the feature map phi(x) = elu(x) + 1 (positive, so the normaliser never vanishes):
+
+    S_t = sum_{s<=t} phi(k_s) v_s^T      z_t = sum_{s<=t} phi(k_s)      o_t = phi(q_t)^T S_t / (phi(q_t)^T z_t)
+
+The normaliser rides along as one extra value column (v_s -> [v_s, 1]), so a single state S [d, d+1] holds
+both.  Parallel form: chunkwise — inside a chunk of C tokens a masked C x C product, across chunks the running
+state — O(T C d + T d^2).  Reference: the token recurrence above.  Streaming keeps only S.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import _checks
+from ..ops.rope import apply_rope
+from .cache import LayerCache
+from .common import QKVAttention
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype running sums are kept in: fp32 for half types (their cumulative sums drift), else unchanged."""
+    return torch.float32 if dtype in _LOW else dtype
+
+
+def pad_to_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """x: [B, H, T, f] -> [B, H, N, chunk, f], zero-padded at the end (harmless: every form is causal)."""
+    B, H, T, f = x.shape
+    n = -(-T // chunk)
+    if n * chunk != T:
+        x = F.pad(x, (0, 0, 0, n * chunk - T))
+    return x.view(B, H, n, chunk, f)
+
+
+def linear_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int,
+                     state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal linear attention, chunkwise.  q, k: [B, H, T, d] already feature-mapped (phi >= 0);
+    v: [B, H, T, e] (the caller appends the ones column); state: [B, H, d, e] of earlier tokens or None.
+
+    Returns (o [B, H, T, e] un-normalised, new state [B, H, d, e]).
+    """
+    T = q.shape[2]
+    qc, kc, vc = (pad_to_chunks(t, chunk) for t in (q, k, v))  # [B, H, N, C, .]
+    kv = kc.transpose(-1, -2) @ vc  # per-chunk sums [B, H, N, d, e]
+    prefix = kv.cumsum(dim=2)
+    if state is not None:
+        prefix = prefix + state[:, :, None]
+    before = torch.cat([torch.zeros_like(kv[:, :, :1]) if state is None else state[:, :, None],
+                        prefix[:, :, :-1]], dim=2)  # state at each chunk's start
+    mask = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    scores = (qc @ kc.transpose(-1, -2)).masked_fill(~mask, 0.0)
+    o = scores @ vc + qc @ before
+    o = o.flatten(2, 3)[:, :, :T]
+    return o, prefix[:, :, -1]
+
+
+def linear_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The token recurrence (reference): q, k [B, H, T, d] feature-mapped, v [B, H, T, e] -> o [B, H, T, e]."""
+    B, H, T, d = q.shape
+    S = q.new_zeros(B, H, d, v.shape[-1])
+    outs = []
+    for t in range(T):
+        S = S + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append((q[:, :, t, None, :] @ S)[:, :, 0])
+    return torch.stack(outs, dim=2)
+
+
+@dataclass
+class LinearCache(LayerCache):
+    """Running state per row and head: S = [sum phi(k) v^T | sum phi(k)], [B, H, d, d + 1]."""
+
+    state: torch.Tensor | None = None
+
+
+class LinearAttention(QKVAttention):
+    """Causal linear attention with phi = elu + 1.
+
+    Args:
+        hidden_dim, num_heads, dropout: as for every mechanism.
+        chunk_size: tokens per chunk of the parallel form (a speed knob only: the result does not depend on it).
+        rope: rotary positions on q and k after the feature map (off by default: the paper has none).
+        rope_base, bias: see :class:`~bsbr.layers.common.QKVAttention`.
+
+    Shapes: hidden_states [B, T, D] -> [B, T, D].  Weights: the four D x D projections, nothing else.
+    """
+
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.1, chunk_size: int = 64, *,
+                 rope: bool = False, rope_base: float = 10000.0, bias: bool = False):
+        super().__init__(hidden_dim, num_heads, dropout, bias=bias, rope=False, rope_base=rope_base)
+        self.chunk_size = _checks.positive_int("chunk_size", chunk_size)
+        if rope and self.head_dim % 2:
+            raise ValueError(f"rope=True needs an even head dimension, got head_dim={self.head_dim}")
+        self.rope_after = bool(rope)
+
+    def _features(self, x: torch.Tensor, offset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k feature-mapped, v with the ones column; all [B, H, T, .] in the working dtype."""
+        positions = offset + torch.arange(x.shape[1], device=x.device)
+        q, k, v = self.qkv(x, positions)
+        w = work_dtype(x.dtype)
+        q, k, v = (F.elu(q.to(w)) + 1, F.elu(k.to(w)) + 1, v.to(w))
+        if self.rope_after:
+            q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        return q, k, v
+
+    def _finish(self, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.out((o[..., :-1] / o[..., -1:]).to(dtype))
+
+    def _new_cache(self, lengths):
+        return LinearCache(lengths)
+
+    def _reference(self, x):
+        q, k, v = self._features(x, 0)
+        return self._finish(linear_recurrent(q, k, v), x.dtype)
+
+    def _parallel(self, x):
+        q, k, v = self._features(x, 0)
+        return self._finish(linear_chunkwise(q, k, v, self.chunk_size)[0], x.dtype)
+
+    def _attention_weights(self, x):
+        q, k, _ = self._features(x, 0)
+        scores = (q @ k.transpose(-1, -2)).tril()
+        return (scores / scores.sum(-1, keepdim=True)).to(x.dtype)
+
+    def _extend(self, x, cache: LinearCache):
+        q, k, v = self._features(x, cache.lengths[:, None])
+        o, state = linear_chunkwise(q, k, v, self.chunk_size, cache.state)
+        cache.state = state.detach()
+        return self._finish(o, x.dtype)
+
+    def _step(self, x, valid, cache: LinearCache):
+        q, k, v = self._features(x[:, None], cache.lengths[:, None])  # [B, H, 1, .]
+        if cache.state is None:
+            cache.state = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1])
+        new = cache.state + k[:, :, 0, :, None] * v[:, :, 0, None, :]
+        cache.state = torch.where(valid[:, None, None, None], new, cache.state).detach()
+        return self._finish(q @ new, x.dtype)[:, 0]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace("rope=False", f"rope={self.rope_after}") + f", chunk_size={self.chunk_size}"

@@ -1,0 +1,136 @@
+"""Sliding-window attention: softmax attention over the ``window_size`` most recent tokens (itself included).
+
+Query t sees keys s with t - W < s <= t.  Parallel form: cut the queries into blocks of W; block n attends to
+the keys of blocks n-1 and n (2W keys) through ``scaled_dot_product_attention`` with one band mask shared by
+every block — O(T W d) time and memory, never a T x T matrix.  Reference: a dense banded mask.  Streaming
+keeps a ring of the last W keys and values per row, so the cache never grows past W tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import _checks
+from .cache import LayerCache
+from .common import QKVAttention
+
+
+def band_mask(tq: int, tk: int, window: int, offset: int, device) -> torch.Tensor:
+    """[tq, tk] bool: query i (position offset + i) may see key j iff offset + i - window < j <= offset + i."""
+    i = offset + torch.arange(tq, device=device)[:, None]
+    j = torch.arange(tk, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+def window_attention_reference(q, k, v, window: int, offset: int = 0):
+    """Dense banded softmax.  q [B, H, Tq, d]; k, v [B, H, offset + Tq, d].  Returns (o, weights [.., Tq, Tk])."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    allowed = band_mask(q.shape[2], k.shape[2], window, offset, q.device)
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return weights @ v, weights
+
+
+def window_attention(q, k, v, window: int, offset: int = 0) -> torch.Tensor:
+    """Blocked banded softmax, same result as :func:`window_attention_reference`.
+
+    q: [B, H, T, d]; k, v: [B, H, n_prev + T, d] where the first n_prev = min(offset, window - 1) keys are
+    the tokens just before q (only those can be in any query's window).  Returns [B, H, T, d].
+    """
+    B, H, T, d = q.shape
+    n_prev = k.shape[2] - T
+    W = window
+    N = -(-T // W)
+    pad_q = N * W - T
+    qb = F.pad(q, (0, 0, 0, pad_q)).view(B, H, N, W, d)
+    # keys laid out so that block n's queries find their window in padded keys [n W, n W + 2 W)
+    kp = F.pad(k, (0, 0, W - n_prev, pad_q))
+    vp = F.pad(v, (0, 0, W - n_prev, pad_q))
+    kb = kp.unfold(2, 2 * W, W).transpose(-1, -2)  # [B, H, N, 2W, d]
+    vb = vp.unfold(2, 2 * W, W).transpose(-1, -2)
+    i = torch.arange(W, device=q.device)[:, None]
+    j = torch.arange(2 * W, device=q.device)[None, :]
+    band = (j > i) & (j <= i + W)  # key j of the block is the token i + W - j steps before the query
+    real = torch.arange(N, device=q.device)[:, None, None] * W + j[None] >= W - n_prev  # not front padding
+    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=band[None] & real)
+    return o.flatten(2, 3)[:, :, :T]
+
+
+@dataclass
+class WindowCache(LayerCache):
+    """Ring buffers of the last W rotated keys and values, [B, H, W, d] each (slot = position mod W)."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+
+class SlidingWindowAttention(QKVAttention):
+    """Causal softmax attention restricted to the last ``window_size`` tokens.
+
+    Args:
+        hidden_dim, num_heads, dropout: as for every mechanism.
+        window_size: W, the number of keys each query sees (itself included).
+        rope, rope_base, bias: see :class:`~bsbr.layers.common.QKVAttention`.
+
+    Shapes: hidden_states [B, T, D] -> [B, T, D].  Weights: the four D x D projections, nothing else.
+    """
+
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.1, window_size: int = 128, *,
+                 rope: bool = True, rope_base: float = 10000.0, bias: bool = False):
+        super().__init__(hidden_dim, num_heads, dropout, bias=bias, rope=rope, rope_base=rope_base)
+        self.window_size = _checks.positive_int("window_size", window_size)
+
+    def _new_cache(self, lengths):
+        return WindowCache(lengths)
+
+    def _reference(self, x):
+        q, k, v = self.qkv(x, torch.arange(x.shape[1], device=x.device))
+        return self.out(window_attention_reference(q, k, v, self.window_size)[0])
+
+    def _parallel(self, x):
+        q, k, v = self.qkv(x, torch.arange(x.shape[1], device=x.device))
+        return self.out(window_attention(q, k, v, self.window_size))
+
+    def _attention_weights(self, x):
+        q, k, v = self.qkv(x, torch.arange(x.shape[1], device=x.device))
+        return window_attention_reference(q, k, v, self.window_size)[1]
+
+    def _allocate(self, cache: WindowCache, like: torch.Tensor) -> None:
+        if cache.k is None:
+            B, H, _, d = like.shape
+            cache.k = like.new_zeros(B, H, self.window_size, d)
+            cache.v = like.new_zeros(B, H, self.window_size, d)
+
+    def _extend(self, x, cache: WindowCache):
+        W, T = self.window_size, x.shape[1]
+        offset = int(cache.lengths[0])
+        q, k, v = self.qkv(x, offset + torch.arange(T, device=x.device))
+        self._allocate(cache, k)
+        prev = torch.arange(max(0, offset - W + 1), offset, device=x.device) % W  # slots, oldest first
+        keys = torch.cat([cache.k[:, :, prev], k], dim=2)
+        values = torch.cat([cache.v[:, :, prev], v], dim=2)
+        o = window_attention(q, keys, values, W, offset)
+        keep = torch.arange(max(0, T - W), T, device=x.device)
+        cache.k[:, :, (offset + keep) % W] = k[:, :, keep].detach()
+        cache.v[:, :, (offset + keep) % W] = v[:, :, keep].detach()
+        return self.out(o)
+
+    def _step(self, x, valid, cache: WindowCache):
+        W = self.window_size
+        q, k, v = self.qkv(x[:, None], cache.lengths[:, None])  # [B, H, 1, d]
+        self._allocate(cache, k)
+        rows = valid.nonzero().squeeze(-1)
+        slot = cache.lengths[rows] % W
+        cache.k[rows, :, slot] = k[rows, :, 0].detach()
+        cache.v[rows, :, slot] = v[rows, :, 0].detach()
+        filled = (cache.lengths + valid.long()).clamp(max=W)
+        idx = torch.arange(W, device=x.device)[None, :]
+        # slot 0 stays visible so that an empty, skipped row still gets a finite (unused) output
+        allowed = (idx < filled[:, None]) | (idx == 0)
+        o = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=allowed[:, None, None, :])
+        return self.out(o)[:, 0]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", window_size={self.window_size}"
