@@ -140,7 +140,9 @@ def ablations(lines: list[str], task: str = "mqar") -> None:
               f"{b['speed_len']} tokens. {_env(data)}", "",
               f"Command: `{RUN}ablations.py "
               f"--task {task} --seq-len {b['seq_len']} --chunks {' '.join(map(str, b['chunks']))} --compress "
-              f"{' '.join(map(str, b['compress']))} --steps {b['steps']}`", ""]
+              f"{' '.join(map(str, b['compress']))} --steps {b['steps']} --batch-size {b['batch_size']} "
+              f"--lr {b['lr']:g}`",
+              "", "Test loss in nats per scored token (per byte for the LM).", ""]
     rows = []
     for r in data["runs"].values():
         o = r["model_options"]
