@@ -10,7 +10,7 @@ from torch import nn
 from .. import _checks
 from ..ops.bsbr import STATE_NORMS, bsbr_parallel, bsbr_reference, compress_states, retrieve, state_scale
 from .block import Block
-from .cache import GrowableBuffer, LayerCache
+from .cache import GrowableBuffer, LayerCache, write_slot
 from .common import QKVAttention, split_heads
 
 META_QUERIES = ("first", "prev_last")
@@ -163,16 +163,17 @@ class BSBRAttention(QKVAttention):
         B, H = k.shape[:2]
         cache._allocate(B, H, ch, self.head_dim, k)
         if done:
-            cache.states.append(seg.states[:, :, :done].detach())
-            cache.meta_keys.append(h[:, :, :done].detach())
+            cache.states.append(seg.states[:, :, :done])
+            cache.meta_keys.append(h[:, :, :done])
         if tail:
-            cache.buf_k[:, :, :tail] = k[:, :, done * ch : seg_len].detach()
-            cache.buf_v[:, :, :tail] = v[:, :, done * ch : seg_len].detach()
-            cache.retrieved = seg.last_retrieved.detach()
-            cache.open_query = r[:, :, done].detach()
+            rest = k.new_zeros(B, H, ch - tail, self.head_dim)
+            cache.buf_k = torch.cat([k[:, :, done * ch : seg_len], rest], dim=2)
+            cache.buf_v = torch.cat([v[:, :, done * ch : seg_len], rest], dim=2)
+            cache.retrieved = seg.last_retrieved
+            cache.open_query = r[:, :, done]
         elif self.meta_query == "prev_last":
             # the next chunk's meta query is the last token of the chunk that just completed
-            cache.open_query = self._meta(self.meta_q_proj, x[:, -1:])[:, :, 0].detach()
+            cache.open_query = self._meta(self.meta_q_proj, x[:, -1:])[:, :, 0]
 
     def _extend(self, x, cache: BSBRCache):
         first = int(cache.lengths[0]) % self.chunk_size
@@ -201,9 +202,8 @@ class BSBRAttention(QKVAttention):
             else:
                 S = torch.zeros_like(cache.retrieved)
             cache.retrieved = torch.where(opening[:, None, None, None], S, cache.retrieved)
-        rows = valid.nonzero().squeeze(-1)
-        cache.buf_k[rows, :, phase[rows]] = k[rows, :, 0]
-        cache.buf_v[rows, :, phase[rows]] = v[rows, :, 0]
+        cache.buf_k = write_slot(cache.buf_k, phase, valid, k[:, :, 0])
+        cache.buf_v = write_slot(cache.buf_v, phase, valid, v[:, :, 0])
         # local softmax over the open chunk's keys 0..phase; readout of the retrieved states
         scores = (q @ cache.buf_k.transpose(-1, -2)) * d ** -0.5  # [B, H, 1, ch]
         seen = torch.arange(ch, device=x.device)[None, :] <= phase[:, None]

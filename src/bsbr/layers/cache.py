@@ -2,8 +2,13 @@
 
 Every layer cache records ``lengths`` — the number of real tokens each batch row has absorbed — so rows may
 differ in length (a left-padded prompt leaves them ragged).  The tensors a cache holds are allocated
-lazily on first use, in the dtype and device of the hidden states, and grow by doubling.  Streaming is for
-inference: what enters a cache is detached, so no gradient flows through it.
+lazily on first use, in the dtype and device of the hidden states, and grow by doubling.
+
+Gradients: under ``torch.no_grad``/``inference_mode`` (generation) caches are updated in place.  When autograd
+is recording and the new contents require grad, updates are out of place instead, so a loss computed from
+streamed pieces back-propagates through the cache exactly as through one parallel forward (the recurrent
+form's gradients are tested against the parallel form's).  Call :meth:`LayerCache.detach` between pieces for
+truncated back-propagation through time.
 """
 
 from __future__ import annotations
@@ -45,6 +50,33 @@ class LayerCache:
     def batch_size(self) -> int:
         return self.lengths.shape[0]
 
+    def detach(self) -> None:
+        """Cut the autograd history of everything held (truncated back-propagation through time)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, f.name, value.detach())
+            elif isinstance(value, GrowableBuffer) and value.data is not None:
+                value.data = value.data.detach()
+
+
+def tracks_grad(t: torch.Tensor) -> bool:
+    """True when writing ``t`` into a cache must keep its autograd history (out-of-place update)."""
+    return torch.is_grad_enabled() and t.requires_grad
+
+
+def write_slot(buf: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Write ``new`` [B, H, *f] at index ``slot[b]`` of dim 2 of ``buf`` [B, H, n, *f] for rows where ``rows``.
+
+    In place without autograd; out of place (returning a new tensor) when gradients must flow."""
+    if not (tracks_grad(new) or tracks_grad(buf)):
+        idx = rows.nonzero().squeeze(-1)
+        buf[idx, :, slot[idx]] = new[idx]
+        return buf
+    hit = (torch.arange(buf.shape[2], device=buf.device)[None, :] == slot[:, None]) & rows[:, None]  # [B, n]
+    hit = hit.view(buf.shape[0], 1, buf.shape[2], *([1] * (buf.dim() - 3)))
+    return torch.where(hit, new.unsqueeze(2), buf)
+
 
 @dataclass
 class GrowableBuffer:
@@ -78,19 +110,32 @@ class GrowableBuffer:
         start = 0 if self.filled is None else int(self.filled[0])
         if self.filled is not None and not bool((self.filled == start).all()):
             raise RuntimeError("GrowableBuffer.append needs equally filled rows; use append_rows")
+        if tracks_grad(new) or (self.data is not None and tracks_grad(self.data)):
+            # keep the history: a new tensor holding exactly the filled part (no spare capacity)
+            self.data = new if self.data is None else torch.cat([self.data[:, :, :start], new], dim=2)
+            if self.filled is None:
+                self.filled = torch.zeros(new.shape[0], dtype=torch.long, device=new.device)
+            self.filled = self.filled + n
+            return
         self._reserve(new, start + n)
-        self.data[:, :, start : start + n] = new.detach()
+        self.data[:, :, start : start + n] = new
         self.filled += n
 
     def append_rows(self, new: torch.Tensor, rows: torch.Tensor) -> None:
         """Append one item new: [B, H, *features] to the rows where ``rows`` ([B] bool) is True."""
         like = new.unsqueeze(2)
         needed = 1 if self.filled is None else int(self.filled.max()) + 1
-        self._reserve(like, needed)
-        idx = rows.nonzero().squeeze(-1)
-        if idx.numel():
-            self.data[idx, :, self.filled[idx]] = new[idx].detach()
-            self.filled[idx] += 1
+        if tracks_grad(new) or (self.data is not None and tracks_grad(self.data)):
+            if self.data is None or self.data.shape[2] < needed:  # grow by one slot, out of place
+                pad = new.new_zeros(*new.shape[:2], needed - (0 if self.data is None else self.data.shape[2]),
+                                    *new.shape[2:])
+                self.data = pad if self.data is None else torch.cat([self.data, pad], dim=2)
+                if self.filled is None:
+                    self.filled = torch.zeros(new.shape[0], dtype=torch.long, device=new.device)
+        else:
+            self._reserve(like, needed)
+        self.data = write_slot(self.data, self.filled, rows, new)
+        self.filled = self.filled + rows.long()
 
     def view(self) -> torch.Tensor | None:
         """The filled prefix shared by all rows' capacity: [B, H, max_filled, *features] (rows may be shorter)."""

@@ -124,7 +124,7 @@ class TransformerModel(nn.Module):
 
     @torch.no_grad()
     def get_attention_weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                              parts: bool = False):
+                              parts: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """Effective token-to-token weights of every layer: [num_layers, B, H, T, T].
 
         Head h of layer l outputs, at t, exactly sum_s w[l, b, h, t, s] v_s (before the output projection),
@@ -188,7 +188,9 @@ class CausalLM(nn.Module):
     def set_attention_impl(self, impl: str) -> None:
         self.model.set_attention_impl(impl)
 
-    def get_attention_weights(self, input_ids, attention_mask=None, parts: bool = False):
+    def get_attention_weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                              parts: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+        """See :meth:`TransformerModel.get_attention_weights`."""
         return self.model.get_attention_weights(input_ids, attention_mask, parts)
 
     def num_parameters(self) -> int:

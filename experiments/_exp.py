@@ -1,0 +1,90 @@
+"""Shared pieces of the experiment scripts: one training run from a spec, results saved as each run finishes.
+
+A results file ``results/<experiment>.json`` holds {"environment", "budget", "runs": {key: summary}}; it is
+rewritten after every run, and a run whose key is already there is skipped, so an interrupted experiment
+resumes where it stopped.  Run from the repository root: ``PYTHONPATH=src python experiments/<script>.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bsbr.models import build_model
+from bsbr.tasks import get_task
+from bsbr.train import TrainConfig, evaluate, train
+
+_spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).resolve().parents[1] / "benchmarks" /
+                                               "common.py")
+_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bench)
+environment = _bench.environment  # cpu, threads, torch version, commit, date
+
+# BSBR_EXP_RESULTS redirects results (smoke tests write elsewhere than the committed ones)
+RESULTS = Path(os.environ.get("BSBR_EXP_RESULTS", Path(__file__).resolve().parent / "results"))
+
+
+def load(name: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {"runs": {}}
+
+
+def save(name: str, data: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(RESULTS / f"{name}.json")
+
+
+def build(model: str, vocab_size: int, hidden_dim: int = 128, num_layers: int = 2, num_heads: int = 4,
+          seed: int = 0, **options):
+    torch.manual_seed(seed)
+    return build_model(model, vocab_size=vocab_size, hidden_dim=hidden_dim, num_layers=num_layers,
+                       num_heads=num_heads, ff_dim=4 * hidden_dim, dropout=0.0, causal_lm=True, **options)
+
+
+def train_run(model: str, model_opts: dict, task_spec: dict, train_opts: dict, test_batches: int | None = None,
+              keep_every: int = 1) -> tuple[dict, torch.nn.Module]:
+    """Train ``model`` on ``task_spec`` and evaluate on the test split; returns (summary, trained model).
+
+    The summary holds the settings, parameters, seconds, peak memory, the loss curve (every ``keep_every``
+    steps: step, loss, seconds), the periodic valid evaluations, and final valid / test metrics."""
+    opts = dict(task_spec)
+    task = get_task(opts.pop("name"), **opts)
+    cfg = TrainConfig(**{"progress": True, **train_opts})
+    lm = build(model, task.vocab_size, seed=cfg.seed, **model_opts)
+    result = train(lm, task, cfg)
+    test = evaluate(lm, task, "test", cfg.batch_size, test_batches)
+    curve = [{k: h[k] for k in ("step", "loss", "seconds")} for h in result.history
+             if h["step"] % keep_every == 0 or h["step"] == result.steps]
+    summary = {"model": model, "model_options": model_opts, "task": task.options | {"name": task.name},
+               "train": {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "out_dir", "device")},
+               "parameters": lm.num_parameters(), "seconds": result.seconds, "steps": result.steps,
+               "peak_memory_bytes": result.peak_memory_bytes, "memory_kind": result.memory_kind,
+               "tokens_per_second": cfg.batch_size * task.seq_len * result.steps / result.seconds,
+               "curve": curve, "evals": result.evals, "valid": result.final, "test": test,
+               "steps_to_target": result.steps_to_target, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return summary, lm
+
+
+def run_grid(name: str, budget: dict, jobs: list[tuple[str, dict]], fn) -> dict:
+    """Run ``fn(**job)`` for every (key, job) not yet in results/<name>.json, saving after each."""
+    data = load(name)
+    data["budget"] = budget
+    for i, (key, job) in enumerate(jobs):
+        if key in data["runs"]:
+            print(f"[{i + 1}/{len(jobs)}] {key}: done earlier, skipped", file=sys.stderr)
+            continue
+        print(f"[{i + 1}/{len(jobs)}] {key}", file=sys.stderr)
+        t0 = time.perf_counter()
+        data["runs"][key] = fn(**job)
+        data["environment"] = environment()
+        save(name, data)
+        print(f"[{i + 1}/{len(jobs)}] {key}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return data

@@ -1,0 +1,81 @@
+"""Multi-query associative recall (MQAR), after Zoology (Arora et al. 2023).
+
+Layout of one row of length T (all token ids in [0, vocab_size)):
+
+    k1 v1 k2 v2 ... kN vN | filler ... kq vq ... filler ... kq' vq' ...
+    <----- 2N tokens ----> <------------ T - 2N query section --------->
+
+Keys come from [1, vocab_size / 2), values from [vocab_size / 2, vocab_size), both distinct within a row.
+Every key is queried once, in random order; the query section holds (T - 2N) // 2 two-token slots and the
+N queries take slots drawn without replacement with p(slot i) ~ i^(a - 1) (a = 0.01 by default), so most
+queries sit soon after the pairs and a few far away.  Only the value after each query is scored.  Other
+positions hold random tokens (``random_filler``) or 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+from .base import Batch, Task
+
+
+def distinct_randint(rows: int, n: int, lo: int, hi: int, g: torch.Generator) -> torch.Tensor:
+    """[rows, n] integers in [lo, hi), distinct within each row, uniformly among such draws."""
+    if 8 * n > hi - lo:  # dense: a random permutation's prefix
+        return torch.rand(rows, hi - lo, generator=g).argsort(dim=1)[:, :n] + lo
+    out = torch.randint(lo, hi, (rows, n), generator=g)
+    while True:  # sparse: redraw the later copy of any repeated value until none is left
+        s, idx = out.sort(dim=1)
+        dup = s[:, 1:] == s[:, :-1]
+        if not bool(dup.any()):
+            return out
+        r, c = dup.nonzero(as_tuple=True)
+        out[r, idx[r, c + 1]] = torch.randint(lo, hi, (r.numel(),), generator=g)
+
+
+class MQAR(Task):
+    name = "mqar"
+
+    def __init__(self, seq_len: int = 256, seed: int = 0, vocab_size: int = 8192, num_kv_pairs: int | None = None,
+                 power_a: float = 0.01, random_filler: bool = True):
+        super().__init__(seq_len, seed)
+        self.vocab_size = _checks.positive_int("vocab_size", vocab_size)
+        if num_kv_pairs is None:
+            num_kv_pairs = max(1, seq_len // 16)  # T = 256 -> 16 pairs, scaled with T (Zoology's ratio)
+        n = _checks.positive_int("num_kv_pairs", num_kv_pairs)
+        if 4 * n > seq_len:
+            raise ValueError(f"num_kv_pairs must be at most seq_len / 4 = {seq_len // 4} (pairs plus query slots), "
+                             f"got {n}")
+        if vocab_size // 2 - 1 < n:
+            raise ValueError(f"vocab_size must give at least num_kv_pairs={n} distinct keys in [1, vocab_size/2), "
+                             f"got vocab_size={vocab_size}")
+        if not isinstance(power_a, int | float) or not 0 < power_a <= 1:
+            raise ValueError(f"power_a must be a number in (0, 1], got {power_a!r}")
+        self.num_kv_pairs, self.power_a, self.random_filler = n, float(power_a), bool(random_filler)
+        self.options.update(vocab_size=vocab_size, num_kv_pairs=n, power_a=self.power_a,
+                            random_filler=self.random_filler)
+        slots = (seq_len - 2 * n) // 2
+        i = torch.arange(1, slots + 1, dtype=torch.float64)
+        self._slot_weights = i ** (self.power_a - 1)  # unnormalised p(slot i) ~ i^(a-1)
+
+    def _generate(self, rows: int, g: torch.Generator) -> Batch:
+        n, t, v = self.num_kv_pairs, self.seq_len, self.vocab_size
+        half = v // 2
+        keys = distinct_randint(rows, n, 1, half, g)    # [rows, n] distinct per row
+        values = distinct_randint(rows, n, half, v, g)
+        if self.random_filler:
+            ids = torch.randint(0, v, (rows, t), generator=g)
+        else:
+            ids = torch.zeros(rows, t, dtype=torch.long)
+        ids[:, 0 : 2 * n : 2] = keys
+        ids[:, 1 : 2 * n : 2] = values
+        slots = torch.multinomial(self._slot_weights.expand(rows, -1), n, replacement=False, generator=g)
+        order = torch.rand(rows, n, generator=g).argsort(dim=1)  # which pair each chosen slot queries
+        qpos = 2 * n + 2 * slots                                  # [rows, n] position of each query key
+        ids.scatter_(1, qpos, keys.gather(1, order))
+        answers = values.gather(1, order)
+        ids.scatter_(1, qpos + 1, answers)
+        labels = torch.full_like(ids, -100)
+        labels.scatter_(1, qpos + 1, answers)
+        return Batch(ids, labels)

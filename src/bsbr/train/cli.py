@@ -1,0 +1,145 @@
+"""``bsbr train``: train a registered model on a task from a preset, a JSON file and command-line overrides.
+
+    bsbr train --preset mqar-small --model Standard --set steps=500 --out-dir runs/mqar-std
+    torchrun --nproc_per_node=2 -m bsbr train --preset tiny --out-dir runs/ddp
+
+A spec has three parts: "task" (name, seq_len and task options), "model" (name, sizes and mechanism
+options) and "train" (TrainConfig fields).  Later sources override earlier ones: preset, --config, flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..models import build_model
+from ..tasks import get_task
+from .config import PRESETS, TrainConfig
+from .evaluate import evaluate
+from .loop import train
+
+_MODEL_SIZES = ("hidden_dim", "num_layers", "num_heads", "ff_dim", "dropout")
+
+
+def _parse_pairs(pairs: list[str], flag: str) -> dict:
+    out = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise ValueError(f"{flag} expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def build_spec(args: argparse.Namespace) -> dict:
+    """Merge preset, --config file and flags into {"task": {...}, "model": {...}, "train": {...}}."""
+    spec = copy.deepcopy(PRESETS[args.preset]) if args.preset else {"task": {}, "model": {}, "train": {}}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config file {str(path)!r} does not exist")
+        data = json.loads(path.read_text())
+        unknown = set(data) - {"task", "model", "train"}
+        if unknown:
+            raise ValueError(f"--config file has unknown section(s) {sorted(unknown)}; expected task, model, train")
+        for part in ("task", "model", "train"):
+            spec[part].update(data.get(part, {}))
+    if args.task:
+        spec["task"]["name"] = args.task
+    if args.seq_len:
+        spec["task"]["seq_len"] = args.seq_len
+    spec["task"].update(_parse_pairs(args.task_opt, "--task-opt"))
+    if args.model:
+        spec["model"]["name"] = args.model
+    for key in _MODEL_SIZES:
+        if getattr(args, key) is not None:
+            spec["model"][key] = getattr(args, key)
+    spec["model"].update(_parse_pairs(args.model_opt, "--model-opt"))
+    spec["train"].update(_parse_pairs(args.set, "--set"))
+    if args.out_dir:
+        spec["train"]["out_dir"] = args.out_dir
+    if "name" not in spec["task"] or "name" not in spec["model"]:
+        raise ValueError("say which task and model to train: --preset NAME, or --task and --model")
+    return spec
+
+
+def run_spec(spec: dict, eval_split: str | None = "test") -> dict:
+    """Build task, model and config from ``spec``, train, and evaluate on ``eval_split``; returns a summary."""
+    task_opts = dict(spec["task"])
+    task = get_task(task_opts.pop("name"), **task_opts)
+    cfg = TrainConfig.from_dict(spec["train"])
+    model_opts = dict(spec["model"])
+    name = model_opts.pop("name")
+    hidden = model_opts.pop("hidden_dim", 128)
+    sizes = {"hidden_dim": hidden, "num_layers": model_opts.pop("num_layers", 2),
+             "num_heads": model_opts.pop("num_heads", 4), "ff_dim": model_opts.pop("ff_dim", 4 * hidden),
+             "dropout": model_opts.pop("dropout", 0.0)}
+    vocab = model_opts.pop("vocab_size", task.vocab_size)
+    torch.manual_seed(cfg.seed)  # same initial weights in every process and every resumed session
+    lm = build_model(name, vocab_size=vocab, causal_lm=True, **sizes, **model_opts)
+    result = train(lm, task, cfg)
+    summary = {"model": name, "parameters": lm.num_parameters(), "task": task.options | {"name": task.name},
+               "steps": result.steps, "stopped": result.stopped, "seconds": result.seconds,
+               "peak_memory_bytes": result.peak_memory_bytes, "memory_kind": result.memory_kind,
+               "world_size": result.world_size,
+               "final_valid": result.final, "steps_to_target": result.steps_to_target}
+    if eval_split:
+        summary[f"final_{eval_split}"] = evaluate(lm, task, eval_split, cfg.batch_size, cfg.eval_batches)
+    return summary
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = build_spec(args)
+    if args.print_spec:
+        print(json.dumps(spec, indent=1))
+        return 0
+    summary = run_spec(spec, None if args.eval_split == "none" else args.eval_split)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = spec["train"].get("out_dir")
+        if out:
+            Path(out, "summary.json").write_text(json.dumps(summary, indent=1))
+        lines = [f"{summary['model']} on {summary['task']['name']}: {summary['steps']} steps in "
+                 f"{summary['seconds']:.1f} s ({summary['stopped']}), peak memory "
+                 f"{summary['peak_memory_bytes'] / 2**20:.0f} MiB ({summary['memory_kind']})"]
+        for key in ("final_valid", f"final_{args.eval_split}"):
+            if key in summary:
+                m = summary[key]
+                lines.append(f"  {key[6:]:5s} loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f}  "
+                             f"bits/token {m['bits_per_token']:.4f}")
+        print("\n".join(lines), file=sys.stdout)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a model on a task (presets, JSON configs, torchrun-ready)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a task + model + training budget that go together")
+    p.add_argument("--config", help="JSON file with optional 'task', 'model' and 'train' sections")
+    p.add_argument("--task", help="task name (see bsbr.tasks.list_tasks())")
+    p.add_argument("--seq-len", type=int, help="tokens per row")
+    p.add_argument("--task-opt", action="append", metavar="KEY=VALUE", help="task option (repeatable)")
+    p.add_argument("--model", help="model name (see bsbr.models.list_models())")
+    p.add_argument("--hidden-dim", type=int)
+    p.add_argument("--num-layers", type=int)
+    p.add_argument("--num-heads", type=int)
+    p.add_argument("--ff-dim", type=int)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="mechanism option, e.g. chunk_size=64")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="TrainConfig field, e.g. steps=500")
+    p.add_argument("--out-dir", help="log, checkpoints and results go here; an existing run resumes")
+    p.add_argument("--eval-split", default="test", choices=("valid", "test", "none"),
+                   help="split evaluated after training (default test)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--print-spec", action="store_true", help="print the merged spec and exit")
+    p.set_defaults(func=_cmd)

@@ -1,0 +1,295 @@
+"""train(): one loop for every registered model and every task.
+
+AdamW (no weight decay on biases, norms and embeddings), linear warmup then cosine decay, gradient
+clipping, bf16 autocast where supported, optional gradient checkpointing, periodic evaluation on the valid
+split with early stopping, a JSONL log line per step, safetensors checkpoints, and exact resumption: the
+data of step s depends only on (task, seed, s), and the checkpoint holds weights, optimizer and RNG states,
+so an interrupted run resumed from its out_dir ends where an uninterrupted one does.
+
+Under ``torchrun --nproc_per_node=N`` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on
+CUDA) and each process takes its contiguous share of every global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..tasks import Task
+from ..tasks.base import derive_seed
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .evaluate import _autocast, evaluate
+from .memory import PeakMemory
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]  # one record per optimizer step: step, loss, lr, grad_norm, tokens_per_second, ...
+    final: dict  # evaluate() on the valid split after the last step
+    seconds: float  # wall-clock training time, summed over resumed sessions (evaluation included)
+    peak_memory_bytes: int  # see PeakMemory: CUDA allocator peak, or process peak RSS on CPU
+    steps: int  # steps done (fewer than cfg.steps after an early stop)
+    evals: list[dict] = field(default_factory=list)  # every periodic evaluation, with its step
+    stopped: str = "completed"  # "completed", "early_stop" or "target_loss"
+    steps_to_target: int | None = None  # first evaluated step with valid loss <= cfg.target_loss
+    memory_kind: str = ""
+    world_size: int = 1  # processes that trained (torchrun)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(lm: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in lm.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def _setup_distributed(device_kind: str) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    kind = cfg.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(kind)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def _use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.precision == "fp32":
+        return False
+    supported = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if cfg.precision == "bf16" and not supported:
+        raise ValueError(f"precision='bf16' is not supported on device {device}; use precision='fp32'")
+    return cfg.precision == "bf16" or (device.type == "cuda" and supported)
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint is always taken at a step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and _is_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _run_description(lm, task: Task, cfg: TrainConfig) -> dict:
+    model_cfg = lm.config.to_dict() if hasattr(lm, "config") and hasattr(lm.config, "to_dict") else None
+    skip = ("out_dir", "progress", "device", "checkpoint_every")
+    return {"model": model_cfg, "task": {"name": task.name, **task.options},
+            "train": {k: v for k, v in cfg.to_dict().items() if k not in skip}}
+
+
+def train(lm: torch.nn.Module, task: Task, cfg: TrainConfig, callback=None) -> TrainResult:
+    """Train ``lm`` (a CausalLM whose vocab covers ``task.vocab_size``) on ``task`` with ``cfg``.
+
+    With ``cfg.out_dir`` set: writes ``config.json`` (model, task, training settings), ``log.jsonl`` (one JSON
+    object per step and per evaluation), ``checkpoint/`` and ``result.json``; if a checkpoint of the same run is
+    there, training resumes from it.  Ctrl-C / SIGTERM finish the current step, save a checkpoint and raise
+    KeyboardInterrupt.  ``callback(record)`` is called after every step (it may raise to stop the run).
+    Returns a :class:`TrainResult`.
+    """
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a bsbr.tasks.Task (from get_task), got {type(task).__name__}")
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    vocab = getattr(getattr(lm, "config", None), "vocab_size", None)
+    if vocab is not None and vocab < task.vocab_size:
+        raise ValueError(f"model vocab_size={vocab} is smaller than task {task.name!r} vocab_size={task.vocab_size}")
+    rank, world, local_rank = _setup_distributed("cuda" if cfg.device in ("auto", "cuda") and
+                                                 torch.cuda.is_available() else "cpu")
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
+    device = _resolve_device(cfg, local_rank)
+    bf16 = _use_bf16(cfg, device)
+    lm.to(device)
+    if cfg.gradient_checkpointing:
+        if not hasattr(lm, "gradient_checkpointing_enable"):
+            raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable()")
+        lm.gradient_checkpointing_enable()
+    optimizer = make_optimizer(lm, cfg)
+    torch.manual_seed(derive_seed("train", cfg.seed, rank))
+
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    description = _run_description(lm, task, cfg)
+    history: list[dict] = []
+    evals: list[dict] = []
+    state = {"step": 0, "seconds": 0.0, "best_loss": None, "bad_evals": 0, "stopped": None,
+             "steps_to_target": None, "peak_memory_bytes": 0}
+    if out is not None:
+        state, history, evals = _prepare_out_dir(out, lm, optimizer, description, device, state, rank)
+
+    model = lm
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(lm, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    per_rank = cfg.batch_size // world
+    memory = PeakMemory(device)
+    log = open(out / "log.jsonl", "a") if out is not None and rank == 0 else None  # noqa: SIM115
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train {task.name}", unit="step", file=sys.stderr,
+               disable=not cfg.progress or rank != 0, leave=False)
+    lm.train()
+    session_start = time.perf_counter()
+    seconds_before = state["seconds"]
+    try:
+        with _StopRequest() as stop:
+            while state["step"] < cfg.steps and state["stopped"] is None:
+                step = state["step"]
+                t0 = time.perf_counter()
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = task.batch("train", cfg.batch_size, step).rows(rank * per_rank, (rank + 1) * per_rank)
+                batch = batch.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                with _autocast(device, bf16):
+                    loss = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else
+                                                      float("inf"))
+                optimizer.step()
+                loss_value = loss.detach().float()
+                if world > 1:
+                    dist.all_reduce(loss_value)
+                    loss_value /= world
+                dt = time.perf_counter() - t0
+                tokens = cfg.batch_size * task.seq_len
+                state["step"] = step + 1
+                state["seconds"] = seconds_before + time.perf_counter() - session_start
+                record = {"step": step + 1, "loss": float(loss_value), "lr": lr, "grad_norm": float(norm),
+                          "tokens_per_second": tokens / dt, "seconds": state["seconds"],
+                          "peak_memory_bytes": memory.peak()}
+                history.append(record)
+                if log is not None:
+                    log.write(json.dumps(record) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.steps:
+                    _evaluate_and_check(lm, task, cfg, device, bf16, state, evals, log)
+                state["peak_memory_bytes"] = max(state["peak_memory_bytes"], memory.peak())
+                if callback is not None:
+                    callback(record)
+                if out is not None and rank == 0 and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                    save_checkpoint(out / "checkpoint", lm, optimizer, state)
+                if stop.requested:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if out is not None and rank == 0:
+            save_checkpoint(out / "checkpoint", lm, optimizer, state)
+            print(f"\ninterrupted after step {state['step']}; checkpoint saved in {out / 'checkpoint'}",
+                  file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    final = evaluate(lm, task, "valid", cfg.batch_size, cfg.eval_batches, device, bf16)
+    final["step"] = state["step"]
+    state["seconds"] = seconds_before + time.perf_counter() - session_start
+    if state["stopped"] is None:
+        state["stopped"] = "completed"
+    result = TrainResult(history=history, final=final, seconds=state["seconds"],
+                         peak_memory_bytes=max(state["peak_memory_bytes"], memory.peak()), steps=state["step"],
+                         evals=evals, stopped=state["stopped"], steps_to_target=state["steps_to_target"],
+                         memory_kind=memory.kind, world_size=world)
+    if out is not None and rank == 0:
+        save_checkpoint(out / "checkpoint", lm, optimizer, state)
+        summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+        (out / "result.json").write_text(json.dumps(summary, indent=1))
+    return result
+
+
+def _evaluate_and_check(lm, task, cfg, device, bf16, state, evals, log) -> None:
+    metrics = evaluate(lm, task, "valid", cfg.batch_size, cfg.eval_batches, device, bf16)
+    lm.train()
+    record = {"event": "eval", "step": state["step"], **{k: v for k, v in metrics.items() if not isinstance(v, list)}}
+    evals.append(record)
+    if log is not None:
+        log.write(json.dumps(record) + "\n")
+    loss = metrics["loss"]
+    if state["best_loss"] is None or loss < state["best_loss"]:
+        state["best_loss"], state["bad_evals"] = loss, 0
+    else:
+        state["bad_evals"] += 1
+    if cfg.target_loss is not None and loss <= cfg.target_loss:
+        if state["steps_to_target"] is None:
+            state["steps_to_target"] = state["step"]
+        state["stopped"] = "target_loss"
+    elif cfg.early_stop_patience and state["bad_evals"] >= cfg.early_stop_patience:
+        state["stopped"] = "early_stop"
+
+
+def _prepare_out_dir(out: Path, lm, optimizer, description: dict, device, state: dict, rank: int):
+    """Create ``out`` or resume from its checkpoint; returns (state, history, evals) so far."""
+    cfg_path = out / "config.json"
+    history: list[dict] = []
+    evals: list[dict] = []
+    if cfg_path.is_file():
+        saved = json.loads(cfg_path.read_text())
+        if saved != json.loads(json.dumps(description)):
+            diff = sorted(k for k in description if saved.get(k) != json.loads(json.dumps(description[k])))
+            raise ValueError(f"out_dir {str(out)!r} holds a different run (differs in {diff}); use a new out_dir")
+        if (out / "checkpoint" / "state.json").is_file():
+            state = load_checkpoint(out / "checkpoint", lm, optimizer, device)
+            state["stopped"] = None if state.get("stopped") == "completed" else state.get("stopped")
+            for line in (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []:
+                rec = json.loads(line)
+                if rec["step"] <= state["step"]:
+                    (evals if rec.get("event") == "eval" else history).append(rec)
+            if rank == 0:  # drop log lines of steps after the checkpoint: they will be redone
+                kept = [json.dumps(r) for r in sorted(history + evals, key=lambda r: (r["step"], "event" in r))]
+                (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg_path.write_text(json.dumps(description, indent=1))
+        (out / "log.jsonl").write_text("")
+    return state, history, evals

@@ -1,0 +1,36 @@
+"""The benchmark's analytic FLOP counts agree with torch's own FlopCounterMode on the op they describe.
+
+FlopCounterMode sees the batched matmuls (states, mixture, readout) but not the fused CPU flash-attention
+kernel of the local part, so the local count is checked against the SDPA formula separately."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bsbr.ops.bsbr import bsbr_parallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_bsbr  # noqa: E402
+
+
+@pytest.mark.parametrize("T", [1024, 9000])  # one row group; four row groups of the triangular mixture (C >= 64)
+def test_dense_flop_count_matches_flop_counter(T):
+    g = torch.Generator().manual_seed(0)
+    H, d, chunk = bench_bsbr.H, bench_bsbr.D, bench_bsbr.CHUNK
+    C = math.ceil(T / chunk)
+    q, k, v = (torch.randn(1, H, T, d, generator=g, requires_grad=True) for _ in range(3))
+    r, h = (torch.randn(1, H, C, d, generator=g) for _ in range(2))
+    with FlopCounterMode(display=False) as counter:  # the autograd path: every matmul is out of place
+        bsbr_parallel(q, k, v, r, h, chunk)
+    counts = bench_bsbr.bsbr_flops(T)
+    parts = counts["dense_parts"]
+    assert counter.get_total_flops() == parts["states"] + parts["mixing"] + parts["readout"]
+    assert parts["local"] == 4 * H * C * chunk * chunk * d  # q k^T and p v over every chunk block
+    assert sum(parts.values()) == counts["dense"]
+    assert counts["causal"] < counts["dense"]
