@@ -1,4 +1,4 @@
-"""``bsbr demo``: build a BSBR language model, stream a long input through its bounded cache, and print the
+"""``bsbr demo``: build a BSBR language model, stream a long input through its compact cache, and print the
 measured prefill throughput, decode latency and cache size beside a KV cache of the same model size."""
 
 from __future__ import annotations
