@@ -1,0 +1,8 @@
+"""Evaluation harness: measure registered models side by side and analyse the measurements."""
+
+from .analysis import analyze_results, complexity_class, crossovers, fit_power_law
+from .compare import COMPARE_METRICS, SCALING_METRICS, compare_models, scaling_analysis
+from .measure import activation_bytes, count_flops, time_callable
+
+__all__ = ["COMPARE_METRICS", "SCALING_METRICS", "activation_bytes", "analyze_results", "compare_models",
+           "complexity_class", "count_flops", "crossovers", "fit_power_law", "scaling_analysis", "time_callable"]

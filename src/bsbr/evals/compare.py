@@ -1,0 +1,183 @@
+"""compare_models and scaling_analysis: every registered mechanism in the same generic LM, measured side by side."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import _checks
+from ..models import build_model, list_models
+from ..models.registry import canonical_name
+from .measure import activation_bytes, count_flops, time_callable
+
+COMPARE_METRICS = ("inference_time", "memory_usage", "accuracy")
+SCALING_METRICS = ("time", "memory", "flops")
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _validate(seq_lengths, models, metrics, allowed) -> tuple[list[int], list[str], list[str]]:
+    """Every argument checked before any work starts."""
+    if not isinstance(seq_lengths, list | tuple) or not seq_lengths:
+        raise ValueError(f"seq_lengths must be a non-empty list of positive ints, got {seq_lengths!r}")
+    lengths = [_checks.positive_int("seq_lengths[]", t) for t in seq_lengths]
+    models = list(list_models() if models is None else models)
+    if not models:
+        raise ValueError("models must name at least one registered model; known: " + ", ".join(list_models()))
+    names = [canonical_name(m) for m in models]  # raises ValueError naming unknown models
+    metrics = list(metrics)
+    if not metrics:
+        raise ValueError(f"metrics must be a non-empty subset of {allowed}")
+    for m in metrics:
+        if m not in allowed:
+            raise ValueError(f"unknown metric {m!r}; expected one of {allowed}")
+    return lengths, names, metrics
+
+
+def _settings(**kw) -> dict:
+    return {**kw, "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "commit": _commit()}
+
+
+def _build(name, vocab_size, hidden_dim, num_layers, num_heads, ff_dim, device, dtype, causal_lm=False):
+    torch.manual_seed(0)
+    return build_model(name, vocab_size=vocab_size, hidden_dim=hidden_dim, num_layers=num_layers,
+                       num_heads=num_heads, ff_dim=ff_dim, dropout=0.0, causal_lm=causal_lm).to(device, dtype)
+
+
+def _accuracy(name, T, settings) -> float:
+    """Held-out accuracy on MQAR after a short, stated training budget (see ``settings``)."""
+    from ..tasks import get_task
+    from ..train import TrainConfig, evaluate, train
+
+    task = get_task(settings["accuracy_task"], seq_len=T, **settings["accuracy_task_options"])
+    lm = _build(name, task.vocab_size, settings["hidden_dim"], settings["num_layers"], settings["num_heads"],
+                settings["ff_dim"], settings["device"], torch.float32, causal_lm=True)
+    cfg = TrainConfig(steps=settings["accuracy_steps"], batch_size=settings["accuracy_batch_size"],
+                      lr=settings["accuracy_lr"], warmup_steps=max(1, settings["accuracy_steps"] // 10),
+                      eval_every=0, eval_batches=2, seed=settings["seed"], device=str(settings["device"]),
+                      progress=False)
+    train(lm, task, cfg)
+    return float(evaluate(lm, task, split="test", batch_size=settings["accuracy_batch_size"], num_batches=4,
+                          device=settings["device"])["accuracy"])
+
+
+def _sweep(lengths, names, metrics, settings, cell, progress) -> dict:
+    results = {"seq_lengths": lengths, "models": names, "metrics": metrics, "settings": settings}
+    cells = [(n, t) for n in names for t in lengths]
+    for name in names:
+        results[name] = {m: [] for m in metrics}
+        for m in metrics:
+            if m in ("inference_time", "time"):
+                results[name][f"{m}_spread"] = []
+    for name, T in tqdm(cells, desc="measuring", disable=not progress, file=sys.stderr):
+        try:
+            values = cell(name, T)
+        except RuntimeError as err:  # e.g. out of memory: recorded for the cell, the sweep goes on
+            values = {m: None for m in metrics}
+            results[name].setdefault("errors", {})[str(T)] = str(err).splitlines()[0]
+        for key, value in values.items():
+            results[name][key].append(value)
+    return results
+
+
+def compare_models(seq_lengths=(64, 128, 256, 512, 1024), models=None, metrics=("inference_time", "memory_usage"),
+                   *, hidden_dim: int = 128, num_layers: int = 2, num_heads: int = 4, ff_dim: int | None = None,
+                   vocab_size: int = 256, batch_size: int = 1, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu", threads: int | None = None, repeats: int = 5,
+                   accuracy_task: str = "mqar", accuracy_task_options: dict | None = None, accuracy_steps: int = 100,
+                   accuracy_batch_size: int = 16, accuracy_lr: float = 3e-3, seed: int = 0,
+                   progress: bool = True) -> dict:
+    """Measure each model at each length, every model in the same generic LM (only the attention differs).
+
+    ``inference_time``: seconds per forward of [batch_size, T] tokens, median of ``repeats`` warm runs (the
+    quartiles go to ``inference_time_spread``).  ``memory_usage``: activation bytes of one forward + backward
+    (see :func:`~bsbr.evals.measure.activation_bytes`; CPU: bytes saved for backward, CUDA: allocator peak).
+    ``accuracy``: test accuracy on ``accuracy_task`` after ``accuracy_steps`` AdamW steps (small: read it as
+    what that budget buys).  Returns {"seq_lengths", "models", "metrics", "settings", model: {metric: [value
+    per length], "parameters": n}}; a failed cell holds None and its error under ``model["errors"]``.
+    """
+    lengths, names, metrics = _validate(seq_lengths, models, metrics, COMPARE_METRICS)
+    for arg, v in (("hidden_dim", hidden_dim), ("num_layers", num_layers), ("num_heads", num_heads),
+                   ("batch_size", batch_size), ("repeats", repeats), ("accuracy_steps", accuracy_steps)):
+        _checks.positive_int(arg, v)
+    if threads is not None:
+        torch.set_num_threads(_checks.positive_int("threads", threads))
+    ff_dim = ff_dim or 4 * hidden_dim
+    device = torch.device(device)
+    settings = _settings(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
+                         vocab_size=vocab_size, batch_size=batch_size, dtype=str(dtype), device=str(device),
+                         repeats=repeats, seed=seed, accuracy_task=accuracy_task,
+                         accuracy_task_options=dict(accuracy_task_options or {}), accuracy_steps=accuracy_steps,
+                         accuracy_batch_size=accuracy_batch_size, accuracy_lr=accuracy_lr,
+                         memory_kind="cuda_peak_allocated" if device.type == "cuda" else "saved_for_backward")
+    settings["device"] = device
+    built = {}
+
+    def cell(name, T):
+        model = built.setdefault(name, _build(name, vocab_size, hidden_dim, num_layers, num_heads, ff_dim, device,
+                                              dtype))
+        ids = torch.randint(0, vocab_size, (batch_size, T), generator=torch.Generator().manual_seed(seed + T))
+        ids = ids.to(device)
+        out = {}
+        if "inference_time" in metrics:
+            with torch.inference_mode():
+                t = time_callable(lambda: model(ids), repeats=repeats)
+            out["inference_time"] = t["median"]
+            out["inference_time_spread"] = [t["p25"], t["p75"]]
+        if "memory_usage" in metrics:
+            out["memory_usage"] = activation_bytes(model, ids)["bytes"]
+        if "accuracy" in metrics:
+            out["accuracy"] = _accuracy(name, T, settings)
+        return out
+
+    results = _sweep(lengths, names, metrics, settings, cell, progress)
+    settings["device"] = str(device)
+    for name in names:
+        results[name]["parameters"] = built[name].num_parameters() if name in built else None
+    return results
+
+
+def scaling_analysis(seq_lengths=(256, 512, 1024, 2048), models=None, metrics=("time", "memory", "flops"),
+                     **kwargs) -> dict:
+    """Like :func:`compare_models` with the scaling metrics: ``time`` (median forward seconds), ``memory``
+    (activation bytes, as ``memory_usage``) and ``flops`` (forward FLOPs counted by FlopCounterMode — matmuls
+    only, causal masks ignored, the fused CPU SDPA kernel unseen)."""
+    lengths, names, metrics = _validate(seq_lengths, models, metrics, SCALING_METRICS)
+    mapped = [{"time": "inference_time", "memory": "memory_usage"}[m] for m in metrics if m != "flops"]
+    progress = kwargs.pop("progress", True)
+    base = compare_models(lengths, names, mapped or ["inference_time"], progress=progress, **kwargs) \
+        if mapped else None
+    results = {"seq_lengths": lengths, "models": names, "metrics": metrics,
+               "settings": base["settings"] if base else _settings(**kwargs)}
+    for name in names:
+        results[name] = {"parameters": base[name]["parameters"] if base else None}
+        for m in metrics:
+            if m == "flops":
+                continue
+            src = {"time": "inference_time", "memory": "memory_usage"}[m]
+            results[name][m] = base[name][src]
+            if m == "time":
+                results[name]["time_spread"] = base[name]["inference_time_spread"]
+    if "flops" in metrics:
+        hd, nl = kwargs.get("hidden_dim", 128), kwargs.get("num_layers", 2)
+        nh, ff = kwargs.get("num_heads", 4), kwargs.get("ff_dim") or 4 * kwargs.get("hidden_dim", 128)
+        vocab = kwargs.get("vocab_size", 256)
+        for name in names:
+            model = _build(name, vocab, hd, nl, nh, ff, "cpu", torch.float32)
+            results[name]["flops"] = [count_flops(model, torch.randint(0, vocab, (1, T))) for T in lengths]
+            results[name]["parameters"] = results[name]["parameters"] or model.num_parameters()
+    return results

@@ -1,0 +1,82 @@
+"""Honesty checks of the evaluation harness: the timer, the fit, the memory meter, argument checking."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from bsbr.evals import activation_bytes, analyze_results, compare_models, fit_power_law, time_callable
+
+from conftest import make_lm
+
+
+def test_timer_measures_a_known_sleep_within_5_percent():
+    t = time_callable(lambda: time.sleep(0.05), repeats=5)
+    assert abs(t["median"] - 0.05) / 0.05 < 0.05
+    assert t["p25"] <= t["median"] <= t["p75"] and len(t["times"]) == 5
+
+
+@pytest.mark.parametrize("k", [1.0, 2.0])
+def test_fit_recovers_known_exponents(k):
+    rng = random.Random(0)
+    xs = [64, 128, 256, 512, 1024, 2048]
+    ys = [3e-6 * x**k * (1 + rng.uniform(-0.03, 0.03)) for x in xs]
+    fit = fit_power_law(xs, ys)
+    assert abs(fit["k"] - k) < 0.05 and fit["r2"] > 0.99 and fit["range"] == [64, 2048]
+
+
+def test_analyze_results_fits_classes_crossovers_and_relative_table():
+    lengths = [100, 200, 400, 800]
+    results = {"seq_lengths": lengths, "models": ["A", "Standard"],
+               "A": {"inference_time": [4e-3 * n / 100 for n in lengths]},
+               "Standard": {"inference_time": [1e-3 * (n / 100) ** 2 for n in lengths]}}
+    a = analyze_results(results)
+    assert a["fits"]["A"]["class"] == "linear" and a["fits"]["Standard"]["class"] == "quadratic"
+    # A is slower at 100 and 200 (4e-3 vs 1e-3, 8e-3 vs 4e-3), equal at 400 (16e-3), faster at 800
+    assert a["crossovers"] == {"A vs Standard": [{"between": [400, 800], "first_faster_after": True}]}
+    assert a["relative"]["Standard"] == [1.0] * 4 and a["relative"]["A"][0] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"models": ["NoSuchModel"]}, "NoSuchModel"),
+    ({"metrics": ["speed"]}, "speed"),
+    ({"seq_lengths": []}, "seq_lengths"),
+    ({"seq_lengths": [64, 0]}, "seq_lengths"),
+    ({"metrics": []}, "metrics"),
+])
+def test_bad_arguments_fail_before_any_work(kwargs, match, monkeypatch):
+    import bsbr.evals.compare as compare
+
+    monkeypatch.setattr(compare, "_build", lambda *a, **k: pytest.fail("work started before validation"))
+    with pytest.raises(ValueError, match=match):
+        compare_models(**{"seq_lengths": [64], **kwargs})
+
+
+def test_compare_models_aligned_results_with_settings():
+    r = compare_models([32, 64], models=["BSBR", "Standard"], metrics=["inference_time", "memory_usage"],
+                       hidden_dim=32, num_heads=2, repeats=2, progress=False)
+    assert r["seq_lengths"] == [32, 64] and r["models"] == ["BSBR", "Standard"]
+    for name in r["models"]:
+        assert len(r[name]["inference_time"]) == 2 and all(v > 0 for v in r[name]["inference_time"])
+        assert r[name]["memory_usage"][1] > r[name]["memory_usage"][0] > 0
+        assert r[name]["parameters"] > 0
+    for key in ("torch", "commit", "threads", "repeats", "memory_kind", "device"):
+        assert key in r["settings"]
+
+
+def test_activation_memory_grows_linearly_for_bsbr_and_quadratically_for_unfused_standard():
+    lengths = [128, 256, 512, 1024]
+
+    def series(name, **opts):
+        lm = make_lm(name, dtype=torch.float32, **opts)
+        if name == "Standard":
+            lm.set_attention_impl("reference")  # explicit masked softmax: keeps the T x T weights for backward
+        return [activation_bytes(lm, torch.randint(0, 50, (1, T)))["bytes"] for T in lengths]
+
+    bsbr = series("BSBR", chunk_size=32)
+    std = series("Standard")
+    assert all(1.7 < b / a < 2.3 for a, b in zip(bsbr, bsbr[1:], strict=False))
+    assert std[-1] / std[-2] > 3.0 and std[-1] / std[0] > 20
