@@ -1,0 +1,79 @@
+"""Write results, analyses, plots and a Markdown + HTML report into one directory."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from .analysis import analyze_results
+
+UNITS = {"inference_time": ("s", 1.0), "time": ("s", 1.0), "memory_usage": ("MiB", 2**-20), "memory": ("MiB", 2**-20),
+         "flops": ("GFLOP", 1e-9), "accuracy": ("", 1.0)}
+
+
+def _table(results: dict, metric: str) -> list[str]:
+    unit, scale = UNITS.get(metric, ("", 1.0))
+    lengths = results["seq_lengths"]
+    rows = [f"| model | params | {' | '.join(str(t) for t in lengths)} |", "|---" * (len(lengths) + 2) + "|"]
+    for name in results["models"]:
+        vals = [("-" if v is None else f"{v * scale:.4g}") for v in results[name][metric]]
+        params = results[name].get("parameters")
+        rows.append(f"| {name} | {params:,} | " if params else f"| {name} | - | ")
+        rows[-1] += " | ".join(vals) + " |"
+    return [f"**{metric}** ({unit})" if unit else f"**{metric}**", "", *rows, ""]
+
+
+def write_report(results: dict, out_dir: str | Path) -> Path:
+    """Analyse ``results`` and write results.json, analysis.json, one CSV per metric, PNG plots and
+    report.md / report.html into ``out_dir``.  Returns the path of report.md."""
+    from ..utils.visualization import plot_metric, plot_relative_heatmap
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    s = results["settings"]
+    lines = ["# bsbr comparison report", "",
+             f"Machine: {s.get('processor')} ({s.get('machine')}), {s.get('threads')} threads, torch {s.get('torch')}, "
+             f"commit {s.get('commit')}, device {s.get('device')}, {s.get('dtype')}.", "",
+             "Settings: " + ", ".join(f"{k}={v}" for k, v in s.items()
+                                      if k not in ("processor", "machine", "threads", "torch", "commit")), "",
+             "Times are medians of warm repeats; memory is " + str(s.get("memory_kind", "activation bytes")) + ".", ""]
+    analyses = {}
+    for metric in results["metrics"]:
+        lines += [f"## {metric}", ""] + _table(results, metric)
+        csv = ["model," + ",".join(str(t) for t in results["seq_lengths"])]
+        csv += [name + "," + ",".join("" if v is None else repr(v) for v in results[name][metric])
+                for name in results["models"]]
+        (out / f"{metric}.csv").write_text("\n".join(csv) + "\n")
+        if metric == "accuracy":
+            plot_metric(results, metric, str(out / f"{metric}.png"))
+            lines += [f"![{metric}]({metric}.png)", ""]
+            continue
+        a = analyses[metric] = analyze_results(results, metric)
+        lines += ["| model | k (fit) | R^2 | class | range |", "|---|---|---|---|---|"]
+        for name, fit in a["fits"].items():
+            if "k" in fit:
+                lines.append(f"| {name} | {fit['k']:.3f} | {fit['r2']:.4f} | {fit['class']} | "
+                             f"{fit['range'][0]}..{fit['range'][1]} |")
+        for pair, found in a["crossovers"].items():
+            for c in found:
+                first = pair.split(" vs ")[0 if c["first_faster_after"] else 1]
+                lines.append(f"\nCrossover {pair}: {first} becomes the smaller between {c['between'][0]} and "
+                             f"{c['between'][1]}.")
+        plot_metric(results, metric, str(out / f"{metric}.png"))
+        plot_relative_heatmap(a, str(out / f"{metric}_relative.png"))
+        lines += ["", f"![{metric}]({metric}.png)", "", f"![{metric} relative]({metric}_relative.png)", ""]
+    (out / "analysis.json").write_text(json.dumps(analyses, indent=2))
+    md = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(md)
+    body = []
+    for line in md.splitlines():
+        if line.startswith("![") and "](" in line:
+            src = line[line.index("](") + 2 : -1]
+            body.append(f'<img src="{html.escape(src)}" alt="{html.escape(src)}">')
+        else:
+            body.append(f"<pre>{html.escape(line)}</pre>" if line else "")
+    (out / "report.html").write_text("<!doctype html><meta charset='utf-8'><title>bsbr report</title>\n"
+                                     + "\n".join(body) + "\n")
+    return out / "report.md"

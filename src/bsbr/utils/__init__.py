@@ -1,0 +1,1 @@
+"""Utilities for researchers: memory profiling, plots, experiment runner."""

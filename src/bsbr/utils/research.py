@@ -1,0 +1,92 @@
+"""ExperimentRunner: models x lengths sweeps that write every cell to disk and resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..models import build_model
+
+
+class ExperimentRunner:
+    """Subclass and define ``setup`` (set ``self.models``: {name: model} or a list of registered names, and
+    ``self.seq_lengths``), ``run_experiment(model, seq_length) -> dict`` and optionally ``analyze_results``.
+
+    ``run()`` iterates models x lengths with a progress bar, seeding torch with ``seed + seq_length`` before each
+    cell.  With ``out_dir`` each finished cell is written to ``out_dir/cells/<model>__<length>.json`` at once; a
+    later ``run()`` over the same ``out_dir`` skips cells already there, so an interrupted sweep loses nothing.
+    A cell that raises is recorded as {"error": ...} and the sweep goes on.  Returns {model: {length: dict}}.
+    """
+
+    model_options = {"vocab_size": 10000, "hidden_dim": 128, "num_layers": 2, "num_heads": 4, "ff_dim": 512,
+                     "dropout": 0.0}
+
+    def __init__(self, out_dir: str | Path | None = None, seed: int = 0, progress: bool = True):
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.seed = seed
+        self.progress = progress
+        self.models: dict | list = {}
+        self.seq_lengths: list[int] = []
+
+    def setup(self) -> None:
+        """Define ``self.models`` and ``self.seq_lengths`` (override)."""
+
+    def run_experiment(self, model, seq_length: int) -> dict:
+        raise NotImplementedError("subclasses define run_experiment(model, seq_length) -> dict of metrics")
+
+    def analyze_results(self, results: dict):
+        """Override to analyse what ``run()`` returned; the default returns the results unchanged."""
+        return results
+
+    @staticmethod
+    def calculate_accuracy(outputs, labels: torch.Tensor | None = None) -> float | None:
+        """Fraction of positions where argmax(outputs) equals ``labels`` (positions labelled -100 ignored).
+
+        ``outputs``: logits [..., V] (or a model output with ``.logits``); ``labels``: [...] long.  Without
+        labels there is nothing to compare against: returns None (and warns) rather than a made-up number."""
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs
+        if labels is None:
+            warnings.warn("calculate_accuracy got no labels: accuracy is undefined, returning None", stacklevel=2)
+            return None
+        if logits.shape[:-1] != labels.shape:
+            raise ValueError(f"labels must have shape {list(logits.shape[:-1])}, got {list(labels.shape)}")
+        keep = labels != -100
+        if not bool(keep.any()):
+            raise ValueError("labels has no scored position (all -100)")
+        return float((logits.argmax(-1)[keep] == labels[keep]).float().mean())
+
+    def _cell_path(self, name: str, T: int) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / "cells" / f"{name}__{T}.json"
+
+    def run(self) -> dict:
+        self.setup()
+        models = self.models
+        if isinstance(models, list | tuple):
+            models = {n: build_model(n, **self.model_options) for n in models}
+        if not models or not self.seq_lengths:
+            raise ValueError("setup() must set self.models (non-empty) and self.seq_lengths (non-empty)")
+        results: dict = {name: {} for name in models}
+        cells = [(n, T) for n in models for T in self.seq_lengths]
+        for name, T in tqdm(cells, desc=type(self).__name__, disable=not self.progress, file=sys.stderr):
+            path = self._cell_path(name, T)
+            if path is not None and path.exists():
+                results[name][T] = json.loads(path.read_text())
+                continue
+            torch.manual_seed(self.seed + T)
+            try:
+                cell = dict(self.run_experiment(models[name], T))
+            except (RuntimeError, ValueError, MemoryError) as err:
+                cell = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=3)}
+            results[name][T] = cell
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(cell, default=float))
+                tmp.replace(path)  # a cell on disk is always complete
+        return results

@@ -1,0 +1,92 @@
+"""Plots: attention heatmaps, metric vs length on log-log axes with fitted lines, relative-speed heatmaps."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ..evals.analysis import fit_power_law  # noqa: E402
+
+
+def visualize_attention(attention_weights: torch.Tensor, layer: int = 0, batch: int = 0, max_heads: int = 4,
+                        fig=None):
+    """Heatmaps of ``get_attention_weights`` output [L, B, H, T, T] (or [B, H, T, T] / [H, T, T] / [T, T]):
+    one panel per head (up to ``max_heads``) of ``layer`` and ``batch`` row, drawn into ``fig`` (default: the
+    current figure).  Returns the figure."""
+    w = attention_weights.detach().float().cpu()
+    if w.dim() == 5:
+        w = w[layer]
+    if w.dim() == 4:
+        w = w[batch]
+    if w.dim() == 2:
+        w = w[None]
+    if w.dim() != 3:
+        raise ValueError(f"attention_weights must be [L, B, H, T, T], [B, H, T, T], [H, T, T] or [T, T], got "
+                         f"{list(attention_weights.shape)}")
+    fig = fig or plt.gcf()
+    heads = min(max_heads, w.shape[0])
+    for h in range(heads):
+        ax = fig.add_subplot(1, heads, h + 1)
+        im = ax.imshow(w[h].numpy(), cmap="viridis", aspect="auto")
+        ax.set_title(f"head {h}")
+        ax.set_xlabel("key position")
+        if h == 0:
+            ax.set_ylabel("query position")
+    fig.colorbar(im, ax=fig.axes, shrink=0.8)
+    return fig
+
+
+def plot_metric(results: dict, metric: str, path: str, ylabel: str | None = None) -> str:
+    """``metric`` vs length for every model on log-log axes, with each model's fitted power law dashed."""
+    lengths = results["seq_lengths"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in results["models"]:
+        ys = results[name].get(metric)
+        if not ys:
+            continue
+        pts = [(x, y) for x, y in zip(lengths, ys, strict=True) if y]
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+        try:
+            fit = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
+            xs = [lengths[0] * (lengths[-1] / lengths[0]) ** (i / 50) for i in range(51)]
+            ax.plot(xs, [fit["a"] * x ** fit["k"] for x in xs], "--", color=line.get_color(), alpha=0.6,
+                    label=f"{name} fit k={fit['k']:.2f}")
+        except ValueError:
+            pass
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel(ylabel or metric)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_relative_heatmap(analysis: dict, path: str) -> str:
+    """Each model's metric divided by the baseline's, per length (below 1: faster than the baseline)."""
+    models = list(analysis["relative"])
+    lengths = analysis["seq_lengths"]
+    grid = [[v if v is not None else math.nan for v in analysis["relative"][m]] for m in models]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1 + 0.45 * len(models)))
+    im = ax.imshow([[math.log2(v) if v == v and v > 0 else math.nan for v in row] for row in grid], cmap="RdYlGn_r",
+                   aspect="auto", vmin=-4, vmax=4)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}" if v == v else "-", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(lengths)), [str(t) for t in lengths])
+    ax.set_yticks(range(len(models)), models)
+    ax.set_xlabel("sequence length")
+    ax.set_title(f"{analysis['metric']} relative to {analysis['baseline']}")
+    fig.colorbar(im, ax=ax, label="log2 ratio")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
