@@ -28,9 +28,9 @@ def fit_power_law(xs: list[float], ys: list[float]) -> dict:
 
 
 def complexity_class(k: float) -> str:
-    """The growth class an exponent supports (bands of +-0.25 around 0, 1, 2; otherwise the exponent)."""
+    """The growth class an exponent supports (within 0.15 of 0, 1 or 2; otherwise the exponent itself)."""
     for name, centre in (("constant", 0.0), ("linear", 1.0), ("quadratic", 2.0)):
-        if abs(k - centre) <= 0.25:
+        if abs(k - centre) <= 0.15:
             return name
     return f"~n^{k:.2f}"
 

@@ -10,14 +10,14 @@ from .analysis import analyze_results
 from .compare import compare_models, scaling_analysis
 from .report import write_report
 
-DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096]
+DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192]
 
 
 def _common(p: argparse.ArgumentParser, lengths, metrics, choices) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=lengths, help=f"sequence lengths (default {lengths})")
     p.add_argument("--models", nargs="+", default=None, help="registered model names (default: all)")
     p.add_argument("--metrics", nargs="+", default=metrics, choices=choices)
-    p.add_argument("--hidden-dim", type=int, default=128)
+    p.add_argument("--hidden-dim", type=int, default=256)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="timed warm repeats per cell (median reported)")
