@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -80,3 +81,22 @@ def test_activation_memory_grows_linearly_for_bsbr_and_quadratically_for_unfused
     std = series("Standard")
     assert all(1.7 < b / a < 2.3 for a, b in zip(bsbr, bsbr[1:], strict=False))
     assert std[-1] / std[-2] > 3.0 and std[-1] / std[0] > 20
+
+
+def test_cli_compare_analyze_report_and_ablate(tmp_path, capsys):
+    from bsbr.cli import main
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--lengths", "32", "64", "--models", "BSBR", "Standard", "--hidden-dim", "32",
+                 "--num-heads", "2", "--repeats", "1", "--out", str(out)]) == 0
+    assert "report written to" in capsys.readouterr().out
+    assert (out / "report.md").is_file() and (out / "inference_time.csv").is_file()
+    assert main(["analyze", str(out)]) == 0 and "k =" in capsys.readouterr().out
+    assert main(["report", str(out / "results.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "report.html").is_file()
+    assert main(["ablate", "--length", "64", "--chunk-sizes", "16", "32", "--compression-factors", "0", "4",
+                 "--hidden-dim", "32", "--num-heads", "2", "--repeats", "1", "--out", str(tmp_path / "abl")]) == 0
+    rows = json.loads((tmp_path / "abl" / "ablation.json").read_text())["rows"]
+    assert len(rows) == 4
+    by = {(r["chunk_size"], r["compression_factor"]): r for r in rows}
+    assert by[(16, 4)]["cache_bytes"] < by[(16, None)]["cache_bytes"]

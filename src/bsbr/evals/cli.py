@@ -91,3 +91,55 @@ def register(subparsers) -> None:
     p.add_argument("results")
     p.add_argument("--out", default=None)
     p.set_defaults(func=_report)
+    register_ablate(subparsers)
+
+
+def _ablate(args) -> int:
+    """BSBR chunk size x compression factor at one length: forward time, activation memory, streaming cache."""
+    import torch
+    from tqdm import tqdm
+
+    from ..models import build_model
+    from .measure import activation_bytes, time_callable
+
+    rows = []
+    cells = [(c, f) for c in args.chunk_sizes for f in args.compression_factors]
+    ids = torch.randint(0, 256, (1, args.length), generator=torch.Generator().manual_seed(0))
+    for chunk, factor in tqdm(cells, desc="ablate"):
+        torch.manual_seed(0)
+        lm = build_model("BSBR", vocab_size=256, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
+                         num_heads=args.num_heads, ff_dim=4 * args.hidden_dim, dropout=0.0, causal_lm=True,
+                         chunk_size=chunk, compression_factor=None if factor == 0 else factor)
+        with torch.inference_mode():
+            t = time_callable(lambda lm=lm: lm(ids), repeats=args.repeats)
+            cache = lm.new_cache(1)
+            lm(ids, cache=cache, use_cache=True)
+        rows.append({"chunk_size": chunk, "compression_factor": factor or None, "forward_s": t["median"],
+                     "forward_spread": [t["p25"], t["p75"]], "activation_bytes": activation_bytes(lm, ids)["bytes"],
+                     "cache_bytes": cache.state_nbytes(), "parameters": lm.num_parameters()})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.json").write_text(json.dumps({"length": args.length, "hidden_dim": args.hidden_dim,
+                                                   "num_layers": args.num_layers, "num_heads": args.num_heads,
+                                                   "rows": rows}, indent=2))
+    print(f"BSBR ablation at T={args.length} (hidden {args.hidden_dim}, {args.num_layers} layers, "
+          f"{args.num_heads} heads)")
+    print(f"{'chunk':>6s} {'compress':>8s} {'forward s':>10s} {'act MiB':>8s} {'cache MiB':>9s} {'params':>10s}")
+    for r in rows:
+        print(f"{r['chunk_size']:6d} {str(r['compression_factor'] or '-'):>8s} {r['forward_s']:10.4f} "
+              f"{r['activation_bytes'] / 2**20:8.1f} {r['cache_bytes'] / 2**20:9.2f} {r['parameters']:10,d}")
+    print(f"results written to {out / 'ablation.json'}")
+    return 0
+
+
+def register_ablate(subparsers) -> None:
+    p = subparsers.add_parser("ablate", help="BSBR chunk size x compression: time, activation memory, cache size")
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--compression-factors", type=int, nargs="+", default=[0, 2, 4, 8], help="0 = no compression")
+    p.add_argument("--hidden-dim", type=int, default=256)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="bsbr-results/ablate")
+    p.set_defaults(func=_ablate)
