@@ -46,9 +46,19 @@ def _validate(seq_lengths, models, metrics, allowed) -> tuple[list[int], list[st
     return lengths, names, metrics
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _settings(**kw) -> dict:
     return {**kw, "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "processor": _cpu_name(), "threads": torch.get_num_threads(),
             "commit": _commit()}
 
 
