@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import platform
 import statistics
 import subprocess
@@ -13,6 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+
+from bsbr.evals.analysis import fit_power_law
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,16 +61,8 @@ def time_fn(fn: Callable[[], object], min_time: float = 1.0, min_runs: int = 3, 
 
 
 def loglog_fit(xs: list[float], ys: list[float]) -> dict:
-    """Least-squares fit of y = a * x^k on log-log axes: returns k, a, R^2 and the x range."""
-    lx = [math.log(x) for x in xs]
-    ly = [math.log(y) for y in ys]
-    mx, my = statistics.fmean(lx), statistics.fmean(ly)
-    sxx = sum((x - mx) ** 2 for x in lx)
-    k = sum((x - mx) * (y - my) for x, y in zip(lx, ly, strict=True)) / sxx
-    b = my - k * mx
-    ss_res = sum((y - (k * x + b)) ** 2 for x, y in zip(lx, ly, strict=True))
-    ss_tot = sum((y - my) ** 2 for y in ly)
-    return {"k": k, "a": math.exp(b), "r2": 1 - ss_res / ss_tot if ss_tot else 1.0, "range": [min(xs), max(xs)]}
+    """Least-squares fit of y = a * x^k on log-log axes: k, a, R^2 and the x range (bsbr.evals.fit_power_law)."""
+    return fit_power_law(xs, ys)
 
 
 def matmul_peak(sizes=(2048, 4096)) -> dict:
