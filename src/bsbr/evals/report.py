@@ -24,6 +24,38 @@ def _table(results: dict, metric: str) -> list[str]:
     return [f"**{metric}** ({unit})" if unit else f"**{metric}**", "", *rows, ""]
 
 
+def _attention_section(results: dict, out: Path, T: int = 320) -> list[str]:
+    """Heatmaps of each model's effective token-to-token weights (layer 0, first heads) on T random tokens,
+    with the fraction of exactly-zero weights; models without token-to-token weights are listed as such."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    from ..models import build_model
+    from ..utils.visualization import visualize_attention
+
+    s = results["settings"]
+    lines = ["## Attention maps", "", f"Layer 0 of each model (hidden {s.get('hidden_dim')}, random weights, "
+             f"{T} random tokens); sparsity = fraction of exactly-zero weights over all layers and heads.", ""]
+    ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(0))
+    for name in results["models"]:
+        torch.manual_seed(0)
+        model = build_model(name, vocab_size=256, hidden_dim=s.get("hidden_dim", 128),
+                            num_layers=s.get("num_layers", 2), num_heads=s.get("num_heads", 4),
+                            ff_dim=s.get("ff_dim", 512), dropout=0.0)
+        try:
+            w = model.get_attention_weights(ids)
+        except (NotImplementedError, AttributeError) as err:
+            lines += [f"- {name}: no token-to-token weights ({err})", ""]
+            continue
+        fig = plt.figure(figsize=(12, 3.2))
+        visualize_attention(w, fig=fig)
+        fig.suptitle(f"{name}: sparsity {(w == 0).float().mean():.1%}")
+        fig.savefig(out / f"attention_{name}.png", dpi=90)
+        plt.close(fig)
+        lines += [f"![{name} attention](attention_{name}.png)", ""]
+    return lines
+
+
 def write_report(results: dict, out_dir: str | Path) -> Path:
     """Analyse ``results`` and write results.json, analysis.json, one CSV per metric, PNG plots and
     report.md / report.html into ``out_dir``.  Returns the path of report.md."""
@@ -64,6 +96,7 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         plot_metric(results, metric, str(out / f"{metric}.png"))
         plot_relative_heatmap(a, str(out / f"{metric}_relative.png"))
         lines += ["", f"![{metric}]({metric}.png)", "", f"![{metric} relative]({metric}_relative.png)", ""]
+    lines += _attention_section(results, out)
     (out / "analysis.json").write_text(json.dumps(analyses, indent=2))
     md = "\n".join(lines) + "\n"
     (out / "report.md").write_text(md)
