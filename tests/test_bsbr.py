@@ -15,6 +15,7 @@ from bsbr.ops.bsbr import bsbr_parallel, bsbr_reference
 
 from conftest import make_attention, make_lm
 from helpers import assert_close
+from test_invariants import check_recurrent_gradients
 
 
 def _op_inputs(B, H, T, d, dtype=torch.float64, seed=0):
@@ -226,34 +227,10 @@ def test_million_token_forward():
     assert h.shape == (1, 1_000_000, 64) and torch.isfinite(h).all()
 
 
-@pytest.mark.parametrize(("name", "options"), [("BSBR", {}), ("BSBR", {"meta_query": "prev_last"}),
-                                               ("BSBR", {"compression_factor": 4}), ("Standard", {})], ids=str)
-def test_recurrent_gradients_equal_parallel(name, options):
-    """With autograd recording, a loss over logits streamed through the cache (pieces, single tokens, a ragged
-    left-padded batch) has the gradients of the same loss over one parallel forward."""
-    lm = make_lm(name, **options)
-    ids = torch.randint(0, 50, (2, 45), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, :6] = 0  # left padding: rows absorb different numbers of real tokens
-    weights = torch.randn(2, 45, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    weights = weights * mask[..., None]
-
-    def grads(logits):
-        lm.zero_grad(set_to_none=True)
-        (logits * weights).sum().backward()
-        return [p.grad.clone() for p in lm.parameters() if p.grad is not None]
-
-    full = grads(lm(ids, attention_mask=mask).logits)
-    for split in ([20, 1, 1, 23], [37, 8], [1] * 45):
-        cache, start, pieces = lm.new_cache(2), 0, []
-        for n in split:
-            pieces.append(lm(ids[:, start : start + n], attention_mask=mask[:, start : start + n], cache=cache,
-                             use_cache=True).logits)
-            start += n
-        streamed = grads(torch.cat(pieces, dim=1))
-        assert len(streamed) == len(full)
-        for a, b in zip(streamed, full, strict=True):
-            assert_close(f"{name} {options} split {split[:4]}", a, b)
+@pytest.mark.parametrize("options", [{"meta_query": "prev_last"}, {"compression_factor": 4}], ids=str)
+def test_recurrent_gradients_equal_parallel_bsbr_variants(options):
+    """BSBR's options on the shared gradient invariant (tests/test_invariants.py runs the default over the registry)."""
+    check_recurrent_gradients("BSBR", **options)
 
 
 def test_detached_cache_truncates_gradients():

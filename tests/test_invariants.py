@@ -130,6 +130,38 @@ def test_streaming_equals_parallel(model_name, split):
     assert torch.equal(cache.lengths, torch.tensor([45, 45]))
 
 
+def check_recurrent_gradients(name: str, **options) -> None:
+    """With autograd recording, a loss over logits streamed through the cache (pieces, single tokens, a ragged
+    left-padded batch) has the gradients of the same loss over one parallel forward."""
+    lm = make_lm(name, **options)
+    ids = torch.randint(0, 50, (2, 45), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding: rows absorb different numbers of real tokens
+    weights = torch.randn(2, 45, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    weights = weights * mask[..., None]
+
+    def grads(logits):
+        lm.zero_grad(set_to_none=True)
+        (logits * weights).sum().backward()
+        return [p.grad.clone() for p in lm.parameters() if p.grad is not None]
+
+    full = grads(lm(ids, attention_mask=mask).logits)
+    for split in ([20, 1, 1, 23], [37, 8], [1] * 45):
+        cache, start, pieces = lm.new_cache(2), 0, []
+        for n in split:
+            pieces.append(lm(ids[:, start : start + n], attention_mask=mask[:, start : start + n], cache=cache,
+                             use_cache=True).logits)
+            start += n
+        streamed = grads(torch.cat(pieces, dim=1))
+        assert len(streamed) == len(full)
+        for a, b in zip(streamed, full, strict=True):
+            assert_close(f"{name} {options} split {split[:4]}", a, b)
+
+
+def test_recurrent_gradients_equal_parallel(model_name):
+    check_recurrent_gradients(model_name)
+
+
 def test_streaming_long_pieces(model_name):
     lm = make_lm(model_name)
     ids = torch.randint(0, 50, (1, 300))

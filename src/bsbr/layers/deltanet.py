@@ -130,7 +130,7 @@ class DeltaNetAttention(QKVAttention):
 
     def _extend(self, x, cache: DeltaCache):
         o, state = delta_chunkwise(*self._inputs(x, cache.lengths[:, None]), self.chunk_size, cache.state)
-        cache.state = state.detach()
+        cache.state = state
         return self.out(o.to(x.dtype))
 
     def _step(self, x, valid, cache: DeltaCache):
@@ -138,7 +138,7 @@ class DeltaNetAttention(QKVAttention):
         if cache.state is None:
             cache.state = q.new_zeros(*q.shape[:2], k.shape[-1], v.shape[-1])
         o, state = delta_recurrent(q, k, v, beta, cache.state)
-        cache.state = torch.where(valid[:, None, None, None], state, cache.state).detach()
+        cache.state = torch.where(valid[:, None, None, None], state, cache.state)
         return self.out(o.to(x.dtype))[:, 0]
 
     def extra_repr(self) -> str:

@@ -34,7 +34,7 @@ from torch import nn
 from .. import _checks
 from ..ops.rope import apply_rope
 from .base import CausalAttention
-from .cache import LayerCache
+from .cache import LayerCache, write_slot
 from .linear import work_dtype
 
 
@@ -165,9 +165,11 @@ class GAUAttention(CausalAttention):
         av, prefix = gau_mixed(*seg, g, offset - r, cache.state)
         complete, rest = divmod(r + T, g)
         if complete:
-            cache.state = prefix[:, complete - 1].detach()
+            cache.state = prefix[:, complete - 1]
         for name, full in (("buf_kq", seg[1]), ("buf_lk", seg[3]), ("buf_v", seg[4])):
-            getattr(cache, name)[:, :rest] = full[:, complete * g:].detach()
+            # out of place (g rows, cheap): the open group keeps its autograd history
+            old = getattr(cache, name)
+            setattr(cache, name, torch.cat([full[:, complete * g:], old[:, rest:]], dim=1))
         return self._finish(u, av[:, r:], x.dtype)
 
     def _step(self, x, valid, cache: GAUCache):
@@ -175,10 +177,9 @@ class GAUAttention(CausalAttention):
         u, v, qq, kq, lq, lk = (t[:, 0] for t in self._project(x[:, None], cache.lengths[:, None]))
         self._allocate(cache, v[:, None], qq[:, None])
         slot = cache.lengths % g
-        rows = valid.nonzero().squeeze(-1)
-        cache.buf_kq[rows, slot[rows]] = kq[rows].detach()
-        cache.buf_lk[rows, slot[rows]] = lk[rows].detach()
-        cache.buf_v[rows, slot[rows]] = v[rows].detach()
+        cache.buf_kq = write_slot(cache.buf_kq[:, None], slot, valid, kq[:, None])[:, 0]
+        cache.buf_lk = write_slot(cache.buf_lk[:, None], slot, valid, lk[:, None])[:, 0]
+        cache.buf_v = write_slot(cache.buf_v[:, None], slot, valid, v[:, None])[:, 0]
         scores = (cache.buf_kq @ qq[:, :, None])[..., 0] * self.qk_dim**-0.5  # [B, g]
         seen = torch.arange(g, device=x.device)[None, :] <= slot[:, None]
         weights = (F.relu(scores).square() / g).masked_fill(~seen, 0.0)
@@ -188,7 +189,7 @@ class GAUAttention(CausalAttention):
         done = valid & (slot == g - 1)  # this token closes its group: fold the group into the state
         if bool(done.any()):
             closed = cache.buf_lk.transpose(-1, -2) @ cache.buf_v
-            cache.state = torch.where(done[:, None, None], cache.state + closed, cache.state).detach()
+            cache.state = torch.where(done[:, None, None], cache.state + closed, cache.state)
         return self._finish(u, local + glob, x.dtype)
 
     def _allocate(self, cache: GAUCache, v: torch.Tensor, q: torch.Tensor) -> None:

@@ -131,7 +131,7 @@ class LinearAttention(QKVAttention):
     def _extend(self, x, cache: LinearCache):
         q, k, v = self._features(x, cache.lengths[:, None])
         o, state = linear_chunkwise(q, k, v, self.chunk_size, cache.state)
-        cache.state = state.detach()
+        cache.state = state
         return self._finish(o, x.dtype)
 
     def _step(self, x, valid, cache: LinearCache):
@@ -139,7 +139,7 @@ class LinearAttention(QKVAttention):
         if cache.state is None:
             cache.state = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1])
         new = cache.state + k[:, :, 0, :, None] * v[:, :, 0, None, :]
-        cache.state = torch.where(valid[:, None, None, None], new, cache.state).detach()
+        cache.state = torch.where(valid[:, None, None, None], new, cache.state)
         return self._finish(q @ new, x.dtype)[:, 0]
 
     def extra_repr(self) -> str:

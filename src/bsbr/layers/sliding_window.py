@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from .cache import LayerCache
+from .cache import LayerCache, write_slot
 from .common import QKVAttention
 
 
@@ -113,18 +113,18 @@ class SlidingWindowAttention(QKVAttention):
         values = torch.cat([cache.v[:, :, prev], v], dim=2)
         o = window_attention(q, keys, values, W, offset)
         keep = torch.arange(max(0, T - W), T, device=x.device)
-        cache.k[:, :, (offset + keep) % W] = k[:, :, keep].detach()
-        cache.v[:, :, (offset + keep) % W] = v[:, :, keep].detach()
+        slots = (offset + keep) % W  # out of place: the ring keeps the new keys' autograd history
+        cache.k = cache.k.index_copy(2, slots, k[:, :, keep])
+        cache.v = cache.v.index_copy(2, slots, v[:, :, keep])
         return self.out(o)
 
     def _step(self, x, valid, cache: WindowCache):
         W = self.window_size
         q, k, v = self.qkv(x[:, None], cache.lengths[:, None])  # [B, H, 1, d]
         self._allocate(cache, k)
-        rows = valid.nonzero().squeeze(-1)
-        slot = cache.lengths[rows] % W
-        cache.k[rows, :, slot] = k[rows, :, 0].detach()
-        cache.v[rows, :, slot] = v[rows, :, 0].detach()
+        slot = cache.lengths % W
+        cache.k = write_slot(cache.k, slot, valid, k[:, :, 0])
+        cache.v = write_slot(cache.v, slot, valid, v[:, :, 0])
         filled = (cache.lengths + valid.long()).clamp(max=W)
         idx = torch.arange(W, device=x.device)[None, :]
         # slot 0 stays visible so that an empty, skipped row still gets a finite (unused) output
