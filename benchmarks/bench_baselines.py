@@ -10,21 +10,27 @@ Writes benchmarks/results/baselines.json after every measurement, and the table 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+# As in bench_bsbr.py: transparent huge pages for PyTorch's CPU allocations (read once, when torch starts), for
+# every model alike; --no-thp measures without.  Tensors of 16-64 MB at T = 16,384 otherwise fault in 4 KiB pages.
+if "--no-thp" not in sys.argv:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bsbr.layers.deltanet import delta_chunkwise, delta_recurrent  # noqa: E402
 from bsbr.layers.linear import linear_chunkwise, linear_recurrent, with_ones  # noqa: E402
 from bsbr.models import build_model, list_models  # noqa: E402
-from common import RESULTS, environment, header, loglog_fit, time_fn, write_json  # noqa: E402
+from common import RESULTS, environment, header, loglog_fit, write_json  # noqa: E402
 
 SHAPE = {"hidden_dim": 256, "num_heads": 4, "num_layers": 2, "ff_dim": 1024}
 TARGETS = {"recurrence_speedup": 20.0, "exponent": 1.15}
@@ -35,14 +41,19 @@ def model(name: str):
     return build_model(name, vocab_size=256, dropout=0.0, **SHAPE).eval()
 
 
-def bench_models(names, lengths, results, save, min_time):
+def bench_models(names, lengths, results, save, rounds):
+    """Forward time per model and length: after one warm-up per length, ``rounds`` rounds that each time every
+    length once (interleaved, so slow spells of the shared host fall on all lengths alike)."""
     table = results.setdefault("forward_ms", {})
-    for name, T in tqdm([(n, t) for n in names for t in lengths], desc="forward"):
+    for name in tqdm(names, desc="forward"):
         m = model(name)
-        ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(T))
+        ids = {T: torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(T)) for T in lengths}
         with torch.inference_mode():
-            r = time_fn(lambda m=m, ids=ids: m(ids), min_time=min_time, min_runs=3)
-        table.setdefault(name, {})[str(T)] = {k: (v * 1e3 if k != "runs" else v) for k, v in r.items()}
+            for T in lengths:
+                m(ids[T])
+            timed = interleaved([partial(m, ids[T]) for T in lengths], rounds)
+        table[name] = {str(T): {"median": r["median"] * 1e3, "min": r["min"] * 1e3, "runs": r["runs"]}
+                       for T, r in zip(lengths, timed, strict=True)}
         results.setdefault("parameters", {})[name] = m.num_parameters()
         save()
 
@@ -102,17 +113,22 @@ def bench_recurrence(names, T, results, save, rounds):
 
 def summarise(results, lengths) -> list[str]:
     fw = results["forward_ms"]
-    lines = ["| model | params | " + " | ".join(f"T={t} (ms)" for t in lengths) + " | exponent 4096->16384 |",
-             "|---" * (len(lengths) + 3) + "|"]
-    exps = {}
+    lines = ["| model | params | " + " | ".join(f"T={t} (ms)" for t in lengths)
+             + " | exponent 4096->16384 (min) | (median) |", "|---" * (len(lengths) + 4) + "|"]
+    exps, exps_median = {}, {}
     for name, row in fw.items():
         pts = [t for t in (4096, 16384) if str(t) in row]
         if len(pts) == 2:
-            exps[name] = loglog_fit(pts, [row[str(t)]["median"] for t in pts])["k"]
-        cells = [f"{row[str(t)]['median']:.1f}" if str(t) in row else "-" for t in lengths]
-        exp = f"{exps[name]:.2f}" if name in exps else "-"
+            exps[name] = loglog_fit(pts, [row[str(t)]["min"] for t in pts])["k"]
+            exps_median[name] = loglog_fit(pts, [row[str(t)]["median"] for t in pts])["k"]
+        cells = [f"{row[str(t)]['min']:.1f} ({row[str(t)]['median']:.1f})" if str(t) in row else "-" for t in lengths]
+        exp = f"{exps[name]:.2f} | {exps_median[name]:.2f}" if name in exps else "- | -"
         lines.append(f"| {name} | {results['parameters'][name]:,} | " + " | ".join(cells) + f" | {exp} |")
+    lines.append("")
+    lines.append("Cells: fastest of the rounds (median in brackets). Exponents judged on the fastest runs: noise "
+                 "on this shared host only ever adds time.")
     results["exponents_4096_16384"] = exps
+    results["exponents_4096_16384_median"] = exps_median
     checks = {}
     for name, r in results.get("chunkwise_vs_recurrence", {}).items():
         sp = r["core"]["speedup"]
@@ -124,7 +140,7 @@ def summarise(results, lengths) -> list[str]:
     if "SlidingWindow" in fw and "Standard" in fw:
         for t in lengths:
             if t >= 4096 and str(t) in fw["SlidingWindow"] and str(t) in fw["Standard"]:
-                ratio = fw["Standard"][str(t)]["median"] / fw["SlidingWindow"][str(t)]["median"]
+                ratio = fw["Standard"][str(t)]["min"] / fw["SlidingWindow"][str(t)]["min"]
                 checks[f"SlidingWindow faster than Standard at T={t} (Standard/SW)"] = (ratio, ratio > 1.0)
     results["targets"] = {k: {"value": v, "met": ok} for k, (v, ok) in checks.items()}
     lines.append("")
@@ -145,25 +161,27 @@ def main(argv=None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--models", nargs="+", default=list_models())
     p.add_argument("--recurrence-length", type=int, default=4096)
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds of repeated runs per forward timing")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch threads (default: all cores; use 1 when other jobs share the machine: OpenMP threads "
                         "that spin-wait on a busy machine make small matmuls many times slower)")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the chunkwise/recurrence timing")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (forward and recurrence)")
+    p.add_argument("--no-thp", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1 (4 KiB pages)")
     p.add_argument("--out", default="baselines.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     env = environment()
+    env["THP_MEM_ALLOC_ENABLE"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
     results = {"threads": args.threads, "environment": env, "shape": SHAPE, "batch": 1, "dtype": "float32",
                "command": " ".join(sys.argv)}
     save = lambda: write_json(args.out, results)  # noqa: E731
     print(header(env))
-    bench_models(args.models, args.lengths, results, save, args.min_time)
+    bench_models(args.models, args.lengths, results, save, args.rounds)
     bench_recurrence([n for n in ("Linear", "DeltaNet") if n in args.models], args.recurrence_length, results, save,
                      args.rounds)
     lines = summarise(results, args.lengths)
     save()
-    text = "\n".join([header(env) + f"; {args.threads} threads; command: `{results['command']}`", "", *lines])
+    text = "\n".join([header(env) + f"; THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}; command: "
+                      f"`{results['command']}`", "", *lines])
     (RESULTS / args.out).with_suffix(".md").write_text(text + "\n")
     print("\n".join(lines))
 

@@ -35,14 +35,15 @@ from .. import _checks
 from ..ops.rope import apply_rope
 from .base import CausalAttention
 from .cache import LayerCache, write_slot
-from .linear import work_dtype
+from .linear import exclusive_prefix, work_dtype
 
 
 def gau_mixed(qq, kq, lq, lk, v, group: int, start: int = 0, state: torch.Tensor | None = None):
     """Mixed chunk attention A V for a segment that begins at absolute position ``start`` (a multiple of g).
 
     qq, kq, lq, lk: [B, T, s]; v: [B, T, e]; state: [B, s, e] = sum of K_lin^T V over earlier groups, or None.
-    Returns (A V [B, T, e], prefix [B, N, s, e]: that state after each of the segment's N groups).
+    Returns (A V [B, T, e], that state after the segment's last complete group [B, s, e]).  The running state is a loop
+    of N adds (:func:`~bsbr.layers.linear.exclusive_prefix`), not ``cumsum`` (slow over a non-inner dimension).
     """
     B, T, s = qq.shape
     g = group
@@ -53,14 +54,12 @@ def gau_mixed(qq, kq, lq, lk, v, group: int, start: int = 0, state: torch.Tensor
     causal = torch.ones(g, g, dtype=torch.bool, device=qq.device).tril()
     local = (F.relu(scores).square() / g).masked_fill(~causal, 0.0) @ v
     kv = lk.transpose(-1, -2) @ v  # [B, N, s, e]
-    prefix = kv.cumsum(dim=1)
-    first = torch.zeros_like(kv[:, :1]) if state is None else state[:, None]
-    if state is not None:
-        prefix = prefix + first
-    before = torch.cat([first, prefix[:, :-1]], dim=1)
+    before, total = exclusive_prefix(kv[:, None], None if state is None else state[:, None])
+    before, total = before[:, 0], total[:, 0]  # [B, N, s, e] state at each group's start, [B, s, e] at the end
     count = (start + g * torch.arange(N, device=qq.device)).clamp(min=1).to(qq.dtype)
     glob = (lq @ before) / count[None, :, None, None]
-    return (local + glob).flatten(1, 2)[:, :T], prefix
+    complete = T // g
+    return (local + glob).flatten(1, 2)[:, :T], total if complete == N else before[:, complete]
 
 
 def gau_dense(qq, kq, lq, lk, v, group: int):
@@ -162,10 +161,10 @@ class GAUAttention(CausalAttention):
         seg = [torch.cat([buf[:, :r], new], dim=1) for buf, new in
                ((torch.zeros_like(cache.buf_kq), qq), (cache.buf_kq, kq), (torch.zeros_like(cache.buf_lk), lq),
                 (cache.buf_lk, lk), (cache.buf_v, v))]
-        av, prefix = gau_mixed(*seg, g, offset - r, cache.state)
+        av, state = gau_mixed(*seg, g, offset - r, cache.state)
         complete, rest = divmod(r + T, g)
         if complete:
-            cache.state = prefix[:, complete - 1]
+            cache.state = state
         for name, full in (("buf_kq", seg[1]), ("buf_lk", seg[3]), ("buf_v", seg[4])):
             # out of place (g rows, cheap): the open group keeps its autograd history
             old = getattr(cache, name)
