@@ -66,8 +66,8 @@ def count_flops(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
     """Forward FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``.
 
     It counts matmul-like ops only, ignores causal masks, and does not see every fused kernel (on CPU the
-    flash-attention kernel behind ``scaled_dot_product_attention`` is not counted): read it beside an
-    analytic count, not instead of one.
+    flash-attention kernel behind ``scaled_dot_product_attention``, in-place ``baddbmm_`` and triangular solves
+    are not counted): read it beside :func:`bsbr.evals.flops.analytic_flops`, not instead of it.
     """
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(input_ids)

@@ -64,7 +64,12 @@ def linear_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: i
     N = qc.shape[2]
     kv = kc.transpose(-1, -2) @ vc  # per-chunk sums of phi(k) v^T: [B, H, N, d, e]
     S_before, S_end = exclusive_prefix(kv, None if state is None else state[..., :e])
-    z_before, z_end = exclusive_prefix(kc.sum(dim=3), None if state is None else state[..., e])  # [B, H, N, d]
+    z = kc.sum(dim=3).cumsum(dim=2)  # [B, H, N, d], small: cumsum is fine here
+    if state is not None:
+        z = z + state[..., None, :, e]
+    z0 = torch.zeros_like(z[:, :, :1]) if state is None else state[..., None, :, e]
+    z_before = torch.cat([z0, z[:, :, :-1]], dim=2)
+    z_end = z[:, :, -1]
     scores = (qc @ kc.transpose(-1, -2)).tril()  # [B, H, N, C, C]
 
     def flat(t):
