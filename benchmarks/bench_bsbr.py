@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bsbr import BSBRForCausalLM, BSBRModel  # noqa: E402
 from bsbr.models import StandardForCausalLM  # noqa: E402
 from bsbr.ops.bsbr import _mixing_groups, bsbr_parallel, bsbr_reference  # noqa: E402
+from bsbr.utils.memory import max_memory_allocated, memory_allocated, reset_peak_memory_stats  # noqa: E402
 from common import environment, header, loglog_fit, matmul_peak, time_fn, write_json  # noqa: E402
 
 H, D, CHUNK = 8, 64, 128
@@ -158,25 +159,14 @@ def streaming_section(short: int, long: int, steps: int, with_kv: bool) -> dict:
     return out
 
 
-def _proc_status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _reset_peak_rss() -> int:
-    """Reset this process's RSS high-water mark (Linux) and return the baseline to measure from.
+    """Reset this process's RSS high-water mark and return the baseline to measure from (bsbr.utils.memory).
 
     ``getrusage``'s ru_maxrss is no use here: Linux carries the parent's high-water mark across fork + exec, so
-    a child started by a big parent reports the parent's peak.  /proc/self/status VmHWM belongs to this
-    process's own address space, and writing 5 to /proc/self/clear_refs resets it to the current RSS.
+    a child started by a big parent reports the parent's peak; VmHWM belongs to this process's address space.
     """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _proc_status_bytes("VmRSS")
-    except OSError:  # cannot reset: measure from the high-water mark so far (an underestimate of the peak)
-        return _proc_status_bytes("VmHWM")
+    reset_peak_memory_stats("cpu")
+    return memory_allocated("cpu")
 
 
 def memory_child(T: int) -> dict:
@@ -201,7 +191,7 @@ def memory_child(T: int) -> dict:
         out = model(ids)
     out.float().pow(2).mean().backward()
     seconds = time.perf_counter() - t0
-    peak = _proc_status_bytes("VmHWM")
+    peak = max_memory_allocated("cpu")
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"T": T, "peak_rss_above_baseline": peak - base, "saved_for_backward": sum(saved.values()),
             "seconds": seconds, "parameter_bytes": params}

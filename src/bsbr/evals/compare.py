@@ -118,7 +118,9 @@ def compare_models(seq_lengths=(64, 128, 256, 512, 1024), models=None, metrics=(
     quartiles go to ``inference_time_spread``).  ``memory_usage``: activation bytes of one forward + backward
     (see :func:`~bsbr.evals.measure.activation_bytes`; CPU: bytes saved for backward, CUDA: allocator peak).
     ``accuracy``: test accuracy on ``accuracy_task`` after ``accuracy_steps`` AdamW steps (small: read it as
-    what that budget buys).  Returns {"seq_lengths", "models", "metrics", "settings", model: {metric: [value
+    what that budget buys).  ``accuracy_task_options`` default for MQAR: ``{"vocab_size": 256}`` (enough keys
+    for T / 16 pairs up to T = 1,984; the task's own 8,192 makes the LM head and its softmax most of the cost,
+    ~30x slower per step on CPU).  Returns {"seq_lengths", "models", "metrics", "settings", model: {metric: [value
     per length], "parameters": n}}; a failed cell holds None and its error under ``model["errors"]``.
     """
     lengths, names, metrics = _validate(seq_lengths, models, metrics, COMPARE_METRICS)
@@ -129,6 +131,8 @@ def compare_models(seq_lengths=(64, 128, 256, 512, 1024), models=None, metrics=(
         torch.set_num_threads(_checks.positive_int("threads", threads))
     ff_dim = ff_dim or 4 * hidden_dim
     device = torch.device(device)
+    if accuracy_task_options is None:
+        accuracy_task_options = {"vocab_size": 256} if accuracy_task == "mqar" else {}
     settings = _settings(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
                          vocab_size=vocab_size, batch_size=batch_size, dtype=str(dtype), device=str(device),
                          repeats=repeats, seed=seed, accuracy_task=accuracy_task,
