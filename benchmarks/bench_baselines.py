@@ -27,6 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bsbr.evals.flops import attention_flops  # noqa: E402
 from bsbr.layers.deltanet import delta_chunkwise, delta_recurrent  # noqa: E402
 from bsbr.layers.linear import linear_chunkwise, linear_recurrent, with_ones  # noqa: E402
 from bsbr.models import build_model, list_models  # noqa: E402
@@ -100,7 +101,9 @@ def bench_recurrence(names, T, results, save, rounds):
         with torch.inference_mode():
             core = interleaved([partial(fast, *args), partial(slow, *args)], rounds)
             layer = interleaved([partial(attn._parallel, x), partial(attn._reference, x)], rounds)
-        out[name] = {"T": T, "chunk_size": attn.chunk_size,
+        core_flops = sum(v for k, v in attention_flops(attn, T).items() if k != "projections")
+        out[name] = {"T": T, "chunk_size": attn.chunk_size, "core_gflop_analytic": core_flops / 1e9,
+                     "core_gflops_per_s": core_flops / 1e9 / core[0]["median"],
                      "core": {"chunkwise_ms": {k: v * 1e3 for k, v in core[0].items() if k != "runs"},
                               "recurrence_ms": {k: v * 1e3 for k, v in core[1].items() if k != "runs"},
                               "speedup": core[1]["median"] / core[0]["median"],
@@ -109,6 +112,24 @@ def bench_recurrence(names, T, results, save, rounds):
                                "recurrence_ms": {k: v * 1e3 for k, v in layer[1].items() if k != "runs"},
                                "speedup": layer[1]["median"] / layer[0]["median"], "rounds": rounds}}
         save()
+
+
+def bench_chunk_sweep(names, T, chunks, results, save, rounds):
+    """The attention core's chunkwise form at several chunk sizes (interleaved rounds): which size is fastest."""
+    out = results.setdefault("core_chunk_sweep", {"T": T})
+    fns, keys = [], []
+    for name in names:
+        args = core_inputs(name, T)
+        for c in chunks:
+            fns.append(partial(core_forms(name, c)[0], *args))
+            keys.append((name, c))
+    with torch.inference_mode():
+        for fn in fns:
+            fn()
+        timed = interleaved(fns, rounds)
+    for (name, c), r in zip(keys, timed, strict=True):
+        out.setdefault(name, {})[str(c)] = {"min_ms": r["min"] * 1e3, "median_ms": r["median"] * 1e3}
+    save()
 
 
 def summarise(results, lengths) -> list[str]:
@@ -150,7 +171,13 @@ def summarise(results, lengths) -> list[str]:
         lf, lr = la["chunkwise_ms"]["median"], la["recurrence_ms"]["median"]
         lines.append(f"- {name} at T={r['T']}, chunk {r['chunk_size']}: attention core chunkwise {cf:.1f} ms vs "
                      f"token recurrence {cr:.0f} ms = {c['speedup']:.1f}x (minima: {c['speedup_of_minima']:.1f}x); "
-                     f"whole layer (with projections) {lf:.1f} vs {lr:.0f} ms = {la['speedup']:.1f}x")
+                     f"whole layer (with projections) {lf:.1f} vs {lr:.0f} ms = {la['speedup']:.1f}x; core "
+                     f"{r['core_gflop_analytic']:.3f} GFLOP (analytic) = {r['core_gflops_per_s']:.0f} GFLOP/s chunkwise")
+    sweep = results.get("core_chunk_sweep", {})
+    for name, row in sweep.items():
+        if name != "T":
+            cells = ", ".join(f"{c}: {r['median_ms']:.1f}" for c, r in row.items())
+            lines.append(f"- {name} core chunkwise at T={sweep['T']} by chunk size (median ms): {cells}")
     lines.append("")
     lines += [f"- {k}: {v:.2f} -> {'met' if ok else 'MISSED'}" for k, (v, ok) in checks.items()]
     return lines
@@ -165,6 +192,8 @@ def main(argv=None) -> None:
                    help="torch threads (default: all cores; use 1 when other jobs share the machine: OpenMP threads "
                         "that spin-wait on a busy machine make small matmuls many times slower)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (forward and recurrence)")
+    p.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64, 128],
+                   help="chunk sizes of the Linear/DeltaNet core sweep")
     p.add_argument("--no-thp", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1 (4 KiB pages)")
     p.add_argument("--out", default="baselines.json")
     args = p.parse_args(argv)
@@ -178,6 +207,8 @@ def main(argv=None) -> None:
     bench_models(args.models, args.lengths, results, save, args.rounds)
     bench_recurrence([n for n in ("Linear", "DeltaNet") if n in args.models], args.recurrence_length, results, save,
                      args.rounds)
+    bench_chunk_sweep([n for n in ("Linear", "DeltaNet") if n in args.models], args.recurrence_length,
+                      args.chunks, results, save, args.rounds)
     lines = summarise(results, args.lengths)
     save()
     text = "\n".join([header(env) + f"; THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}; command: "
