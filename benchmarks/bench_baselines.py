@@ -172,7 +172,8 @@ def summarise(results, lengths) -> list[str]:
         lines.append(f"- {name} at T={r['T']}, chunk {r['chunk_size']}: attention core chunkwise {cf:.1f} ms vs "
                      f"token recurrence {cr:.0f} ms = {c['speedup']:.1f}x (minima: {c['speedup_of_minima']:.1f}x); "
                      f"whole layer (with projections) {lf:.1f} vs {lr:.0f} ms = {la['speedup']:.1f}x; core "
-                     f"{r['core_gflop_analytic']:.3f} GFLOP (analytic) = {r['core_gflops_per_s']:.0f} GFLOP/s chunkwise")
+                     f"{r['core_gflop_analytic']:.3f} GFLOP (analytic) = {r['core_gflops_per_s']:.0f} GFLOP/s "
+                     "chunkwise")
     sweep = results.get("core_chunk_sweep", {})
     for name, row in sweep.items():
         if name != "T":
