@@ -41,7 +41,9 @@ def main() -> None:
     p.add_argument("--task", choices=("mqar", "lm"), default="mqar")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--chunks", nargs="+", type=int, default=[32, 64, 128, 256])
-    p.add_argument("--compress", nargs="+", type=int, default=[2, 4, 8], help="compression factors at chunk 64")
+    p.add_argument("--compress", nargs="*", type=int, default=[2, 4, 8], help="compression factors at chunk 64")
+    p.add_argument("--state-norms", nargs="*", default=[], choices=("mean", "none"),
+                   help="state_norm variants at the base chunk besides the default 'mean'")
     p.add_argument("--base-chunk", type=int, default=64)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
@@ -57,6 +59,8 @@ def main() -> None:
     variants = [({"chunk_size": c}, f"chunk={c}") for c in args.chunks]
     variants += [({"chunk_size": args.base_chunk, "compression_factor": f}, f"chunk={args.base_chunk},compress={f}")
                  for f in args.compress]
+    variants += [({"chunk_size": args.base_chunk, "state_norm": n}, f"chunk={args.base_chunk},state_norm={n}")
+                 for n in args.state_norms if n != "mean"]
     train_opts = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                   "warmup_steps": args.steps // 10, "eval_every": 0, "eval_batches": 4, "seed": args.seed}
     jobs = [(f"BSBR|{args.task}|T={args.seq_len}|{name}", {"opts": opts}) for opts, name in variants]

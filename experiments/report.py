@@ -141,16 +141,18 @@ def ablations(lines: list[str], task: str = "mqar") -> None:
               f"Command: `{RUN}ablations.py "
               f"--task {task} --seq-len {b['seq_len']} --chunks {' '.join(map(str, b['chunks']))} --compress "
               f"{' '.join(map(str, b['compress']))} --steps {b['steps']} --batch-size {b['batch_size']} "
-              f"--lr {b['lr']:g}`",
+              f"--lr {b['lr']:g}" + (f" --state-norms {' '.join(b['state_norms'])}" if b.get("state_norms") else "")
+              + "`",
               "", "Test loss in nats per scored token (per byte for the LM).", ""]
     rows = []
     for r in data["runs"].values():
         o = r["model_options"]
-        rows.append([o["chunk_size"], o.get("compression_factor") or "none", f"{r['test']['accuracy']:.3f}",
+        rows.append([o["chunk_size"], o.get("compression_factor") or "none", o.get("state_norm", "mean"),
+                     f"{r['test']['accuracy']:.3f}",
                      f"{r['test']['loss']:.3f}", f"{r['tokens_per_second']:.0f}",
                      f"{r['inference']['tokens_per_second']:.0f}", f"{r['inference']['cache_bytes'] / MiB:.2f}"])
-    lines += [_table(["chunk", "compression", "test accuracy", "test loss", "train tok/s", "inference tok/s",
-                      f"cache MiB @ {b['speed_len']}"], rows), ""]
+    lines += [_table(["chunk", "compression", "state_norm", "test accuracy", "test loss", "train tok/s",
+                      "inference tok/s", f"cache MiB @ {b['speed_len']}"], rows), ""]
 
 
 def long_document(lines: list[str]) -> None:
