@@ -12,6 +12,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bsbr.models import list_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -70,7 +73,7 @@ def recall(lines: list[str], name: str = "recall_vs_length") -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for m in models:
         pts = [(t, best[(m, t)]["test"]["accuracy"]) for t in lengths if (m, t) in best]
-        ax.plot(*zip(*pts, strict=True), marker="o", label=m)
+        ax.plot(*zip(*pts, strict=True), marker="o", color=_color(m), label=m)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length T")
     ax.set_ylabel("MQAR test accuracy")
@@ -79,6 +82,20 @@ def recall(lines: list[str], name: str = "recall_vs_length") -> None:
     fig.savefig(FIGS / f"{name}.png", dpi=120)
     plt.close(fig)
     lines += [f"![MQAR accuracy vs length](figures/{name}.png)", ""]
+
+
+def _color(model: str) -> str:
+    """One colour per registered model, the same in every figure."""
+    names = list_models()
+    return plt.get_cmap("tab10")(names.index(model) % 10 if model in names else 9)
+
+
+def _smooth(values: list[float], window: int = 10) -> np.ndarray:
+    """Trailing moving mean (shorter at the start): raw per-step losses are too noisy to compare by eye."""
+    x = np.cumsum(np.asarray(values, dtype=float))
+    out = x.copy()
+    out[window:] = x[window:] - x[:-window]
+    return out / np.minimum(np.arange(1, len(x) + 1), window)
 
 
 def convergence(lines: list[str], name: str = "convergence_prose") -> None:
@@ -110,18 +127,20 @@ def convergence(lines: list[str], name: str = "convergence_prose") -> None:
         rows = [[r["model"]] + [f"{x / 0.6931471805599453:.3f}" for x in r["test"]["loss_by_position"]] for r in runs]
         lines += ["Test bits per byte by position in the window (does the model use long context?):", "",
                   _table(["model"] + [f"{a}-{b_}" for a, b_ in zip(edges[:-1], edges[1:], strict=True)], rows), ""]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for r in runs:
-        c = r["curve"]
-        axes[0].plot([p["step"] for p in c], [p["loss"] for p in c], label=r["model"])
-        axes[1].plot([p["seconds"] for p in c], [p["loss"] for p in c], label=r["model"])
-        ev = r["evals"]
-        axes[0].plot([e["step"] for e in ev], [e["loss"] for e in ev], "o--", ms=3, label=f"{r['model']} valid")
-    axes[0].set_xlabel("step")
-    axes[1].set_xlabel("wall-clock seconds")
-    for ax in axes:
+        c, ev, color = r["curve"], r["evals"], _color(r["model"])
+        steps, secs, loss = ([p[k] for p in c] for k in ("step", "seconds", "loss"))
+        axes[0].plot(steps, _smooth(loss), color=color, label=r["model"])
+        axes[1].plot([e["step"] for e in ev], [e["loss"] for e in ev], "o-", ms=3, color=color, label=r["model"])
+        axes[2].plot(secs, _smooth(loss), color=color, label=r["model"])
+    for ax, x, title in zip(axes, ("step", "step", "wall-clock seconds"),
+                            ("train loss (moving mean of 10 steps)", "valid loss (4 batches)", "train loss vs time"),
+                            strict=True):
+        ax.set_xlabel(x)
         ax.set_ylabel("loss (nats/byte)")
-        ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=9)
+    axes[2].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(FIGS / f"{name}.png", dpi=120)
     plt.close(fig)
