@@ -36,11 +36,13 @@ def _chunk_meta(r, h, chunk, meta_query="first"):
 
 
 @pytest.mark.parametrize("T,chunk", [(1, 4), (7, 8), (8, 8), (9, 8), (63, 8), (100, 16), (130, 7)])
-@pytest.mark.parametrize("variant", ["plain", "none_norm", "prev_last", "compressed"])
+@pytest.mark.parametrize("variant", ["plain", "none_norm", "prev_last", "compressed", "window"])
 def test_op_parallel_equals_reference_with_grads(T, chunk, variant):
     B, H, d = 2, 3, 60 if variant != "compressed" else 8
     q, k, v, r, h = _op_inputs(B, H, T, d)
     kw = {"state_norm": "none" if variant == "none_norm" else "mean"}
+    if variant == "window":
+        kw["window"] = 3
     meta_query = "prev_last" if variant == "prev_last" else "first"
     if variant == "compressed":
         g = torch.Generator().manual_seed(1)
@@ -177,6 +179,8 @@ def test_bad_options_raise_clear_errors():
         BSBRAttention(32, 2, 8, state_norm="sum")
     with pytest.raises(ValueError, match="meta_query"):
         BSBRAttention(32, 2, 8, meta_query="last")
+    with pytest.raises(ValueError, match="retrieval_window must be a positive integer, got 0"):
+        BSBRAttention(32, 2, 8, retrieval_window=0)
     with pytest.raises(ValueError, match="unknown option"):
         BSBRModel(50, 32, 1, 2, 8, 64, window_size=3)
     with pytest.raises(ValueError, match="unknown ModelConfig key"):
@@ -216,6 +220,88 @@ def test_streaming_cache_is_bounded():
             lm(torch.randint(0, 50, (1, 97)), cache=cache, use_cache=True)
     layer = cache.layers[0]
     assert layer.buf_k.shape[2] == 8 and int(layer.states.filled[0]) == 970 // 8
+
+
+# ------------------------------------------------------------------------------- retrieval window
+def test_retrieval_window_reference_parallel_and_limits():
+    """A window of W chunks: reference == parallel (fp64, with gradients), W >= number of chunks is exactly the
+    unwindowed layer, and W = 1 differs from it (the option is not ignored)."""
+    x = torch.randn(2, 63, 32, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 63, 32, dtype=torch.float64)
+    for options in ({"retrieval_window": 2}, {"retrieval_window": 3, "meta_query": "prev_last"},
+                    {"retrieval_window": 2, "compression_factor": 4}):
+        attn = make_attention("BSBR", **options)
+        got = {}
+        for impl in ("reference", "parallel"):
+            attn.impl = impl
+            x.grad = None
+            y = attn(x)
+            (y * g).sum().backward()
+            got[impl] = (y.detach(), x.grad.clone())
+        assert_close(f"window {options} output", got["parallel"][0], got["reference"][0])
+        assert_close(f"window {options} d/dx", got["parallel"][1], got["reference"][1])
+    with torch.no_grad():
+        plain = make_attention("BSBR")(x)
+        assert torch.equal(make_attention("BSBR", retrieval_window=8)(x), plain)  # 63 tokens = 8 chunks
+        assert not torch.allclose(make_attention("BSBR", retrieval_window=1)(x), plain)
+
+
+def test_retrieval_window_output_ignores_chunks_outside_the_window():
+    """With W = 2 and chunk 8, outputs at positions >= 32 (chunk 4 on) do not depend on tokens 0..15 (chunks
+    0 and 1) through retrieval; the local part never reaches them either, and layer 1 sees layer 0's outputs,
+    so a one-layer check is exact."""
+    attn = make_attention("BSBR", retrieval_window=2)
+    x = torch.randn(1, 48, 32, dtype=torch.float64)
+    y = torch.randn(1, 48, 32, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, :16] = y[:, :16]
+    with torch.no_grad():
+        a, b = attn(x), attn(x2)
+    assert torch.equal(a[:, 32:], b[:, 32:])
+    assert not torch.allclose(a[:, 16:32], b[:, 16:32])  # chunks 2 and 3 still retrieve chunk 0 / 1
+
+
+@pytest.mark.parametrize("options", [{"retrieval_window": 2}, {"retrieval_window": 1, "meta_query": "prev_last"}],
+                         ids=str)
+def test_retrieval_window_streaming_and_gradients(options):
+    """Streaming (pieces, single tokens, a ragged left-padded batch) with eviction == one parallel forward, with
+    the same gradients (the shared invariant), and greedy generation == argmax re-decoding."""
+    check_recurrent_gradients("BSBR", **options)
+    lm = make_lm("BSBR", **options)
+    ids = torch.randint(0, 50, (2, 150))
+    full = lm(ids).logits
+    for split in ([1] * 150, [37, 1, 7, 100, 5]):
+        cache, start, pieces = lm.new_cache(2), 0, []
+        for n in split:
+            pieces.append(lm(ids[:, start : start + n], cache=cache, use_cache=True).logits)
+            start += n
+        assert_close(f"window streaming {split[:4]}", torch.cat(pieces, 1), full)
+        assert cache.layers[0].dropped > 0  # eviction happened on the way
+    prompt = ids[:, :11]
+    out = lm.generate(prompt, max_new_tokens=60)
+    assert torch.equal(lm(out).logits[:, 10:-1].argmax(-1), out[:, 11:])
+
+
+def test_retrieval_window_bounds_the_cache():
+    """Without a window the cache holds one state per chunk; with W it never holds more than 2W + 1 states and
+    its live bytes stop growing."""
+    sizes = {}
+    for W in (None, 3):
+        lm = make_lm("BSBR", dtype=torch.float32, retrieval_window=W)
+        cache = lm.new_cache(1)
+        live = []
+        with torch.inference_mode():
+            for _ in range(20):
+                lm(torch.randint(0, 50, (1, 97)), cache=cache, use_cache=True)
+                layer = cache.layers[0]
+                live.append(layer.state_nbytes())
+                if W is not None:
+                    assert int(layer.states.filled[0]) <= 2 * W + 1
+                    assert layer.states.data.shape[2] <= 2 * (2 * W + 1) + 16
+        sizes[W] = live
+    assert int(cache.layers[0].states.filled[0]) + cache.layers[0].dropped == 1940 // 8
+    assert sizes[None][-1] > 3 * sizes[None][4]  # grows with the stream (4x the tokens)
+    assert max(sizes[3][4:]) <= min(sizes[3][4:]) * 1.5  # bounded: only the eviction sawtooth remains
 
 
 @pytest.mark.slow

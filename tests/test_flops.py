@@ -40,7 +40,8 @@ def test_analytic_equals_flop_counter(model_name, T):
     assert a["total"] - a["parts"].get("triangular_solve", 0) == counted(model, T)
 
 
-@pytest.mark.parametrize("options", [{"compression_factor": 4}, {"meta_query": "prev_last"}], ids=str)
+@pytest.mark.parametrize("options", [{"compression_factor": 4}, {"meta_query": "prev_last"}, {"retrieval_window": 3}],
+                         ids=str)
 def test_bsbr_options_and_row_groups(options):
     """T = 2,500 in chunks of 16 is 157 chunks: the mixture runs in four row groups (skipping zero blocks)."""
     for T in (100, 2500):

@@ -90,8 +90,10 @@ def _bsbr(a, T):
     compress = a.compress
     m = d * d if compress is None else compress.out_features
     mixing = 0
+    W = getattr(a, "retrieval_window", None)
     for lo, hi in _mixing_groups(C, 0):
-        width, rows = hi - 1, hi - lo
+        start = 0 if W is None else max(0, lo - W)  # columns before the group's windows are not computed
+        width, rows = hi - 1 - start, hi - lo
         mixing += 2 * rows * width * d + 2 * rows * width * m  # meta scores r . h, mixture alpha @ states
         if compress is not None:
             mixing += 2 * rows * m * d * d  # restore P' per retrieving chunk

@@ -25,8 +25,10 @@ class BSBRCache(LayerCache):
     buf_k, buf_v: [B, H, chunk, d]           keys and values of the open (incomplete) chunk
     retrieved: [B, H, d, d]                  raw mixture S of the open chunk (fixed once the chunk opens)
     open_query: [B, H, d]                    meta query of the open chunk (``prev_last``: of the next one)
+    dropped: int                             oldest chunks evicted from states / meta_keys (retrieval window)
 
-    Size: C*(m + d) + 2*chunk*d + d*d + d numbers per head, against 2*n*d for a KV cache.
+    Size: C*(m + d) + 2*chunk*d + d*d + d numbers per head, against 2*n*d for a KV cache.  With a retrieval
+    window W, chunks no row can retrieve again are evicted, so C stays below 2W + 1: the cache is bounded.
     """
 
     states: GrowableBuffer = field(default_factory=GrowableBuffer)
@@ -35,6 +37,7 @@ class BSBRCache(LayerCache):
     buf_v: torch.Tensor | None = None
     retrieved: torch.Tensor | None = None
     open_query: torch.Tensor | None = None
+    dropped: int = 0
 
     def _allocate(self, B: int, H: int, chunk: int, d: int, like: torch.Tensor) -> None:
         if self.buf_k is None:
@@ -58,6 +61,9 @@ class BSBRAttention(QKVAttention):
             the scale of the local one; "none" keeps the raw sum of the original formula.
         meta_query: where the chunk's meta query r_i comes from: "first" (default) the chunk's first token,
             the latest position every token of the chunk may see; "prev_last" the previous chunk's last token.
+        retrieval_window: chunk i retrieves from the W = retrieval_window most recent completed chunks only
+            (i - W .. i - 1).  None (default, the paper's definition) retrieves from all earlier chunks, and the
+            streaming cache grows by one state per chunk; with a window it is bounded (older states are evicted).
         rope, rope_base, bias: see :class:`~bsbr.layers.common.QKVAttention`.
 
     Shapes: hidden_states [B, T, D] -> [B, T, D].  Extra weights beyond standard attention: ``meta_q_proj``
@@ -67,11 +73,14 @@ class BSBRAttention(QKVAttention):
 
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.1,
                  compression_factor: int | None = None, *, state_norm: str = "mean", meta_query: str = "first",
-                 rope: bool = True, rope_base: float = 10000.0, bias: bool = False):
+                 retrieval_window: int | None = None, rope: bool = True, rope_base: float = 10000.0,
+                 bias: bool = False):
         super().__init__(hidden_dim, num_heads, dropout, bias=bias, rope=rope, rope_base=rope_base)
         self.chunk_size = _checks.positive_int("chunk_size", chunk_size)
         self.state_norm = _checks.one_of("state_norm", state_norm, STATE_NORMS)
         self.meta_query = _checks.one_of("meta_query", meta_query, META_QUERIES)
+        self.retrieval_window = (None if retrieval_window is None
+                                 else _checks.positive_int("retrieval_window", retrieval_window))
         d = self.head_dim
         self.meta_q_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)  # W_r: meta queries
         self.meta_k_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)  # W_h: meta keys
@@ -129,7 +138,7 @@ class BSBRAttention(QKVAttention):
         r, h = self._meta(self.meta_q_proj, x), self._meta(self.meta_k_proj, x)
         compress, restore = self._maps()
         o = bsbr_reference(q, k, v, r, h, self.chunk_size, state_norm=self.state_norm, compress=compress,
-                           restore=restore, meta_query=self.meta_query)
+                           restore=restore, meta_query=self.meta_query, window=self.retrieval_window)
         return self.out(o)
 
     def _parallel(self, x):
@@ -149,7 +158,7 @@ class BSBRAttention(QKVAttention):
             past_states, past_keys = cache.states.view(), cache.meta_keys.view()
         seg = bsbr_parallel(q, k, v, r, h, self.chunk_size, state_norm=self.state_norm, compress=compress,
                             restore=restore, past_states=past_states, past_keys=past_keys,
-                            need_states=cache is not None)
+                            need_states=cache is not None, window=self.retrieval_window)
         if first:
             seg.out = seg.out[:, :, first:]
         if cache is not None:
@@ -165,6 +174,7 @@ class BSBRAttention(QKVAttention):
         if done:
             cache.states.append(seg.states[:, :, :done])
             cache.meta_keys.append(h[:, :, :done])
+            self._evict(cache)
         if tail:
             rest = k.new_zeros(B, H, ch - tail, self.head_dim)
             cache.buf_k = torch.cat([k[:, :, done * ch : seg_len], rest], dim=2)
@@ -195,8 +205,11 @@ class BSBRAttention(QKVAttention):
                 cache.open_query = torch.where(opening[:, None, None], r, cache.open_query)
             states = cache.states.view()
             if states is not None:
-                counts = lengths // ch  # completed chunks per row
-                allowed = torch.arange(states.shape[2], device=x.device)[None, :] < counts[:, None]
+                counts = lengths // ch - cache.dropped  # completed chunks per row, in the kept slots
+                slots = torch.arange(states.shape[2], device=x.device)[None, :]
+                allowed = slots < counts[:, None]
+                if self.retrieval_window is not None:
+                    allowed = allowed & (slots >= counts[:, None] - self.retrieval_window)
                 S = retrieve(cache.open_query[:, :, None], cache.meta_keys.view(), states,
                              allowed[:, None, None, :], restore, d)[:, :, 0]
             else:
@@ -215,10 +228,24 @@ class BSBRAttention(QKVAttention):
             kv = cache.buf_k.transpose(-1, -2) @ cache.buf_v
             cache.states.append_rows(compress_states(kv.flatten(-2), compress), closing)
             cache.meta_keys.append_rows(self._meta(self.meta_k_proj, x[:, None])[:, :, 0], closing)
+            self._evict(cache)
             if self.meta_query == "prev_last":
                 r = self._meta(self.meta_q_proj, x[:, None])[:, :, 0]
                 cache.open_query = torch.where(closing[:, None, None], r, cache.open_query)
         return self.out(o)[:, 0]
+
+    def _evict(self, cache: BSBRCache) -> None:
+        """With a retrieval window W, drop the chunk states and meta keys that no row can retrieve again (all
+        but the W latest of the row with the fewest chunks), once there are W of them: the copy is amortised
+        and at most 2W + 1 chunks are kept."""
+        W = self.retrieval_window
+        if W is None or cache.states.filled is None:
+            return
+        dead = int(cache.states.filled.min()) - W
+        if dead >= W:
+            cache.states.drop_front(dead)
+            cache.meta_keys.drop_front(dead)
+            cache.dropped += dead
 
     def _new_cache(self, lengths):
         return BSBRCache(lengths)
@@ -234,12 +261,14 @@ class BSBRAttention(QKVAttention):
         q, k, v = self.qkv(x, torch.arange(T, device=x.device))
         r, h = self._meta(self.meta_q_proj, x), self._meta(self.meta_k_proj, x)
         _, local, retrieval = bsbr_reference(q, k, v, r, h, self.chunk_size, state_norm=self.state_norm,
-                                             meta_query=self.meta_query, return_weights=True)
+                                             meta_query=self.meta_query, window=self.retrieval_window,
+                                             return_weights=True)
         return {"total": local + retrieval, "local": local, "retrieval": retrieval}
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", chunk_size={self.chunk_size}, compression_factor={self.compression_factor}"
-                f", state_norm={self.state_norm!r}, meta_query={self.meta_query!r}")
+                f", state_norm={self.state_norm!r}, meta_query={self.meta_query!r}"
+                + (f", retrieval_window={self.retrieval_window}" if self.retrieval_window is not None else ""))
 
 
 class BSBRLayer(Block):

@@ -137,6 +137,23 @@ class GrowableBuffer:
         self.data = write_slot(self.data, self.filled, rows, new)
         self.filled = self.filled + rows.long()
 
+    def drop_front(self, n: int) -> None:
+        """Forget the first n slots of every row (all rows must have filled at least n).  The kept part is
+        copied into a buffer of its own size plus spare, so the memory of the dropped slots is released."""
+        if self.data is None or n <= 0:
+            return
+        if int(self.filled.min()) < n:
+            raise RuntimeError(f"GrowableBuffer.drop_front: n={n} exceeds the least filled row")
+        kept = self.data[:, :, n:]
+        if tracks_grad(kept):
+            self.data = kept  # out of place: the history stays; the storage goes with the graph
+        else:
+            cap = max(self.min_capacity, kept.shape[2])
+            fresh = kept.new_zeros((*kept.shape[:2], cap, *kept.shape[3:]))
+            fresh[:, :, : kept.shape[2]] = kept
+            self.data = fresh
+        self.filled = self.filled - n
+
     def view(self) -> torch.Tensor | None:
         """The filled prefix shared by all rows' capacity: [B, H, max_filled, *features] (rows may be shorter)."""
         if self.data is None:

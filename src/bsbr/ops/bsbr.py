@@ -53,12 +53,13 @@ def restore_states(mixed: torch.Tensor, restore: torch.Tensor | None, d: int) ->
 
 # ----------------------------------------------------------------------------------------- reference
 def bsbr_reference(q, k, v, r, h, chunk: int, *, state_norm: str = "mean", compress=None, restore=None,
-                   meta_query: str = "first", return_weights: bool = False):
+                   meta_query: str = "first", window: int | None = None, return_weights: bool = False):
     """The definition, evaluated token by token (slow; tests and attention maps only).
 
     r, h: [B, H, T, d] meta-query / meta-key projections at *every* position; this function picks the
     positions the definition prescribes (r at the first token of a chunk, or at the last token of the
     previous chunk when ``meta_query="prev_last"``; h at the last token of each chunk).
+    ``window``: chunk i retrieves from chunks max(0, i - window) .. i - 1 only (None: all earlier chunks).
     Returns o [B, H, T, d]; with ``return_weights`` also (local, retrieval) weights, each [B, H, T, T],
     such that o = (local + retrieval) @ v (without compression).
     """
@@ -88,16 +89,18 @@ def bsbr_reference(q, k, v, r, h, chunk: int, *, state_norm: str = "mean", compr
         if return_weights:
             w_loc[:, :, t, lo : t + 1] = p
         if c > 0:
+            j0 = 0 if window is None else max(0, c - window)  # the chunks this one may retrieve: j0 .. c - 1
             rq = r[:, :, lo] if meta_query == "first" else r[:, :, lo - 1]
-            logits = torch.stack([(rq * keys[j]).sum(-1) for j in range(c)], dim=-1) * scale  # [B, H, c]
+            logits = torch.stack([(rq * keys[j]).sum(-1) for j in range(j0, c)], dim=-1) * scale  # [B, H, c - j0]
             alpha = torch.softmax(logits, dim=-1)
-            mixed = sum(alpha[..., j, None] * states[j] for j in range(c))
+            mixed = sum(alpha[..., j - j0, None] * states[j] for j in range(j0, c))
             S = restore_states(mixed, restore, d)  # [B, H, d, d]
             o = o + torch.einsum("bhd,bhde->bhe", qt * scale, S)
             if return_weights:
-                qk = torch.einsum("bhd,bhsd->bhs", qt, k[:, :, :lo]) * scale
-                a_tok = alpha.repeat_interleave(chunk, dim=-1)  # [B, H, lo]
-                w_ret[:, :, t, :lo] = a_tok * norm * qk
+                a = j0 * chunk
+                qk = torch.einsum("bhd,bhsd->bhs", qt, k[:, :, a:lo]) * scale
+                a_tok = alpha.repeat_interleave(chunk, dim=-1)  # [B, H, lo - a]
+                w_ret[:, :, t, a:lo] = a_tok * norm * qk
         out[:, :, t] = o
     if return_weights:
         return out, w_loc, w_ret
@@ -142,14 +145,15 @@ def retrieve(r, keys, states, allowed, restore, d: int):
 
 
 def bsbr_parallel(q, k, v, r, h, chunk: int, *, state_norm: str = "mean", compress=None, restore=None,
-                  past_states=None, past_keys=None, need_states: bool = False) -> BSBRSegment:
+                  past_states=None, past_keys=None, need_states: bool = False, window: int | None = None
+                  ) -> BSBRSegment:
     """Chunked BSBR over a segment that starts at a chunk boundary.
 
     q, k, v: [B, H, T, d]; r, h: [B, H, C, d] — the meta query and meta key of each chunk of the segment
     (the key of a chunk that is not complete is never used).  ``past_states`` [B, H, C0, m] and
     ``past_keys`` [B, H, C0, d] are earlier chunks' stored states and meta keys (streaming); chunk i of
-    the segment retrieves from the C0 past chunks and segment chunks < i.  ``need_states`` also returns
-    the segment's chunk states (for a streaming cache).
+    the segment retrieves from the C0 past chunks and segment chunks < i (with ``window``: only the ``window``
+    latest of those).  ``need_states`` also returns the segment's chunk states (for a streaming cache).
 
     States are kept as raw sums K_j^T V_j (compressed if asked); the normalisation 1/N_j (N_j = chunk for
     every chunk that can be retrieved) commutes with the mixture and the linear maps, so it is applied once,
@@ -175,7 +179,8 @@ def bsbr_parallel(q, k, v, r, h, chunk: int, *, state_norm: str = "mean", compre
     for lo in range(0, n, group):
         sl = slice(lo, lo + group)
         o, z, last = _bsbr_rows(*(t[sl] for t in rows), chunk, norm, compress, restore,
-                                None if past is None else (past[0][sl], past[1][sl]), not differentiable, need_states)
+                                None if past is None else (past[0][sl], past[1][sl]), not differentiable, need_states,
+                                window)
         outs.append(o)
         states.append(z)
         lasts.append(last)
@@ -185,11 +190,11 @@ def bsbr_parallel(q, k, v, r, h, chunk: int, *, state_norm: str = "mean", compre
                        last_retrieved=cat(lasts).view(B, H, d, d))
 
 
-def _bsbr_rows(q, k, v, r, h, chunk, norm, compress, restore, past, inplace, need_states):
+def _bsbr_rows(q, k, v, r, h, chunk, norm, compress, restore, past, inplace, need_states, window=None):
     """BSBR for n independent rows (batch x head): q, k, v [n, C*chunk, d]; r, h [n, C, d]; ``past`` =
-    (states [n, C0, m], keys [n, C0, d]) or None.  Returns (out [n, C*chunk, d], raw states [n, C, m], the last
-    chunk's raw mixture [n, d, d]).  ``inplace`` adds the readout into SDPA's output (no autograd); states are
-    returned only if ``need_states``."""
+    (states [n, C0, m], keys [n, C0, d]) or None; ``window`` as in :func:`bsbr_parallel`.  Returns (out
+    [n, C*chunk, d], raw states [n, C, m], the last chunk's raw mixture [n, d, d]).  ``inplace`` adds the readout
+    into SDPA's output (no autograd); states are returned only if ``need_states``."""
     n, Tp, d = q.shape
     C = Tp // chunk
     qc, kc, vc = (t.reshape(n, C, chunk, d) for t in (q, k, v))
@@ -213,10 +218,14 @@ def _bsbr_rows(q, k, v, r, h, chunk, norm, compress, restore, past, inplace, nee
             all_states = torch.cat([past[0][rows], z], dim=1)
             all_keys = torch.cat([past[1][rows], h[rows]], dim=1)
         for lo, hi in groups:
-            # 3. block retrieval: chunk i mixes the states of chunks j < C0 + i
+            # 3. block retrieval: chunk i mixes the states of chunks j < C0 + i (and j >= C0 + i - window)
             width = C0 + hi - 1
-            allowed = cols[None, :width] < (C0 + torch.arange(lo, hi, device=q.device))[:, None]
-            S = retrieve(r[rows, lo:hi], all_keys[:, :width], all_states[:, :width], allowed, restore, d)
+            start = 0 if window is None else max(0, C0 + lo - window)  # columns no chunk of the group may see
+            own = (C0 + torch.arange(lo, hi, device=q.device))[:, None]
+            allowed = cols[None, start:width] < own
+            if window is not None:
+                allowed = allowed & (cols[None, start:width] >= own - window)
+            S = retrieve(r[rows, lo:hi], all_keys[:, start:width], all_states[:, start:width], allowed, restore, d)
             if hi == C:
                 lasts.append(S[:, -1])
             # 4. readout added to the local part: o += (q / sqrt(d)) * norm * S_{c(t)}
