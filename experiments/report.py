@@ -61,7 +61,8 @@ def recall(lines: list[str], name: str = "recall_vs_length") -> None:
               f"({b['test_batches']} batches of {b['batch_size']}). {_env(data)}", "",
               f"Command: `{RUN}recall_vs_length.py "
               f"--models {' '.join(models)} --lengths {' '.join(map(str, b['lengths']))} --lrs "
-              f"{' '.join(f'{x:g}' for x in b['lrs'])} --steps {b['steps']}{f' --tag {tag}' if tag else ''}`", ""]
+              f"{' '.join(f'{x:g}' for x in b['lrs'])} --steps {b['steps']} --batch-size {b['batch_size']} "
+              f"--vocab-size {b['vocab_size']} --chunk-size {b['chunk_size']}{f' --tag {tag}' if tag else ''}`", ""]
     rows = []
     for m in models:
         for t in lengths:
@@ -70,14 +71,23 @@ def recall(lines: list[str], name: str = "recall_vs_length") -> None:
                 rows.append([m, t, r["task"]["num_kv_pairs"], f"{r['train']['lr']:g}", f"{r['test']['accuracy']:.3f}",
                              f"{r['test']['loss']:.3f}", f"{r['seconds']:.0f}", f"{r['peak_memory_bytes'] / MiB:.0f}"])
     lines += [_table(["model", "T", "pairs", "lr", "test accuracy", "test loss", "train s", "peak RSS MiB"], rows), ""]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for m in models:
-        pts = [(t, best[(m, t)]["test"]["accuracy"]) for t in lengths if (m, t) in best]
-        ax.plot(*zip(*pts, strict=True), marker="o", color=_color(m), label=m)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length T")
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    if len(lengths) == 1:  # one length: a bar per model
+        t = lengths[0]
+        shown = [m for m in models if (m, t) in best]
+        ax.bar(shown, [best[(m, t)]["test"]["accuracy"] for m in shown], color=[_color(m) for m in shown])
+        ax.axhline(1 / best[(shown[0], t)]["task"]["num_kv_pairs"], color="gray", ls="--", lw=1,
+                   label="1 / pairs (a value of the row, at random)")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.set_title(f"T = {t}", fontsize=9)
+    else:
+        for m in models:
+            pts = [(t, best[(m, t)]["test"]["accuracy"]) for t in lengths if (m, t) in best]
+            ax.plot(*zip(*pts, strict=True), marker="o", color=_color(m), label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length T")
     ax.set_ylabel("MQAR test accuracy")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(FIGS / f"{name}.png", dpi=120)
     plt.close(fig)
