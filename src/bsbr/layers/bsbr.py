@@ -28,7 +28,7 @@ class BSBRCache(LayerCache):
     dropped: int                             oldest chunks evicted from states / meta_keys (retrieval window)
 
     Size: C*(m + d) + 2*chunk*d + d*d + d numbers per head, against 2*n*d for a KV cache.  With a retrieval
-    window W, chunks no row can retrieve again are evicted, so C stays below 2W + 1: the cache is bounded.
+    window W, chunks no row can retrieve again are evicted, so C stays at most 2W + 1: the cache is bounded.
     """
 
     states: GrowableBuffer = field(default_factory=GrowableBuffer)
