@@ -245,3 +245,28 @@ def test_no_maximum_length(model_name):
     with torch.inference_mode():
         out = lm(torch.randint(0, 50, (1, 5000))).logits
     assert torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- loss without the full logits
+def test_loss_without_logits_equals_full_loss(model_name):
+    """forward(..., return_logits=False) runs the LM head only where a label is scored: same loss, same grads."""
+    lm = make_lm(model_name)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 50, (3, 29), generator=g)
+    labels = ids.masked_fill(torch.rand(3, 29, generator=g) < 0.7, -100)  # sparse, as in MQAR
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # a left-padded row: its padded labels are dropped in both forms
+    results = []
+    for full in (True, False):
+        lm.zero_grad()
+        out = lm(ids, attention_mask=mask, labels=labels, return_logits=full)
+        out.loss.backward()
+        assert (out.logits is None) != full
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert_close(f"{model_name} loss", loss_b, loss_a)
+    assert grads_a.keys() == grads_b.keys()
+    for n in grads_a:
+        assert_close(f"{model_name} d/d{n}", grads_b[n], grads_a[n], atol=1e-12)
+    with pytest.raises(ValueError, match="return_logits=False needs labels"):
+        lm(ids, return_logits=False)

@@ -44,7 +44,7 @@ class ModelCache:
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # [B, T, vocab]
+    logits: torch.Tensor | None  # [B, T, vocab]; None when forward(..., return_logits=False)
     loss: torch.Tensor | None = None  # mean next-token cross-entropy over labelled positions
     cache: ModelCache | None = None
     extras: dict = field(default_factory=dict)
@@ -158,13 +158,19 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: ModelCache | None = None,
-                use_cache: bool = False) -> CausalLMOutput:
+                use_cache: bool = False, return_logits: bool = True) -> CausalLMOutput:
         """Logits [B, T, vocab]; ``loss`` when ``labels`` ([B, T], -100 = ignore; shifted inside, as in Hugging
-        Face: position t predicts labels[t + 1]); ``cache`` when ``use_cache`` (a new one if none given)."""
+        Face: position t predicts labels[t + 1]); ``cache`` when ``use_cache`` (a new one if none given).
+
+        ``return_logits=False`` (needs ``labels``) runs the LM head only at the positions that predict a label
+        and returns ``logits=None``: the same loss and gradients, without the [B, T, vocab] tensor; on a sparse
+        task (MQAR scores a few positions per row) with a large vocabulary this is most of a training step."""
         if use_cache and cache is None:
             cache = self.new_cache(input_ids.shape[0] if isinstance(input_ids, torch.Tensor) else 1)
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False needs labels (the loss is then all that is computed)")
         hidden = self.model(input_ids, attention_mask, cache)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden) if return_logits else None
         loss = None
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
@@ -173,7 +179,13 @@ class CausalLM(nn.Module):
             labels = labels.long()
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, -100)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            if logits is not None:
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                       ignore_index=-100)
+            else:
+                target = labels[:, 1:]
+                keep = target != -100  # [B, T-1]: the positions whose next token is scored
+                loss = F.cross_entropy(self.lm_head(hidden[:, :-1][keep]).float(), target[keep])
         return CausalLMOutput(logits=logits, loss=loss, cache=cache if use_cache else None)
 
     def new_cache(self, batch_size: int) -> ModelCache:

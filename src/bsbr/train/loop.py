@@ -192,7 +192,8 @@ def train(lm: torch.nn.Module, task: Task, cfg: TrainConfig, callback=None) -> T
                 batch = batch.to(device)
                 optimizer.zero_grad(set_to_none=True)
                 with _autocast(device, bf16):
-                    loss = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+                    loss = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                                 return_logits=False).loss
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else
                                                       float("inf"))
