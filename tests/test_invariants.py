@@ -248,14 +248,18 @@ def test_no_maximum_length(model_name):
 
 
 # ----------------------------------------------------------------------------- loss without the full logits
-def test_loss_without_logits_equals_full_loss(model_name):
+@pytest.mark.parametrize("labelled", ["sparse", "all"])
+def test_loss_without_logits_equals_full_loss(model_name, labelled):
     """forward(..., return_logits=False) runs the LM head only where a label is scored: same loss, same grads."""
     lm = make_lm(model_name)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 50, (3, 29), generator=g)
-    labels = ids.masked_fill(torch.rand(3, 29, generator=g) < 0.7, -100)  # sparse, as in MQAR
-    mask = torch.ones_like(ids)
-    mask[1, :6] = 0  # a left-padded row: its padded labels are dropped in both forms
+    mask = None
+    labels = ids.clone()  # "all": every position scored, as in language modelling
+    if labelled == "sparse":  # a few scored positions, as in MQAR, and a left-padded row
+        labels = ids.masked_fill(torch.rand(3, 29, generator=g) < 0.7, -100)
+        mask = torch.ones_like(ids)
+        mask[1, :6] = 0
     results = []
     for full in (True, False):
         lm.zero_grad()

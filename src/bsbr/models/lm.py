@@ -185,7 +185,10 @@ class CausalLM(nn.Module):
             else:
                 target = labels[:, 1:]
                 keep = target != -100  # [B, T-1]: the positions whose next token is scored
-                loss = F.cross_entropy(self.lm_head(hidden[:, :-1][keep]).float(), target[keep])
+                if bool(keep.all()):  # language modelling: every position, no gather needed
+                    loss = F.cross_entropy(self.lm_head(hidden[:, :-1]).flatten(0, 1).float(), target.flatten())
+                else:
+                    loss = F.cross_entropy(self.lm_head(hidden[:, :-1][keep]).float(), target[keep])
         return CausalLMOutput(logits=logits, loss=loss, cache=cache if use_cache else None)
 
     def new_cache(self, batch_size: int) -> ModelCache:
