@@ -5,9 +5,9 @@ are tested against each other): 2 FLOPs per multiply-add of every matrix product
 full blocks it computes — masked entries included (a causal T x T product counts T^2 entries, as a dense
 kernel would run it; fused kernels that skip masked tiles do less).  Element-wise work (softmax, norms,
 activations, masks) is not counted.  Two parts FlopCounterMode cannot see are counted here and named:
-``triangular_solve`` (DeltaNet's per-chunk unit-triangular solve; multiply-adds C(C-1)/2 per right-hand side)
-and every product inside CPU ``scaled_dot_product_attention`` (Standard, Hopfield, BSBR's local part), which the
-tests count by running those calls through explicit matmuls.
+``triangular_solve`` (DeltaNet's per-chunk unit-triangular solve for the inverse: C right-hand sides of C(C-1)/2
+multiply-adds each) and every product inside CPU ``scaled_dot_product_attention`` (Standard, Hopfield, BSBR's
+local part), which the tests count by running those calls through explicit matmuls.
 
     >>> from bsbr.models import build_model
     >>> m = build_model("Linear", vocab_size=256, hidden_dim=256, num_layers=2, num_heads=4, ff_dim=1024)
@@ -67,8 +67,9 @@ def _deltanet(a, T):
     C, d, H = a.chunk_size, a.head_dim, a.num_heads
     N, Tp = _ceil_to(T, C)
     return {"projections": _projections(a.hidden_dim, T) + 2 * T * a.hidden_dim * H,  # q, k, v, out and beta
-            "intra_chunk": H * 4 * (2 * Tp * C * d),  # K K^T, Q K^T, tril(QK^T) W, tril(QK^T) U
-            "triangular_solve": H * N * C * (C - 1) * 2 * d,  # T applied to [K | V] (2d right-hand sides)
+            # K K^T, Q K^T, W = T K, T V, tril(QK^T) W, tril(QK^T) (T V)
+            "intra_chunk": H * 6 * (2 * Tp * C * d),
+            "triangular_solve": H * N * C * (C - 1) * C,  # the inverse of each unit lower triangular C x C
             "states": H * (2 * (2 * Tp * d * d) + N * 2 * d * d * d),  # I - K^T W, K^T U; the chunk recursion
             "readout": H * 2 * Tp * d * d}  # (Q - tril(QK^T) W) S
 
