@@ -12,8 +12,8 @@ T = (I + tril(diag(beta) K K^T, -1))^-1 diag(beta) (one triangular solve per chu
     W = T K,  U = T V - W S0,   O = Q S0 + tril(Q K^T) U,   S_end = S0 + K^T U
 
 Rearranged so that only S_end = (I - K^T W) S0 + K^T (T V) — one d x d matmul per chunk — runs chunk after
-chunk; every other product is batched over all chunks.  T comes from the explicit inverse of the unit lower
-triangular matrix (one batched triangular solve against the identity), then W and T V are plain products.
+chunk; every other product is batched over all chunks.  T itself comes from one batched triangular solve
+(X L = diag(beta), see the code), then W and T V are plain products.
 Reference: the token recurrence.
 """
 
@@ -41,17 +41,17 @@ def delta_chunkwise(q, k, v, beta, chunk: int, state: torch.Tensor | None = None
     B, H, N = qc.shape[:3]
     bc = pad_to_chunks(beta[..., None], chunk)  # padded tokens get beta = 0, k = 0: no write
     qc, kc, vc, bc = (t.flatten(0, 2) for t in (qc, kc, vc, bc))  # every chunk of every row and head: [M, C, .]
-    kb = bc * kc
-    # L = I + tril(diag(beta) K K^T, -1).  The solve reads only the strict lower triangle of its first argument
-    # (unitriangular), so diag(beta) K K^T is passed as it is.  Solving X L = I for the explicit inverse and then
-    # multiplying is faster on CPU than solving against [beta K | beta V] (PyTorch's batched CPU solve is slow;
-    # the products are not) -- about 1.4x for the whole function at T = 4,096.
-    eye_c = torch.eye(chunk, dtype=q.dtype, device=q.device)
-    system = kb @ kc.mT
-    inverse = torch.linalg.solve_triangular(system, eye_c.expand_as(system), upper=False, left=False,
-                                            unitriangular=True)
-    w = inverse @ kb  # W = T K
-    u = inverse @ (bc * vc)  # U (before the start state's correction) = T V
+    # T = (I + tril(diag(beta) K K^T, -1))^-1 diag(beta) = diag(beta) L^-1 with L = I + tril(K K^T diag(beta), -1),
+    # because (I + tril(diag(beta) K K^T, -1)) diag(beta) = diag(beta) + tril(diag(beta) K K^T diag(beta), -1)
+    # = diag(beta) L.  So T solves X L = diag(beta): one batched solve, no separate scaling.  The solve reads only
+    # the strict lower triangle of its first argument (unitriangular), so K (beta K)^T is passed as it is.
+    # Forming T and then multiplying is faster on CPU than solving against [beta K | beta V] (PyTorch's batched
+    # CPU solve is slow; the products are not).
+    system = kc @ (bc * kc).mT
+    t = torch.linalg.solve_triangular(system, torch.diag_embed(bc[..., 0]), upper=False, left=False,
+                                      unitriangular=True)
+    w = t @ kc  # W = T K
+    u = t @ vc  # U before the start state's correction: T V
     local = (qc @ kc.mT).tril_()
     # O_n = (Q_n - local_n W_n) S_n + local_n U_n and S_{n+1} = (I - K_n^T W_n) S_n + K_n^T U_n: everything but
     # the state recursion is batched over chunks, which leaves one small matmul per chunk in the loop
