@@ -31,7 +31,7 @@ from bsbr.evals.flops import attention_flops  # noqa: E402
 from bsbr.layers.deltanet import delta_chunkwise, delta_recurrent  # noqa: E402
 from bsbr.layers.linear import linear_chunkwise, linear_recurrent, with_ones  # noqa: E402
 from bsbr.models import build_model, list_models  # noqa: E402
-from common import RESULTS, environment, header, loglog_fit, write_json  # noqa: E402
+from common import RESULTS, environment, header, loglog_fit, matmul_peak, write_json  # noqa: E402
 
 SHAPE = {"hidden_dim": 256, "num_heads": 4, "num_layers": 2, "ff_dim": 1024}
 TARGETS = {"recurrence_speedup": 20.0, "exponent": 1.15}
@@ -165,6 +165,7 @@ def summarise(results, lengths) -> list[str]:
                 checks[f"SlidingWindow faster than Standard at T={t} (Standard/SW)"] = (ratio, ratio > 1.0)
     results["targets"] = {k: {"value": v, "met": ok} for k, (v, ok) in checks.items()}
     lines.append("")
+    peak = results.get("matmul_peak", {}).get("gflops")
     for name, r in results.get("chunkwise_vs_recurrence", {}).items():
         c, la = r["core"], r["layer"]
         cf, cr = c["chunkwise_ms"]["median"], c["recurrence_ms"]["median"]
@@ -173,7 +174,8 @@ def summarise(results, lengths) -> list[str]:
                      f"token recurrence {cr:.0f} ms = {c['speedup']:.1f}x (minima: {c['speedup_of_minima']:.1f}x); "
                      f"whole layer (with projections) {lf:.1f} vs {lr:.0f} ms = {la['speedup']:.1f}x; core "
                      f"{r['core_gflop_analytic']:.3f} GFLOP (analytic) = {r['core_gflops_per_s']:.0f} GFLOP/s "
-                     "chunkwise")
+                     "chunkwise" + (f" ({100 * r['core_gflops_per_s'] / peak:.0f}% of the {peak:.0f} GFLOP/s fp32 "
+                                    "matmul peak measured in this run)" if peak else ""))
     sweep = results.get("core_chunk_sweep", {})
     for name, row in sweep.items():
         if name != "T":
@@ -205,6 +207,7 @@ def main(argv=None) -> None:
                "command": " ".join(sys.argv)}
     save = lambda: write_json(args.out, results)  # noqa: E731
     print(header(env))
+    results["matmul_peak"] = matmul_peak()  # what "bound by arithmetic" is measured against, on this machine
     bench_models(args.models, args.lengths, results, save, args.rounds)
     bench_recurrence([n for n in ("Linear", "DeltaNet") if n in args.models], args.recurrence_length, results, save,
                      args.rounds)
