@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-thp", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1")
     args = p.parse_args(argv)
