@@ -67,7 +67,7 @@ def pair_scan(q, k, v, beta, chunk):
     q_eff, o_local, decay, writes, shape = _chunk_terms(q, k, v, beta, chunk)
     B, H, N, d, e = shape
     if N % 2:  # pad with an identity step
-        decay = torch.cat([decay, torch.eye(d).expand(B * H, 1, d, d)], 1)
+        decay = torch.cat([decay, torch.eye(d, dtype=q.dtype).expand(B * H, 1, d, d)], 1)
         writes = torch.cat([writes, writes.new_zeros(B * H, 1, d, e)], 1)
     de, do, we, wo = decay[:, 0::2], decay[:, 1::2], writes[:, 0::2], writes[:, 1::2]
     d2 = do @ de
@@ -92,12 +92,12 @@ def solve_rhs(q, k, v, beta, chunk):
     """The earlier form: W and U from one solve against [beta K | beta V] (L = I + tril(diag(beta) K K^T, -1))."""
     qc, kc, vc = (pad_to_chunks(t, chunk) for t in (q, k, v))
     bc = pad_to_chunks(beta[..., None], chunk)
-    system = torch.eye(chunk) + (bc * (kc @ kc.mT)).tril(-1)
+    system = torch.eye(chunk, dtype=q.dtype) + (bc * (kc @ kc.mT)).tril(-1)
     sol = torch.linalg.solve_triangular(system, bc * torch.cat([kc, vc], -1), upper=False, unitriangular=True)
     w, u = sol.split([k.shape[-1], v.shape[-1]], -1)
     local = (qc @ kc.mT).tril()
     q_eff, o_local = qc - local @ w, local @ u
-    decay = (torch.eye(k.shape[-1]) - kc.mT @ w).flatten(0, 1)
+    decay = (torch.eye(k.shape[-1], dtype=q.dtype) - kc.mT @ w).flatten(0, 1)
     writes = (kc.mT @ u).flatten(0, 1)
     B, H, N = qc.shape[:3]
     S, starts = q.new_zeros(B * H, k.shape[-1], v.shape[-1]), []

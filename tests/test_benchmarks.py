@@ -34,3 +34,23 @@ def test_dense_flop_count_matches_flop_counter(T):
     assert parts["local"] == 4 * H * C * chunk * chunk * d  # q k^T and p v over every chunk block
     assert sum(parts.values()) == counts["dense"]
     assert counts["causal"] < counts["dense"]
+
+
+@pytest.mark.parametrize("T", [1, 63, 200])
+def test_deltanet_core_variants_equal_the_recurrence(T):
+    """bench_deltanet_core's correct variants (earlier solve, pairwise scan) compute the same as the token
+    recurrence, odd chunk counts and a padded last chunk included; fp64."""
+    import torch.nn.functional as F
+
+    import bench_deltanet_core as bench
+    from bsbr.layers.deltanet import delta_chunkwise, delta_recurrent
+
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    beta = torch.rand(2, 3, T, generator=g, dtype=torch.float64)
+    ref, _ = delta_recurrent(q, k, v, beta)
+    for chunk in (4, 16):
+        for out in (bench.solve_rhs(q, k, v, beta, chunk), bench.pair_scan(q, k, v, beta, chunk),
+                    delta_chunkwise(q, k, v, beta, chunk)[0]):
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
