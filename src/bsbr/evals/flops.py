@@ -51,6 +51,8 @@ def _hopfield(a, T):
 def _sliding_window(a, T):
     W, d, H = a.window_size, a.head_dim, a.num_heads
     N, _ = _ceil_to(T, W)
+    if T <= W:  # one window covers the whole sequence: the layer runs plain causal SDPA (dense T x T count)
+        return _standard(a, T)
     return {"projections": _projections(a.hidden_dim, T), "attention": H * N * 2 * (2 * W * 2 * W * d)}
 
 

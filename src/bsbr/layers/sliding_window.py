@@ -2,7 +2,8 @@
 
 Query t sees keys s with t - W < s <= t.  Parallel form: cut the queries into blocks of W; block n attends to
 the keys of blocks n-1 and n (2W keys) by one batched product and softmax with one band mask shared by
-every block — O(T W d) time and memory, never a T x T matrix.  Reference: a dense banded mask.  Streaming
+every block — O(T W d) time and memory, never a T x T matrix (a sequence no longer than W, from its first token,
+is plain causal attention and goes to SDPA's fused kernel).  Reference: a dense banded mask.  Streaming
 keeps a ring of the last W keys and values per row, so the cache never grows past W tokens.
 """
 
@@ -42,6 +43,8 @@ def window_attention(q, k, v, window: int, offset: int = 0) -> torch.Tensor:
     B, H, T, d = q.shape
     n_prev = k.shape[2] - T
     W = window
+    if n_prev == 0 and T <= W:  # every window reaches back to the first token: plain causal attention
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     N = -(-T // W)
     pad_q = N * W - T
     qb = F.pad(q, (0, 0, 0, pad_q)).view(B, H, N, W, d)
