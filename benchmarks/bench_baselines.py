@@ -29,7 +29,9 @@ from tqdm import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bsbr.evals.flops import attention_flops  # noqa: E402
 from bsbr.layers.deltanet import delta_chunkwise, delta_recurrent  # noqa: E402
+from bsbr.layers.gau import gau_mixed  # noqa: E402
 from bsbr.layers.linear import linear_chunkwise, linear_recurrent, with_ones  # noqa: E402
+from bsbr.layers.sliding_window import window_attention  # noqa: E402
 from bsbr.models import build_model, list_models  # noqa: E402
 from common import RESULTS, environment, header, loglog_fit, matmul_peak, write_json  # noqa: E402
 
@@ -75,6 +77,48 @@ def core_forms(name: str, chunk: int):
         return (lambda q, k, v: linear_chunkwise(q, k, v, chunk),
                 lambda q, k, v: linear_recurrent(q, k, with_ones(v)))
     return (lambda q, k, v, b: delta_chunkwise(q, k, v, b, chunk), delta_recurrent)
+
+
+def core_call(name: str, T: int, attn):
+    """A no-argument call of the mechanism's parallel core alone (inputs made up front, projections excluded), for
+    the sub-quadratic mechanisms; None for the others."""
+    if name in ("Linear", "DeltaNet"):
+        args = core_inputs(name, T)
+        return partial(core_forms(name, attn.chunk_size)[0], *args)
+    g = torch.Generator().manual_seed(0)
+    if name == "SlidingWindow":
+        H, d = SHAPE["num_heads"], SHAPE["hidden_dim"] // SHAPE["num_heads"]
+        q, k, v = (torch.randn(1, H, T, d, generator=g) for _ in range(3))
+        return partial(window_attention, q, k, v, attn.window_size)
+    if name == "GAU":
+        qq, kq, lq, lk = (torch.randn(1, T, attn.qk_dim, generator=g) for _ in range(4))
+        v = torch.randn(1, T, attn.expansion_dim, generator=g)
+        return partial(gau_mixed, qq, kq, lq, lk, v, attn.group_size)
+    return None
+
+
+def bench_parts(names, lengths, results, save, rounds):
+    """Where a model's scaling comes from: one attention layer alone (projections included) and, for the
+    sub-quadratic mechanisms, the attention core alone, each at the given lengths in interleaved rounds."""
+    out = results.setdefault("parts_ms", {})
+    for name in tqdm(names, desc="layer and core"):
+        attn = model(name).blocks[0].attn
+        fns, keys = [], []
+        for T in lengths:
+            x = torch.randn(1, T, SHAPE["hidden_dim"], generator=torch.Generator().manual_seed(T))
+            fns.append(partial(attn._parallel, x))
+            keys.append(("layer", T))
+            core = core_call(name, T, attn)
+            if core is not None:
+                fns.append(core)
+                keys.append(("core", T))
+        with torch.inference_mode():
+            for fn in fns:
+                fn()
+            timed = interleaved(fns, rounds)
+        for (part, T), r in zip(keys, timed, strict=True):
+            out.setdefault(name, {}).setdefault(part, {})[str(T)] = {"min": r["min"] * 1e3, "median": r["median"] * 1e3}
+        save()
 
 
 def interleaved(fns, rounds: int) -> list[dict]:
@@ -164,6 +208,18 @@ def summarise(results, lengths) -> list[str]:
                 ratio = fw["Standard"][str(t)]["min"] / fw["SlidingWindow"][str(t)]["min"]
                 checks[f"SlidingWindow faster than Standard at T={t} (Standard/SW)"] = (ratio, ratio > 1.0)
     results["targets"] = {k: {"value": v, "met": ok} for k, (v, ok) in checks.items()}
+    parts = results.get("parts_ms", {})
+    if parts:
+        lines += ["", "Where the exponent comes from (fastest rounds; layer = one attention layer alone with its "
+                  "projections, core = the mechanism's parallel core alone):", "",
+                  "| model | model | layer | core |", "|---|---|---|---|"]
+        for name, row in parts.items():
+            cells = [f"{exps[name]:.2f}" if name in exps else "-"]
+            for part in ("layer", "core"):
+                pts = [t for t in (4096, 16384) if str(t) in row.get(part, {})]
+                cells.append(f"{loglog_fit(pts, [row[part][str(t)]['min'] for t in pts])['k']:.2f}"
+                             if len(pts) == 2 else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     peak = results.get("matmul_peak", {}).get("gflops")
     for name, r in results.get("chunkwise_vs_recurrence", {}).items():
@@ -209,6 +265,7 @@ def main(argv=None) -> None:
     print(header(env))
     results["matmul_peak"] = matmul_peak()  # what "bound by arithmetic" is measured against, on this machine
     bench_models(args.models, args.lengths, results, save, args.rounds)
+    bench_parts(args.models, [t for t in args.lengths if t >= 4096], results, save, args.rounds)
     bench_recurrence([n for n in ("Linear", "DeltaNet") if n in args.models], args.recurrence_length, results, save,
                      args.rounds)
     bench_chunk_sweep([n for n in ("Linear", "DeltaNet") if n in args.models], args.recurrence_length,
