@@ -22,6 +22,18 @@ from pathlib import Path
 if "--no-thp" not in sys.argv:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+# glibc's malloc returns freed memory to the system and faults it in again on the next forward; how much it keeps
+# depends on thresholds it adjusts as it runs.  On the benchmark host this added a length-dependent cost to every
+# model alike (the Linear and DeltaNet backbones: 340 and 399 ms at T = 16,384 by default, 289 and 340 ms with
+# fixed thresholds; docs/baselines.md).  With fixed thresholds far above any tensor here it keeps its memory.
+# glibc reads these when the process starts, so the script re-executes itself once with them; --default-malloc
+# measures with glibc's defaults.
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
+if (__name__ == "__main__" and "--default-malloc" not in sys.argv
+        and any(os.environ.get(k) != v for k, v in MALLOC.items())):
+    os.environ.update(MALLOC)
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -254,11 +266,14 @@ def main(argv=None) -> None:
     p.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64, 128],
                    help="chunk sizes of the Linear/DeltaNet core sweep")
     p.add_argument("--no-thp", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1 (4 KiB pages)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default malloc thresholds (freed memory returned and faulted in again)")
     p.add_argument("--out", default="baselines.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     env = environment()
     env["THP_MEM_ALLOC_ENABLE"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
+    env["malloc"] = " ".join(f"{k}={os.environ[k]}" for k in MALLOC if k in os.environ) or "glibc defaults"
     results = {"threads": args.threads, "environment": env, "shape": SHAPE, "batch": 1, "dtype": "float32",
                "command": " ".join(sys.argv)}
     save = lambda: write_json(args.out, results)  # noqa: E731
@@ -272,7 +287,8 @@ def main(argv=None) -> None:
                       args.chunks, results, save, args.rounds)
     lines = summarise(results, args.lengths)
     save()
-    text = "\n".join([header(env) + f"; THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}; command: "
+    text = "\n".join([header(env) + f"; THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}; malloc: "
+                      f"{env['malloc']}; command: "
                       f"`{results['command']}`", "", *lines])
     (RESULTS / args.out).with_suffix(".md").write_text(text + "\n")
     print("\n".join(lines))
