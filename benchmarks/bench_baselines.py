@@ -24,8 +24,8 @@ if "--no-thp" not in sys.argv:
 
 # glibc's malloc returns freed memory to the system and faults it in again on the next forward; how much it keeps
 # depends on thresholds it adjusts as it runs.  On the benchmark host this added a length-dependent cost to every
-# model alike (the Linear and DeltaNet backbones: 340 and 399 ms at T = 16,384 by default, 289 and 340 ms with
-# fixed thresholds; docs/baselines.md).  With fixed thresholds far above any tensor here it keeps its memory.
+# model alike (at T = 16,384: Linear 365.6 ms with glibc's defaults, 282.1 ms with fixed thresholds; BSBR 362.8
+# vs 314.1; docs/baselines.md).  With fixed thresholds far above any tensor here it keeps its memory.
 # glibc reads these when the process starts, so the script re-executes itself once with them; --default-malloc
 # measures with glibc's defaults.
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
