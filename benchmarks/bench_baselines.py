@@ -10,35 +10,22 @@ Writes benchmarks/results/baselines.json after every measurement, and the table 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-# As in bench_bsbr.py: transparent huge pages for PyTorch's CPU allocations (read once, when torch starts), for
-# every model alike; --no-thp measures without.  Tensors of 16-64 MB at T = 16,384 otherwise fault in 4 KiB pages.
-if "--no-thp" not in sys.argv:
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _process  # noqa: E402  (no torch import: sets what torch reads when it starts)
 
-# glibc's malloc returns freed memory to the system and faults it in again on the next forward; how much it keeps
-# depends on thresholds it adjusts as it runs.  On the benchmark host this added a length-dependent cost to every
-# model alike (at T = 16,384: Linear 365.6 ms with glibc's defaults, 282.1 ms with fixed thresholds; BSBR 362.8
-# vs 314.1; docs/baselines.md).  With fixed thresholds far above any tensor here it keeps its memory.
-# glibc reads these when the process starts, so the script re-executes itself once with them; --default-malloc
-# measures with glibc's defaults.
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
-if (__name__ == "__main__" and "--default-malloc" not in sys.argv
-        and any(os.environ.get(k) != v for k, v in MALLOC.items())):
-    os.environ.update(MALLOC)
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+if __name__ == "__main__":
+    _process.configure()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bsbr.evals.flops import attention_flops  # noqa: E402
 from bsbr.layers.deltanet import delta_chunkwise, delta_recurrent  # noqa: E402
 from bsbr.layers.gau import gau_mixed  # noqa: E402
@@ -272,8 +259,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     env = environment()
-    env["THP_MEM_ALLOC_ENABLE"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
-    env["malloc"] = " ".join(f"{k}={os.environ[k]}" for k in MALLOC if k in os.environ) or "glibc defaults"
+    env.update(_process.describe())
     results = {"threads": args.threads, "environment": env, "shape": SHAPE, "batch": 1, "dtype": "float32",
                "command": " ".join(sys.argv)}
     save = lambda: write_json(args.out, results)  # noqa: E731

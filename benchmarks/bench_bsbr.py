@@ -22,24 +22,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-# Large tensors (the 64-128 MB outputs at T >= 32k) are fresh allocations that the kernel page-faults in 4 KiB at
-# a time, which on this machine costs as much as the arithmetic; PyTorch's CPU allocator can ask for transparent
-# huge pages instead.  The variable is read once, when torch starts, so it is set here, before the import, for
-# BSBR and SDPA alike; --no-thp measures without it.
-if "--no-thp" not in sys.argv:
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# Transparent huge pages and fixed malloc thresholds, for BSBR and SDPA alike (benchmarks/_process.py: large fresh
+# tensors otherwise fault in page by page on every call); --no-thp and --default-malloc measure without them.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _process  # noqa: E402  (no torch import: sets what torch and glibc read when they start)
+
+if __name__ == "__main__":
+    _process.configure()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bsbr import BSBRForCausalLM, BSBRModel  # noqa: E402
 from bsbr.models import StandardForCausalLM  # noqa: E402
 from bsbr.ops.bsbr import _mixing_groups, bsbr_parallel, bsbr_reference  # noqa: E402
@@ -202,8 +201,9 @@ def memory_section(lengths: list[int]) -> dict:
           f"{MODEL['num_layers']} layers, ff {MODEL['ff_dim']}, chunk {CHUNK}, batch 1 (fresh process per length)")
     rows = []
     for T in lengths:
-        proc = subprocess.run([sys.executable, __file__, "--memory-child", str(T)], capture_output=True, text=True,
-                              check=False)
+        same_settings = [f for f in ("--no-thp", "--default-malloc") if f in sys.argv]
+        proc = subprocess.run([sys.executable, __file__, "--memory-child", str(T), *same_settings],
+                              capture_output=True, text=True, check=False)
         if proc.returncode:
             raise SystemExit(f"memory child at T={T} failed:\n{proc.stderr}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -224,7 +224,8 @@ def markdown(res: dict) -> str:
     """The run as Markdown tables (written beside the JSON; docs/benchmarks.md quotes it)."""
     env, lines = res["environment"], []
     lines.append(f"Measured {env['date']} on {env['cpu']}, {env['threads']} threads, torch {env['torch']}, commit "
-                 f"{env['commit']}, THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}; fp32 matmul peak "
+                 f"{env['commit']}, THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}, malloc: {env['malloc']}; "
+                 "fp32 matmul peak "
                  f"{res['matmul_peak']['gflops']:.1f} GFLOP/s.\n")
     if res["op"]:
         lines += ["| T | BSBR (s) | SDPA causal (s) | speedup | dense-count GFLOP/s (% peak) "
@@ -268,6 +269,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="small lengths, no targets judged (smoke run)")
     p.add_argument("--no-kv", action="store_true", help="skip filling the standard model's KV cache (about 90 s)")
     p.add_argument("--no-thp", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1 (4 KiB pages)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default malloc thresholds (freed memory returned and faulted in again)")
     p.add_argument("--sections", default="op,streaming,memory",
                    help="comma-separated subset of op,streaming,memory (default: all)")
     p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
@@ -281,8 +284,9 @@ def main() -> int:
     if not sections <= {"op", "streaming", "memory"}:
         p.error(f"--sections must name op, streaming or memory, got {args.sections!r}")
     env = environment()
-    env["THP_MEM_ALLOC_ENABLE"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
-    print("bench_bsbr |", header(env), f"| THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}")
+    env.update(_process.describe())
+    print("bench_bsbr |", header(env),
+          f"| THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']} | malloc: {env['malloc']}")
     err = gate()
     print(f"correctness gate: parallel == reference (fp64, T=300, chunk 64, d=60), relative error {err:.1e}")
     peak = matmul_peak((512, 1024) if args.quick else (512, 1024, 2048, 4096))

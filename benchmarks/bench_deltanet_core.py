@@ -20,18 +20,19 @@ benchmarks/results/deltanet_core.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-if "--no-thp" not in sys.argv:  # as in bench_baselines.py
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _process  # noqa: E402  (as in bench_baselines.py)
+
+if __name__ == "__main__":
+    _process.configure()
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_baselines import core_inputs  # noqa: E402
 from bsbr.layers.deltanet import delta_chunkwise, delta_recurrent  # noqa: E402
 from bsbr.layers.linear import pad_to_chunks  # noqa: E402
@@ -127,6 +128,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-thp", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1")
+    p.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc thresholds")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     q, k, v, beta = core_inputs("DeltaNet", args.length)
@@ -137,7 +139,7 @@ def main(argv=None) -> None:
                 "no_state_loop": lambda: no_state_loop(q, k, v, beta, c),
                 "recurrence": lambda: delta_recurrent(q, k, v, beta)[0]}
     env = environment()
-    env["THP_MEM_ALLOC_ENABLE"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
+    env.update(_process.describe())
     print(header(env))
     with torch.inference_mode():
         ref = variants["recurrence"]()
@@ -152,7 +154,8 @@ def main(argv=None) -> None:
                "recurrence_over_library": rec / lib, "command": " ".join(sys.argv)}
     write_json("deltanet_core.json", results)
     lines = [f"# DeltaNet chunkwise core at T={args.length}, chunk {c}: variants side by side", "",
-             header(env) + f"; THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}; {args.rounds} rounds, "
+             header(env) + f"; THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}; malloc: {env['malloc']}; "
+             f"{args.rounds} rounds, "
              "order rotating; command: `benchmarks/bench_deltanet_core.py`", "",
              "| variant | median ms | min ms | vs library (medians) |", "|---|---|---|---|"]
     lines += [f"| {name} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['median_ms'] / lib:.2f}x |"
