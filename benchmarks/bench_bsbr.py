@@ -199,7 +199,8 @@ def memory_child(T: int) -> dict:
 
 def memory_section(lengths: list[int]) -> dict:
     print(f"\nmodel forward + backward: BSBRModel hidden {MODEL['hidden_dim']}, {MODEL['num_heads']} heads, "
-          f"{MODEL['num_layers']} layers, ff {MODEL['ff_dim']}, chunk {CHUNK}, batch 1 (fresh process per length, glibc's default malloc)")
+          f"{MODEL['num_layers']} layers, ff {MODEL['ff_dim']}, chunk {CHUNK}, batch 1 "
+          "(fresh process per length, glibc's default malloc)")
     rows = []
     for T in lengths:
         # glibc's default malloc in the child whatever the parent runs with: fixed thresholds keep freed memory,
