@@ -34,59 +34,42 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from bench_baselines import core_inputs  # noqa: E402
-from bsbr.layers.deltanet import delta_chunkwise, delta_recurrent  # noqa: E402
+from bsbr.layers.deltanet import delta_chunk_terms, delta_chunkwise, delta_recurrent  # noqa: E402
 from bsbr.layers.linear import pad_to_chunks  # noqa: E402
 from common import RESULTS, environment, header, write_json  # noqa: E402
 
 
-def _chunk_terms(q, k, v, beta, chunk):
-    """The batched part of the library form: (q_eff, o_local, decay, writes, shape)."""
-    qc, kc, vc = (pad_to_chunks(t, chunk) for t in (q, k, v))
-    B, H, N = qc.shape[:3]
-    d, e = k.shape[-1], v.shape[-1]
-    bc = pad_to_chunks(beta[..., None], chunk)
-    qc, kc, vc, bc = (t.flatten(0, 2) for t in (qc, kc, vc, bc))
-    t = torch.linalg.solve_triangular(kc @ (bc * kc).mT, torch.diag_embed(bc[..., 0]), upper=False, left=False,
-                                      unitriangular=True)
-    w, u = t @ kc, t @ vc
-    local = (qc @ kc.mT).tril_()
-    q_eff = torch.baddbmm(qc, local, w, alpha=-1)
-    o_local = local @ u
-    decay = torch.baddbmm(torch.eye(d, dtype=q.dtype), kc.mT, w, alpha=-1).view(B * H, N, d, d)
-    writes = (kc.mT @ u).view(B * H, N, d, e)
-    return q_eff, o_local, decay, writes, (B, H, N, d, e)
-
-
-def _read_out(q_eff, o_local, starts, shape, chunk, T):
-    B, H, N, d, e = shape
-    return torch.baddbmm(o_local, q_eff, starts.reshape(B * H * N, d, e)).view(B, H, N * chunk, e)[:, :, :T]
+def _read_out(q_eff, o_local, starts, q, v):
+    """O = q_eff S + o_local per chunk, back to [B, H, T, e] (as in the library)."""
+    (B, H, T, _), e = q.shape, v.shape[-1]
+    return torch.baddbmm(o_local, q_eff, starts.reshape(-1, *starts.shape[-2:])).view(B, H, -1, e)[:, :, :T]
 
 
 def pair_scan(q, k, v, beta, chunk):
     """Library form, recursion as one level of a pairwise scan: combine chunks (2i, 2i+1), loop over the pairs,
     then fill in the odd chunks' start states in one batched product."""
-    q_eff, o_local, decay, writes, shape = _chunk_terms(q, k, v, beta, chunk)
-    B, H, N, d, e = shape
+    q_eff, o_local, decay, writes = delta_chunk_terms(q, k, v, beta, chunk)
+    BH, N, d, e = writes.shape
     if N % 2:  # pad with an identity step
-        decay = torch.cat([decay, torch.eye(d, dtype=q.dtype).expand(B * H, 1, d, d)], 1)
-        writes = torch.cat([writes, writes.new_zeros(B * H, 1, d, e)], 1)
+        decay = torch.cat([decay, torch.eye(d, dtype=q.dtype).expand(BH, 1, d, d)], 1)
+        writes = torch.cat([writes, writes.new_zeros(BH, 1, d, e)], 1)
     de, do, we, wo = decay[:, 0::2], decay[:, 1::2], writes[:, 0::2], writes[:, 1::2]
     d2 = do @ de
     w2 = torch.baddbmm(wo.flatten(0, 1), do.flatten(0, 1), we.flatten(0, 1)).view_as(wo)
-    S, even = q.new_zeros(B * H, d, e), []
+    S, even = q.new_zeros(BH, d, e), []
     for n in range(d2.shape[1]):
         even.append(S)
         S = torch.baddbmm(w2[:, n], d2[:, n], S)
     even = torch.stack(even, 1)
     odd = torch.baddbmm(we.flatten(0, 1), de.flatten(0, 1), even.flatten(0, 1)).view_as(even)
     starts = torch.stack([even, odd], 2).flatten(1, 2)[:, :N]
-    return _read_out(q_eff, o_local, starts, shape, chunk, q.shape[2])
+    return _read_out(q_eff, o_local, starts, q, v)
 
 
 def no_state_loop(q, k, v, beta, chunk):
     """Library form without the recursion (wrong output; the time of everything else)."""
-    q_eff, o_local, decay, writes, shape = _chunk_terms(q, k, v, beta, chunk)
-    return _read_out(q_eff, o_local, writes, shape, chunk, q.shape[2])
+    q_eff, o_local, _, writes = delta_chunk_terms(q, k, v, beta, chunk)
+    return _read_out(q_eff, o_local, writes, q, v)
 
 
 def solve_rhs(q, k, v, beta, chunk):

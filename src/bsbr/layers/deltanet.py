@@ -31,12 +31,15 @@ from .common import QKVAttention
 from .linear import pad_to_chunks, work_dtype
 
 
-def delta_chunkwise(q, k, v, beta, chunk: int, state: torch.Tensor | None = None):
-    """q, k: [B, H, T, d] (unit norm); v: [B, H, T, e]; beta: [B, H, T]; state: [B, H, d, e] or None.
+def delta_chunk_terms(q, k, v, beta, chunk: int):
+    """Everything of the chunkwise form that is batched over all chunks (no chunk-to-chunk dependence).
 
-    Returns (o [B, H, T, e], final state [B, H, d, e]).
+    q, k: [B, H, T, d] (unit norm); v: [B, H, T, e]; beta: [B, H, T].  With M = B H N chunks of C = chunk tokens
+    (the last zero-padded) and S_n the state at chunk n's start, O_n = q_eff_n S_n + o_local_n and
+    S_{n+1} = decay_n S_n + writes_n.  Returns (q_eff [M, C, d], o_local [M, C, e], decay [B H, N, d, d],
+    writes [B H, N, d, e]).
     """
-    T, d, e = q.shape[2], k.shape[-1], v.shape[-1]
+    d, e = k.shape[-1], v.shape[-1]
     qc, kc, vc = (pad_to_chunks(t, chunk) for t in (q, k, v))  # [B, H, N, C, .]
     B, H, N = qc.shape[:3]
     bc = pad_to_chunks(beta[..., None], chunk)  # padded tokens get beta = 0, k = 0: no write
@@ -53,20 +56,30 @@ def delta_chunkwise(q, k, v, beta, chunk: int, state: torch.Tensor | None = None
     w = t @ kc  # W = T K
     u = t @ vc  # U before the start state's correction: T V
     local = (qc @ kc.mT).tril_()
-    # O_n = (Q_n - local_n W_n) S_n + local_n U_n and S_{n+1} = (I - K_n^T W_n) S_n + K_n^T U_n: everything but
-    # the state recursion is batched over chunks, which leaves one small matmul per chunk in the loop
+    # O_n = (Q_n - local_n W_n) S_n + local_n U_n and S_{n+1} = (I - K_n^T W_n) S_n + K_n^T U_n
     q_eff = torch.baddbmm(qc, local, w, alpha=-1)
     o_local = local @ u
     eye_d = torch.eye(d, dtype=q.dtype, device=q.device)
     decay = torch.baddbmm(eye_d, kc.mT, w, alpha=-1).view(B * H, N, d, d)
     writes = (kc.mT @ u).view(B * H, N, d, e)
+    return q_eff, o_local, decay, writes
+
+
+def delta_chunkwise(q, k, v, beta, chunk: int, state: torch.Tensor | None = None):
+    """q, k: [B, H, T, d] (unit norm); v: [B, H, T, e]; beta: [B, H, T]; state: [B, H, d, e] or None.
+
+    Returns (o [B, H, T, e], final state [B, H, d, e]).  :func:`delta_chunk_terms` does all but the state
+    recursion, which leaves one small matmul per chunk in the loop.
+    """
+    (B, H, T, d), e = q.shape, v.shape[-1]
+    q_eff, o_local, decay, writes = delta_chunk_terms(q, k, v, beta, chunk)
     S = q.new_zeros(B * H, d, e) if state is None else state.flatten(0, 1)
     starts = []
-    for n in range(N):
+    for n in range(decay.shape[1]):
         starts.append(S)
         S = torch.baddbmm(writes[:, n], decay[:, n], S)
-    starts = torch.stack(starts, dim=1).view(B * H * N, d, e)
-    o = torch.baddbmm(o_local, q_eff, starts).view(B, H, N * chunk, e)[:, :, :T]
+    starts = torch.stack(starts, dim=1).flatten(0, 1)  # [M, d, e]
+    o = torch.baddbmm(o_local, q_eff, starts).view(B, H, -1, e)[:, :, :T]
     return o, S.view(B, H, d, e)
 
 
