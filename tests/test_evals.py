@@ -100,3 +100,69 @@ def test_cli_compare_analyze_report_and_ablate(tmp_path, capsys):
     assert len(rows) == 4
     by = {(r["chunk_size"], r["compression_factor"]): r for r in rows}
     assert by[(16, 4)]["cache_bytes"] < by[(16, None)]["cache_bytes"]
+
+
+class _FakeLibc:
+    def __init__(self, answer=1):
+        self.calls, self.answer = [], answer
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return self.answer
+
+
+def _pretend_glibc(monkeypatch, libc):
+    import ctypes
+    import platform
+
+    import bsbr.utils.memory as memory
+
+    monkeypatch.setattr(memory, "_malloc_fixed", False)
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("glibc", "2.36"))
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    return memory
+
+
+def test_fix_malloc_thresholds_sets_both_and_results_say_so(monkeypatch):
+    libc = _FakeLibc()
+    memory = _pretend_glibc(monkeypatch, libc)
+    assert memory.malloc_setting() == "allocator defaults"
+    assert memory.fix_malloc_thresholds() is True
+    assert libc.calls == [(-3, 32 << 20), (-1, 2**31 - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    r = compare_models([16], models=["Linear"], metrics=["inference_time"], hidden_dim=16, num_heads=2, repeats=1,
+                       progress=False)
+    assert r["settings"]["malloc"] == memory.malloc_setting() == "fixed glibc thresholds (mmap 32 MiB, no trim)"
+
+
+def test_fix_malloc_thresholds_without_glibc_or_when_refused(monkeypatch):
+    import platform
+
+    memory = _pretend_glibc(monkeypatch, _FakeLibc(answer=0))
+    with pytest.raises(RuntimeError, match="mallopt refused parameter -3 = 33554432"):
+        memory.fix_malloc_thresholds()
+    assert memory.malloc_setting() == "allocator defaults"
+    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("", ""))
+    assert memory.fix_malloc_thresholds() is False and memory.malloc_setting() == "allocator defaults"
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux")
+                    or __import__("platform").libc_ver()[0] != "glibc", reason="glibc only")
+def test_fix_malloc_thresholds_on_this_glibc(monkeypatch):
+    import bsbr.utils.memory as memory
+
+    monkeypatch.setattr(memory, "_malloc_fixed", False)
+    assert memory.fix_malloc_thresholds() is True  # the real mallopt accepts both values
+
+
+def test_cli_fixes_malloc_unless_told_not_to(monkeypatch, tmp_path):
+    import bsbr.evals.cli as cli
+    from bsbr.cli import main
+
+    calls = []
+    monkeypatch.setattr(cli, "fix_malloc_thresholds", lambda: calls.append("fixed") or True)
+    small = ["--lengths", "16", "--models", "Linear", "--hidden-dim", "16", "--num-heads", "2", "--repeats", "1"]
+    assert main(["compare", *small, "--default-malloc", "--out", str(tmp_path / "a")]) == 0
+    assert calls == []
+    assert main(["scaling", *small, "--out", str(tmp_path / "b")]) == 0
+    assert calls == ["fixed"]

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..utils.memory import fix_malloc_thresholds, malloc_setting
 from .analysis import analyze_results
 from .compare import compare_models, scaling_analysis
 from .report import write_report
@@ -24,6 +25,19 @@ def _common(p: argparse.ArgumentParser, lengths, metrics, choices) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="bsbr-results/compare", help="directory for results, plots and the report")
+    _malloc_flag(p)
+
+
+def _malloc_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc thresholds alone (by default they are fixed so that timings do not pay "
+                        "for page faults of memory freed and re-allocated between calls: bsbr.utils.memory."
+                        "fix_malloc_thresholds)")
+
+
+def _prepare(args) -> None:
+    if not args.default_malloc:
+        fix_malloc_thresholds()
 
 
 def _kwargs(args) -> dict:
@@ -32,6 +46,7 @@ def _kwargs(args) -> dict:
 
 
 def _compare(args) -> int:
+    _prepare(args)
     results = compare_models(args.lengths, args.models, args.metrics, accuracy_steps=args.accuracy_steps,
                              **_kwargs(args))
     print(f"report written to {write_report(results, args.out)}")
@@ -39,6 +54,7 @@ def _compare(args) -> int:
 
 
 def _scaling(args) -> int:
+    _prepare(args)
     results = scaling_analysis(args.lengths, args.models, args.metrics, **_kwargs(args))
     print(f"report written to {write_report(results, args.out)}")
     return 0
@@ -96,6 +112,7 @@ def register(subparsers) -> None:
 
 def _ablate(args) -> int:
     """BSBR chunk size x compression factor at one length: forward time, activation memory, streaming cache."""
+    _prepare(args)
     import torch
     from tqdm import tqdm
 
@@ -121,7 +138,7 @@ def _ablate(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps({"length": args.length, "hidden_dim": args.hidden_dim,
                                                    "num_layers": args.num_layers, "num_heads": args.num_heads,
-                                                   "rows": rows}, indent=2))
+                                                   "malloc": malloc_setting(), "rows": rows}, indent=2))
     print(f"BSBR ablation at T={args.length} (hidden {args.hidden_dim}, {args.num_layers} layers, "
           f"{args.num_heads} heads)")
     print(f"{'chunk':>6s} {'compress':>8s} {'forward s':>10s} {'act MiB':>8s} {'cache MiB':>9s} {'params':>10s}")
@@ -142,4 +159,5 @@ def register_ablate(subparsers) -> None:
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bsbr-results/ablate")
+    _malloc_flag(p)
     p.set_defaults(func=_ablate)

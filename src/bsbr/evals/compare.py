@@ -58,9 +58,11 @@ def _cpu_name() -> str:
 
 
 def _settings(**kw) -> dict:
+    from ..utils.memory import malloc_setting  # (bsbr.utils.memory imports this package)
+
     return {**kw, "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "processor": _cpu_name(), "threads": torch.get_num_threads(),
-            "commit": _commit()}
+            "commit": _commit(), "malloc": malloc_setting()}
 
 
 def _build(name, vocab_size, hidden_dim, num_layers, num_heads, ff_dim, device, dtype, causal_lm=False):

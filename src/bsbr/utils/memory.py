@@ -11,6 +11,7 @@ a difference from a baseline taken after a reset, as the CUDA figures usually ar
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 import torch
@@ -87,3 +88,46 @@ def max_memory_allocated(device=None) -> int:
 def memory_allocated(device=None) -> int:
     """Bytes held now: the CUDA allocator's, or on CPU the process's resident memory (VmRSS)."""
     return torch.cuda.memory_allocated(device) if not _cpu(device) else _proc_status_bytes("VmRSS")
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
+MMAP_THRESHOLD = 32 << 20  # the largest mmap threshold glibc's mallopt accepts on 64-bit
+TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int: the largest it can say
+_malloc_fixed = False
+
+
+def fix_malloc_thresholds() -> bool:
+    """Keep freed memory in this process between calls, so that CPU timings do not pay for page faults.
+
+    glibc's malloc adjusts its thresholds as the process runs and hands large freed blocks back to the system;
+    the next forward of a model then faults the same memory in again, page by page.  That cost grows with the
+    tensors and so with the sequence length, is the same for every model, and bends timing-based scaling fits
+    upward: on the development host a Linear backbone at T = 16,384 took 365.6 ms with glibc's defaults and
+    282.1 ms with fixed thresholds, and its fitted exponent from 4,096 went from 1.18 to 1.00 (docs/baselines.md,
+    "Memory allocator"; that benchmark fixes the thresholds through glibc's environment variables before it
+    starts).  This fixes both at run time (``mallopt``): blocks up to 32 MiB come from the heap, and freed memory
+    is not trimmed back to the system.
+
+    One-way for the process: it keeps the memory it has freed, so resident-memory figures taken afterwards
+    (:func:`max_memory_allocated` on CPU) read higher; ``compare_models``' CPU memory metric (bytes saved for
+    backward) is unaffected.  ``bsbr compare``, ``bsbr scaling`` and ``bsbr ablate`` call it unless given
+    ``--default-malloc``.  Returns True when applied, False where the C library is not glibc (nothing changes).
+    """
+    global _malloc_fixed
+    import ctypes
+    import platform
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    for param, value in ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+        if libc.mallopt(param, value) != 1:
+            raise RuntimeError(f"glibc's mallopt refused parameter {param} = {value}")
+    _malloc_fixed = True
+    return True
+
+
+def malloc_setting() -> str:
+    """What :func:`fix_malloc_thresholds` has done to this process, in words (for results' settings)."""
+    return (f"fixed glibc thresholds (mmap {MMAP_THRESHOLD >> 20} MiB, no trim)" if _malloc_fixed
+            else "allocator defaults")
