@@ -9,6 +9,9 @@ importing a benchmark module from the tests changes nothing.
   the end of one forward goes back to the system and the next forward faults it in again; on the benchmark host
   that added a length-dependent cost to every model (docs/baselines.md, "Memory allocator").  glibc reads these
   at start-up, so the script re-executes itself once with them.  ``--default-malloc`` measures with the defaults.
+  (The library's run-time equivalent, ``bsbr.utils.memory.fix_malloc_thresholds``, goes through ``mallopt``,
+  which caps the mmap threshold at 32 MiB; the environment route here has no cap and acts from the first
+  allocation.)
 """
 
 from __future__ import annotations
