@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--test-batches", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="results go to results/recall_vs_length_<tag>.json (another budget)")
+    p.add_argument("--gau-qk-scale-init", type=float, default=None,
+                   help="GAU's qk_scale_init (std of its Q/K scales at initialisation; default: the layer's 0.02)")
     args = p.parse_args()
     budget = vars(args)
     jobs = []
@@ -38,6 +40,8 @@ def main() -> None:
         for model in args.models:
             for lr in args.lrs:
                 opts = {"chunk_size": args.chunk_size} if model == "BSBR" else {}
+                if model == "GAU" and args.gau_qk_scale_init is not None:
+                    opts = {"qk_scale_init": args.gau_qk_scale_init}
                 task = {"name": "mqar", "seq_len": t, "vocab_size": args.vocab_size, "num_kv_pairs": t // 16,
                         "seed": args.seed}
                 train_opts = {"steps": args.steps, "batch_size": args.batch_size, "lr": lr,

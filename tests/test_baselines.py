@@ -119,6 +119,25 @@ def test_gau_one_group_is_quadratic_gau_and_has_no_feedforward():
     assert all(block.ff is None for block in lm.blocks)
 
 
+def test_gau_qk_scale_init_sets_the_scales_and_wakes_the_attention():
+    """The default keeps the common initialisation (std 0.02); a larger one makes the relu^2 attention's row sums
+    at initialisation many orders of magnitude larger; bad values name the argument."""
+    def first_layer(**opts):
+        torch.manual_seed(0)
+        return build_model("GAU", vocab_size=64, hidden_dim=128, num_layers=2, num_heads=4, ff_dim=256,
+                           **opts).blocks[0].attn
+
+    default, wide = first_layer(), first_layer(qk_scale_init=0.5)
+    assert default.gamma.std().item() == pytest.approx(0.02, rel=0.1) and "qk_scale_init=0.02" in repr(default)
+    assert wide.gamma.std().item() == pytest.approx(0.5, rel=0.1) and "qk_scale_init=0.5" in repr(wide)
+    x = torch.randn(2, 128, 128)
+    quiet, awake = (m._attention_weights(x).sum(-1).median().item() for m in (default, wide))
+    assert quiet < 1e-8 and awake > 1e4 * quiet  # fourth order in gamma: (0.5 / 0.02)^4 ~ 4e5
+    for bad in (0, -0.1, "0.5", True):
+        with pytest.raises(ValueError, match=f"qk_scale_init must be a positive number, got {bad!r}"):
+            first_layer(qk_scale_init=bad)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["Standard", *SUBQUADRATIC])
 def test_forward_backward_8192(name):
