@@ -54,15 +54,21 @@ def recall(lines: list[str], name: str = "recall_vs_length") -> None:
     models = sorted({m for m, _ in best}, key=lambda m: (m != "BSBR", m))
     lengths = sorted({t for _, t in best})
     tag = name[len("recall_vs_length_"):] if name != "recall_vs_length" else ""
+    gau_init = b.get("gau_qk_scale_init")
+    gau = (f" GAU's Q/K scales initialised with std {gau_init:g} (qk_scale_init; the layer's default is 0.02)."
+           if gau_init is not None else "")
+    gau_flag = f" --gau-qk-scale-init {gau_init:g}" if gau_init is not None else ""
     lines += [f"## 1. Associative recall (MQAR) vs sequence length{f' ({tag})' if tag else ''}", "",
               f"Budget: {b['steps']} steps of batch {b['batch_size']}, vocabulary {b['vocab_size']}, "
               f"num_kv_pairs = T/16, hidden 128, 2 layers, 4 heads, BSBR chunk {b['chunk_size']}, learning rates "
               f"{b['lrs']} (best valid accuracy kept), seed {b['seed']}. Test-split accuracy on the scored values "
-              f"({b['test_batches']} batches of {b['batch_size']}). {_env(data)}", "",
+              f"({b['test_batches']} batches of {b['batch_size']}).{gau} {_env(data)}", "",
               f"Command: `{RUN}recall_vs_length.py "
               f"--models {' '.join(models)} --lengths {' '.join(map(str, b['lengths']))} --lrs "
               f"{' '.join(f'{x:g}' for x in b['lrs'])} --steps {b['steps']} --batch-size {b['batch_size']} "
-              f"--vocab-size {b['vocab_size']} --chunk-size {b['chunk_size']}{f' --tag {tag}' if tag else ''}`", ""]
+              f"--vocab-size {b['vocab_size']} --chunk-size {b['chunk_size']}"
+              f"{gau_flag}{f' --tag {tag}' if tag else ''}`",
+              ""]
     rows = []
     for m in models:
         for t in lengths:
