@@ -72,6 +72,51 @@ def test_chunk_size_does_not_change_the_result(name):
         assert_close(f"{name} chunk {c} vs chunk 1", y, outs[0])
 
 
+@pytest.mark.parametrize("C", [1, 7, 32, 33, 64, 100, 128])
+def test_deltanet_ut_transform_is_the_inverse(C):
+    """T = (I + tril(diag(beta) K K^T, -1))^-1 diag(beta) by an explicit inverse, for chunks solved at once (C <= 32
+    or odd) and split in halves (64 once, 128 twice, 100 -> 50 -> 25); beta = 0 rows as for padded tokens."""
+    from bsbr.layers.deltanet import ut_transform
+
+    g = torch.Generator().manual_seed(C)
+    k = torch.nn.functional.normalize(torch.randn(3, C, 16, generator=g, dtype=torch.float64), dim=-1)
+    beta = torch.rand(3, C, generator=g, dtype=torch.float64)
+    beta[0, -3:] = 0
+    eye = torch.eye(C, dtype=torch.float64)
+    expected = torch.linalg.inv(eye + (beta[..., None] * (k @ k.mT)).tril(-1)) @ torch.diag_embed(beta)
+    assert_close(f"UT transform C={C}", ut_transform(k @ k.mT, beta), expected)
+
+
+@pytest.mark.parametrize("chunk", [16, 64, 128])
+def test_deltanet_chunkwise_with_and_without_gradients(chunk):
+    """The in-place state loop (no gradients: no_grad, inference_mode) and the out-of-place one (autograd) both
+    equal the token recurrence, with and without a start state, and leave their inputs untouched."""
+    from bsbr.layers.deltanet import chunk_states, delta_chunkwise, delta_recurrent
+
+    g = torch.Generator().manual_seed(chunk)
+    for B, T in ((1, 1), (2, 130), (3, 300)):
+        q, k = (torch.nn.functional.normalize(torch.randn(B, 2, T, 12, generator=g, dtype=torch.float64), dim=-1)
+                for _ in range(2))
+        v = torch.randn(B, 2, T, 10, generator=g, dtype=torch.float64)
+        beta = torch.rand(B, 2, T, generator=g, dtype=torch.float64)
+        for state in (None, torch.randn(B, 2, 12, 10, generator=g, dtype=torch.float64)):
+            inputs = [t for t in (q, k, v, beta, state) if t is not None]
+            before = [t.clone() for t in inputs]
+            ref, ref_state = delta_recurrent(q, k, v, beta, state)
+            for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+                with mode():
+                    o, s = delta_chunkwise(q, k, v, beta, chunk, state)
+                assert_close(f"chunk {chunk} B={B} T={T} {mode.__name__} output", o, ref)
+                assert_close(f"chunk {chunk} B={B} T={T} {mode.__name__} state", s, ref_state)
+            for t, t0 in zip(inputs, before, strict=True):
+                assert torch.equal(t, t0)
+    decay, writes = torch.randn(3, 5, 4, 4, dtype=torch.float64), torch.randn(3, 5, 4, 6, dtype=torch.float64)
+    for state in (None, torch.randn(3, 4, 6, dtype=torch.float64)):
+        a, b = chunk_states(decay, writes, state, in_place=True), chunk_states(decay, writes, state, in_place=False)
+        assert_close("chunk starts, in place vs stacked", a[0], b[0])
+        assert_close("final state, in place vs stacked", a[1], b[1])
+
+
 @pytest.mark.parametrize("name", ["Linear", "SlidingWindow", "DeltaNet", "Hopfield"])
 def test_attention_weights_reproduce_the_output(name):
     """out_proj(weights @ v) == the layer's output: the weights are the mechanism's, not a picture of it."""

@@ -38,8 +38,8 @@ def test_dense_flop_count_matches_flop_counter(T):
 
 @pytest.mark.parametrize("T", [1, 63, 200])
 def test_deltanet_core_variants_equal_the_recurrence(T):
-    """bench_deltanet_core's correct variants (earlier solve, pairwise scan) compute the same as the token
-    recurrence, odd chunk counts and a padded last chunk included; fp64."""
+    """bench_deltanet_core's correct variants (one solve per chunk, stacked loop, both) compute the same as the
+    token recurrence, odd chunk counts, a padded last chunk and chunks split for the UT transform included; fp64."""
     import torch.nn.functional as F
 
     import bench_deltanet_core as bench
@@ -50,7 +50,9 @@ def test_deltanet_core_variants_equal_the_recurrence(T):
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     beta = torch.rand(2, 3, T, generator=g, dtype=torch.float64)
     ref, _ = delta_recurrent(q, k, v, beta)
-    for chunk in (4, 16):
-        for out in (bench.solve_rhs(q, k, v, beta, chunk), bench.pair_scan(q, k, v, beta, chunk),
+    for chunk in (4, 16, 64):
+        for out in (bench.chunkwise(q, k, v, beta, chunk, ut_leaf=chunk),
+                    bench.chunkwise(q, k, v, beta, chunk, in_place=False),
+                    bench.chunkwise(q, k, v, beta, chunk, ut_leaf=chunk, in_place=False),
                     delta_chunkwise(q, k, v, beta, chunk)[0]):
             torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

@@ -40,6 +40,16 @@ def test_analytic_equals_flop_counter(model_name, T):
     assert a["total"] - a["parts"].get("triangular_solve", 0) == counted(model, T)
 
 
+@pytest.mark.parametrize("chunk", [64, 100, 128])
+def test_deltanet_ut_transform_blocks(chunk):
+    """Chunks above the UT transform's leaf size are split in halves (once for 64, twice for 128; 100 -> 50 -> 25
+    leaves): the joining products are counted, the leaf solves set aside."""
+    model = small("DeltaNet", chunk_size=chunk)
+    for T in (70, 300):
+        a = analytic_flops(model, T, batch_size=2)
+        assert a["total"] - a["parts"]["triangular_solve"] == counted(model, T)
+
+
 @pytest.mark.parametrize("options", [{"compression_factor": 4}, {"meta_query": "prev_last"}, {"retrieval_window": 3}],
                          ids=str)
 def test_bsbr_options_and_row_groups(options):

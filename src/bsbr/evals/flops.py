@@ -5,9 +5,9 @@ are tested against each other): 2 FLOPs per multiply-add of every matrix product
 full blocks it computes — masked entries included (a causal T x T product counts T^2 entries, as a dense
 kernel would run it; fused kernels that skip masked tiles do less).  Element-wise work (softmax, norms,
 activations, masks) is not counted.  Two parts FlopCounterMode cannot see are counted here and named:
-``triangular_solve`` (DeltaNet's per-chunk unit-triangular solve for the inverse: C right-hand sides of C(C-1)/2
-multiply-adds each) and every product inside CPU ``scaled_dot_product_attention`` (Standard, Hopfield, BSBR's
-local part), which the tests count by running those calls through explicit matmuls.
+``triangular_solve`` (DeltaNet's unit-triangular solves for the UT transform: c right-hand sides of c(c-1)/2
+multiply-adds each, per leaf block of c tokens) and every product inside CPU ``scaled_dot_product_attention``
+(Standard, Hopfield, BSBR's local part), which the tests count by running those calls through explicit matmuls.
 
     >>> from bsbr.models import build_model
     >>> m = build_model("Linear", vocab_size=256, hidden_dim=256, num_layers=2, num_heads=4, ff_dim=1024)
@@ -65,13 +65,27 @@ def _linear(a, T):
             "readout": H * (2 * Tp * d * d + 2 * Tp * d)}  # phi(Q) S and phi(Q) . z at each chunk start
 
 
+def _ut_transform(C: int) -> tuple[int, int]:
+    """(matmul FLOPs, triangular-solve FLOPs) of :func:`bsbr.layers.deltanet.ut_transform` for one chunk of C:
+    halves joined by T_21 = -T_22 (G_21 T_11) (two h x h x h products) above the leaf size, one solve of C
+    right-hand sides with C(C-1)/2 multiply-adds each at the leaves."""
+    from ..layers.deltanet import UT_LEAF
+
+    if C % 2 or C <= UT_LEAF:
+        return 0, C * (C - 1) * C
+    h = C // 2
+    products, solve = _ut_transform(h)
+    return 2 * (2 * h * h * h) + 2 * products, 2 * solve
+
+
 def _deltanet(a, T):
     C, d, H = a.chunk_size, a.head_dim, a.num_heads
     N, Tp = _ceil_to(T, C)
+    ut_products, ut_solve = _ut_transform(C)
     return {"projections": _projections(a.hidden_dim, T) + 2 * T * a.hidden_dim * H,  # q, k, v, out and beta
-            # K K^T, Q K^T, W = T K, T V, tril(QK^T) W, tril(QK^T) (T V)
-            "intra_chunk": H * 6 * (2 * Tp * C * d),
-            "triangular_solve": H * N * C * (C - 1) * C,  # the inverse of each unit lower triangular C x C
+            # K K^T, Q K^T, W = T K, T V, tril(QK^T) W, tril(QK^T) (T V); the products joining T's blocks
+            "intra_chunk": H * 6 * (2 * Tp * C * d) + H * N * ut_products,
+            "triangular_solve": H * N * ut_solve,  # the unit lower triangular solves at T's leaf blocks
             "states": H * (2 * (2 * Tp * d * d) + N * 2 * d * d * d),  # I - K^T W, K^T U; the chunk recursion
             "readout": H * 2 * Tp * d * d}  # (Q - tril(QK^T) W) S
 
