@@ -18,7 +18,7 @@ second reported; see ``bench_baselines.interleaved``):
 A probe then times the library right after itself, the recurrence, a 0.2 s sleep and a few large matmuls: the
 first call after other work is slower whatever the other work was.  The four correct variants are checked
 against the recurrence before timing.  Writes
-benchmarks/results/deltanet_core.{json,md}.
+benchmarks/results/deltanet_core.{json,md} (``--out`` another stem).
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def main(argv=None) -> None:
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--out", default="deltanet_core", help="results file stem under benchmarks/results/")
     p.add_argument("--probe-rounds", type=int, default=12, help="rounds of the first-call probe (0: skip it)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-thp", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1")
@@ -124,7 +125,7 @@ def main(argv=None) -> None:
                "protocol": "interleaved rounds; each variant called twice in its turn, the second call timed "
                            "(the first kept as first_call)",
                "recurrence_over_library": rec / lib, "library_after": probe, "command": " ".join(sys.argv)}
-    write_json("deltanet_core.json", results)
+    write_json(f"{args.out}.json", results)
     lines = [f"# DeltaNet chunkwise core at T={args.length}, chunk {c}: variants side by side", "",
              header(env) + f"; THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}; malloc: {env['malloc']}; "
              f"{args.rounds} interleaved rounds, "
@@ -143,7 +144,7 @@ def main(argv=None) -> None:
         lines += ["", f"The library's time right after other work ({args.probe_rounds} interleaved rounds):", "",
                   "| called right after | median ms | min ms |", "|---|---|---|"]
         lines += [f"| {name} | {r['median_ms']:.1f} | {r['min_ms']:.1f} |" for name, r in probe.items()]
-    (RESULTS / "deltanet_core.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

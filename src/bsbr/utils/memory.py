@@ -102,8 +102,8 @@ def fix_malloc_thresholds() -> bool:
     glibc's malloc adjusts its thresholds as the process runs and hands large freed blocks back to the system;
     the next forward of a model then faults the same memory in again, page by page.  That cost grows with the
     tensors and so with the sequence length, is the same for every model, and bends timing-based scaling fits
-    upward: on the development host a Linear backbone at T = 16,384 took 365.6 ms with glibc's defaults and
-    282.1 ms with fixed thresholds, and its fitted exponent from 4,096 went from 1.18 to 1.00 (docs/baselines.md,
+    upward: on the development host a Linear backbone at T = 16,384 took 352.6 ms with glibc's defaults and
+    268.6 ms with fixed thresholds, and its fitted exponent from 4,096 went from 1.20 to 1.04 (docs/baselines.md,
     "Memory allocator"; that benchmark fixes the thresholds through glibc's environment variables before it
     starts).  This fixes both at run time (``mallopt``): blocks up to 32 MiB come from the heap, and freed memory
     is not trimmed back to the system.
