@@ -108,6 +108,8 @@ def test_deltanet_chunkwise_with_and_without_gradients(chunk):
                     o, s = delta_chunkwise(q, k, v, beta, chunk, state)
                 assert_close(f"chunk {chunk} B={B} T={T} {mode.__name__} output", o, ref)
                 assert_close(f"chunk {chunk} B={B} T={T} {mode.__name__} state", s, ref_state)
+                # the final state goes into a cache: it must hold only its own memory, not the loop's buffer
+                assert s.untyped_storage().nbytes() == s.numel() * s.element_size()
             for t, t0 in zip(inputs, before, strict=True):
                 assert torch.equal(t, t0)
     decay, writes = torch.randn(3, 5, 4, 4, dtype=torch.float64), torch.randn(3, 5, 4, 6, dtype=torch.float64)

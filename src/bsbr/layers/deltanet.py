@@ -7,7 +7,7 @@ Per head, with L2-normalised q_t, k_t and a learned write strength beta_t = sigm
 Each write replaces a beta-fraction of what the state recalled for k_t by v_t.  Chunkwise form: in a chunk of
 C tokens with start state S0, the writes u_t = beta_t (v_t - S_{t-1}^T k_t) satisfy the unit lower triangular
 system (I + tril(diag(beta) K K^T, -1)) U = diag(beta) (V - K S0), so with the WY/UT transform
-T = (I + tril(diag(beta) K K^T, -1))^-1 diag(beta) (one triangular solve per chunk, all chunks at once):
+T = (I + tril(diag(beta) K K^T, -1))^-1 diag(beta) (triangular solves, all chunks at once):
 
     W = T K,  U = T V - W S0,   O = Q S0 + tril(Q K^T) U,   S_end = S0 + K^T U
 
@@ -126,7 +126,7 @@ def chunk_states(decay: torch.Tensor, writes: torch.Tensor, state: torch.Tensor 
     buf[1:].copy_(writes.transpose(0, 1))
     for n in range(N):
         buf[n + 1].baddbmm_(decay[:, n], buf[n])
-    return buf[:N].transpose(0, 1).reshape(R * N, d, e), buf[N]
+    return buf[:N].transpose(0, 1).reshape(R * N, d, e), buf[N].clone()  # a view would keep all of buf alive
 
 
 def delta_chunkwise(q, k, v, beta, chunk: int, state: torch.Tensor | None = None):
@@ -136,12 +136,11 @@ def delta_chunkwise(q, k, v, beta, chunk: int, state: torch.Tensor | None = None
     recursion (:func:`chunk_states`), which leaves one small matmul per chunk in the loop.
     """
     (B, H, T, d), e = q.shape, v.shape[-1]
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta, state))
     q_eff, o_local, decay, writes = delta_chunk_terms(q, k, v, beta, chunk)
-    starts, S = chunk_states(decay, writes, None if state is None else state.flatten(0, 1))
-    if o_local.requires_grad and torch.is_grad_enabled():
-        o = torch.baddbmm(o_local, q_eff, starts)
-    else:  # o_local is this call's own buffer
-        o = o_local.baddbmm_(q_eff, starts)
+    starts, S = chunk_states(decay, writes, None if state is None else state.flatten(0, 1), in_place=not grad)
+    # without gradients o_local (this call's own buffer) takes the readout in place
+    o = torch.baddbmm(o_local, q_eff, starts) if grad else o_local.baddbmm_(q_eff, starts)
     return o.view(B, H, -1, e)[:, :, :T], S.view(B, H, d, e)
 
 
