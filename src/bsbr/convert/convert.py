@@ -1,0 +1,278 @@
+"""Convert a pretrained Hugging Face causal LM to BSBR, save it and load it back.
+
+``convert_to_bsbr(model_or_path, chunk_size=128, compression_factor=None, **options)`` keeps the model's class,
+weights and forward code; it attaches a :class:`~bsbr.convert.attention.BSBRMeta` to every attention module,
+switches ``config._attn_implementation`` to ``"bsbr"`` and records the settings in ``config.bsbr``, so that
+``save_pretrained`` writes one directory (safetensors + config) that :func:`from_pretrained` loads again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import _checks
+from .attention import BSBR_IMPL, WINDOW_IMPL, BSBRCache, BSBRMeta
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its attention modules and how many heads they have."""
+
+    name: str
+    layers: str  # dotted path from the CausalLM to the list of blocks
+    attention: str  # attribute of a block holding the attention module
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        blocks = model
+        for part in self.layers.split("."):
+            blocks = getattr(blocks, part)
+        return [getattr(block, self.attention) for block in blocks]
+
+
+FAMILIES = {
+    "gpt2": Family("GPT-2", "transformer.h", "attn"),
+    "llama": Family("LLaMA", "model.layers", "self_attn"),
+    "qwen2": Family("Qwen2", "model.layers", "self_attn"),
+    "mistral": Family("Mistral", "model.layers", "self_attn"),
+}
+SUPPORTED_CLASSES = ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+OPTION_NAMES = ("state_norm", "meta_key", "retrieval_window", "retrieval", "gate_init", "meta_init")
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of a loaded model, or a ValueError naming its class and the supported ones."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    name = type(model).__name__
+    if model_type not in FAMILIES or not name.endswith(("LMHeadModel", "ForCausalLM")):
+        raise ValueError(f"cannot convert {name} (model_type {model_type!r}) to BSBR; supported classes: "
+                         f"{', '.join(SUPPORTED_CLASSES)}")
+    if model_type == "gpt2" and getattr(config, "add_cross_attention", False):
+        raise ValueError("cannot convert a GPT-2 with cross-attention (add_cross_attention=True) to BSBR")
+    return FAMILIES[model_type]
+
+
+def head_counts(model: nn.Module) -> tuple[int, int, int]:
+    """(query heads H, key/value heads Hk, head dim d) of a supported model."""
+    c = model.config
+    if c.model_type == "gpt2":
+        return c.n_head, c.n_head, c.n_embd // c.n_head
+    H = c.num_attention_heads
+    Hk = getattr(c, "num_key_value_heads", None) or H
+    d = getattr(c, "head_dim", None) or c.hidden_size // H
+    return H, Hk, d
+
+
+def _subclass(cls: type) -> type:
+    """The model's own class with two changes: ``generate()`` makes a :class:`BSBRCache` when given no cache, and a
+    forward given no cache makes none."""
+    if getattr(cls, "_bsbr_converted", False):
+        return cls
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if (model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None
+                and generation_config.use_cache is not False and self.config._attn_implementation == BSBR_IMPL):
+            model_kwargs["cache"] = BSBRCache()
+        return cls._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        # a forward without a cache keeps none (a KV cache would hold every key and value, which BSBR does not
+        # need); pass cache=BSBRCache() to continue a stream
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            kwargs.setdefault("use_cache", False)
+        return cls.forward(self, *args, **kwargs)
+
+    sub = type(cls.__name__, (cls,), {"_bsbr_converted": True, "__module__": cls.__module__, "forward": forward,
+                                      "_prepare_cache_for_generation": _prepare_cache_for_generation})
+    sub.__qualname__ = cls.__qualname__
+    return sub
+
+
+def _load(model_or_path, **load_kwargs) -> nn.Module:
+    if isinstance(model_or_path, nn.Module):
+        return model_or_path
+    if not isinstance(model_or_path, str | os.PathLike):
+        raise TypeError(f"model_or_path must be a transformers model or a path/hub name, got {type(model_or_path)}")
+    path = Path(model_or_path)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if path.exists():
+        check_model_dir(path, gguf_file=load_kwargs.get("gguf_file"))
+    elif path.is_absolute() or str(model_or_path).startswith((".", "~")) or str(model_or_path).count("/") > 1:
+        raise FileNotFoundError(f"model directory {str(model_or_path)!r} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(str(model_or_path), **{k: v for k, v in load_kwargs.items()
+                                                                   if k in ("gguf_file", "trust_remote_code")})
+    except OSError as err:  # neither a local directory nor a reachable hub model
+        raise FileNotFoundError(f"{model_or_path!r} is not a local model directory and could not be loaded from a "
+                                f"hub: {str(err).splitlines()[0]}") from None
+    name = (getattr(config, "architectures", None) or ["?"])[0]
+    if getattr(config, "model_type", None) not in FAMILIES:
+        raise ValueError(f"{model_or_path}: cannot convert {name} (model_type {config.model_type!r}) to BSBR; "
+                         f"supported classes: {', '.join(SUPPORTED_CLASSES)}")
+    load_kwargs.setdefault("attn_implementation", "sdpa")
+    return AutoModelForCausalLM.from_pretrained(str(model_or_path), **load_kwargs)
+
+
+def check_model_dir(path: Path, gguf_file: str | None = None) -> None:
+    """A clear error for a model directory without a config, with an unreadable one, or without weights."""
+    if not path.is_dir():
+        raise ValueError(f"{path}: expected a model directory (config.json and weights), got a file")
+    if gguf_file is not None:
+        if not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"{path}: gguf_file {gguf_file!r} not found in the directory")
+        return
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"{path}: no config.json; expected a directory written by save_pretrained")
+    try:
+        data = json.loads(cfg.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{cfg}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ValueError(f"{cfg}: expected a JSON object with a 'model_type' field")
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")]
+    if not weights:
+        raise ValueError(f"{path}: no weights (model.safetensors, pytorch_model.bin or a shard index) in the directory")
+
+
+def check_options(chunk_size, compression_factor, options: dict) -> None:
+    """Validate the arguments of :func:`convert_to_bsbr` before any work."""
+    _checks.positive_int("chunk_size", chunk_size)
+    unknown = set(options) - set(OPTION_NAMES)
+    if unknown:
+        raise ValueError(f"unknown BSBR option(s) {sorted(unknown)}; expected some of {list(OPTION_NAMES)}")
+    if compression_factor is not None:
+        _checks.positive_int("compression_factor", compression_factor)
+
+
+def convert_to_bsbr(model_or_path, chunk_size: int = 128, compression_factor: int | None = None, *,
+                    dtype: torch.dtype | None = None, load_kwargs: dict | None = None, **bsbr_options) -> nn.Module:
+    """Turn a pretrained causal LM into BSBR.
+
+    ``model_or_path``: a loaded GPT-2 / LLaMA / Qwen2 / Mistral causal LM (converted in place and returned), a
+    local directory (``from_pretrained``; a directory written by a converted model's ``save_pretrained`` loads
+    with its BSBR weights), or a hub name where a hub is reachable.  ``bsbr_options``: ``state_norm`` ("mean"),
+    ``meta_key`` ("last" or "mean"), ``retrieval_window`` (None), ``retrieval`` (True; False = local attention
+    only), ``gate_init`` (1.0), ``meta_init`` ("identity" or "zero").  ``load_kwargs`` go to ``from_pretrained``
+    (e.g. ``gguf_file``).  Returns the model, of its own class, with ``config.bsbr`` holding the settings.
+    """
+    check_options(chunk_size, compression_factor, bsbr_options)
+    load_kwargs = dict(load_kwargs or {})
+    if isinstance(model_or_path, str | os.PathLike) and Path(model_or_path).is_dir() and "gguf_file" not in load_kwargs:
+        check_model_dir(Path(model_or_path))
+        if "bsbr" in json.loads((Path(model_or_path) / "config.json").read_text()):
+            return from_pretrained(model_or_path, **load_kwargs)
+    model = _load(model_or_path, **load_kwargs)
+    family = family_of(model)
+    if dtype is not None:
+        model = model.to(dtype)
+    H, Hk, d = head_counts(model)
+    if compression_factor is not None and (d * d) % compression_factor:
+        raise ValueError(f"compression_factor must divide head_dim*head_dim={d * d}, got {compression_factor}")
+    ref = next(model.parameters())
+    for attn in family.attention_modules(model):
+        meta = BSBRMeta(H, Hk, d, chunk_size, compression_factor=compression_factor, **bsbr_options)
+        attn.bsbr = meta.to(device=ref.device, dtype=ref.dtype)
+    model.__class__ = _subclass(type(model))
+    init = {k: bsbr_options[k] for k in ("gate_init", "meta_init") if k in bsbr_options}
+    model.config.bsbr = {**_settings(model), "family": family.name, "init": init}
+    model.set_attn_implementation(BSBR_IMPL)
+    return model
+
+
+def _settings(model: nn.Module) -> dict:
+    meta = family_of(model).attention_modules(model)[0].bsbr
+    return {**meta.settings(), "version": 1}
+
+
+def bsbr_modules(model: nn.Module) -> list[BSBRMeta]:
+    """The BSBRMeta of every layer of a converted model."""
+    mods = [attn.bsbr for attn in family_of(model).attention_modules(model) if isinstance(getattr(attn, "bsbr", None),
+                                                                                           BSBRMeta)]
+    if not mods:
+        raise ValueError(f"{type(model).__name__} is not a converted model (no BSBR modules); use convert_to_bsbr")
+    return mods
+
+
+def set_attention(model: nn.Module, mode: str, window: int | None = None) -> None:
+    """Switch a converted (or any supported) model between its attention forms: "bsbr", "original" (sdpa) or
+    "sliding_window" (softmax over the ``window`` latest keys).  Used by the comparisons."""
+    _checks.one_of("mode", mode, ("bsbr", "original", "sliding_window"))
+    if mode == "sliding_window":
+        w = _checks.positive_int("window", window)
+        for attn in family_of(model).attention_modules(model):
+            attn.bsbr_window = w
+        model.set_attn_implementation(WINDOW_IMPL)
+    elif mode == "original":
+        model.set_attn_implementation("sdpa")
+    else:
+        bsbr_modules(model)
+        model.set_attn_implementation(BSBR_IMPL)
+
+
+def from_pretrained(path, **load_kwargs) -> nn.Module:
+    """Load a converted model written by ``save_pretrained``: the original architecture, then its BSBR weights.
+
+    (``AutoModelForCausalLM.from_pretrained`` on the same directory loads the original model and ignores the BSBR
+    weights; this function is the one that restores the conversion.)
+    """
+    path = Path(path)
+    check_model_dir(path)
+    config = json.loads((path / "config.json").read_text())
+    settings = config.get("bsbr")
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path / 'config.json'}: no 'bsbr' settings; this is not a converted model "
+                         "(convert it with convert_to_bsbr)")
+    try:
+        options = {k: settings[k] for k in OPTION_NAMES if k in settings and k != "retrieval"}
+        options["retrieval"] = settings.get("retrieval", True)
+        chunk, factor = settings["chunk_size"], settings.get("compression_factor")
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path / 'config.json'}: 'bsbr' settings lack {err}") from None
+    options.pop("gate_init", None)
+    options.pop("meta_init", None)
+    import logging
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(logging.ERROR)  # the BSBR weights are "unexpected" to the original class
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa", **load_kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    model = convert_to_bsbr(model, chunk, factor, **options)
+    _load_bsbr_weights(model, path)
+    return model
+
+
+def _load_bsbr_weights(model: nn.Module, path: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    wanted = {name: p for name, p in model.named_parameters() if ".bsbr." in name}
+    files = sorted(path.glob("*.safetensors"))
+    found = {}
+    for file in files:
+        try:
+            tensors = load_file(str(file))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file}: not a readable safetensors file ({err})") from None
+        found.update({k: v for k, v in tensors.items() if ".bsbr." in k})
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise ValueError(f"{path}: the BSBR weights {missing[:3]}{'...' if len(missing) > 3 else ''} are missing "
+                         f"from {[f.name for f in files]}")
+    with torch.no_grad():
+        for name, p in wanted.items():
+            if found[name].shape != p.shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(found[name].shape)}, expected {tuple(p.shape)}")
+            p.copy_(found[name])

@@ -1,0 +1,306 @@
+"""Conversion of Hugging Face causal LMs to BSBR: the op against its definition, then the converted models'
+invariants (exact at one chunk, causality, padding, streaming, generate, save/load) and the errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="5.0")
+
+from helpers import assert_close  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from bsbr.convert import BSBRCache, bsbr_modules, convert_to_bsbr, from_pretrained, set_attention  # noqa: E402
+from bsbr.convert.attention import BSBRMeta  # noqa: E402
+from bsbr.ops.bsbr import bsbr_reference  # noqa: E402
+from bsbr.ops.bsbr_gqa import gqa_bsbr_reference, gqa_bsbr_segment  # noqa: E402
+
+VOCAB = 97
+
+
+def tiny(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=256, bos_token_id=0,
+                         eos_token_id=0, attn_implementation="sdpa")
+        model = GPT2LMHeadModel(cfg)
+    else:  # LLaMA with grouped-query attention: 6 query heads share 2 key/value heads
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=6, num_key_value_heads=2, attn_implementation="sdpa")
+        model = LlamaForCausalLM(cfg)
+    return model.double().eval()
+
+
+def randomise_meta(model, seed: int = 0) -> None:
+    """Move the new weights away from their initialisation (identity maps, gate 1 would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for meta in bsbr_modules(model):
+            for p in meta.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def kl(p_logits, q_logits) -> float:
+    lp, lq = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1).max().item()
+
+
+FAMILIES = ["gpt2", "llama"]
+
+
+# ---------------------------------------------------------------------------------------------- op
+def _op_inputs(B=2, H=6, Hk=2, T=37, d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hk, T, d, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hk, T, d, generator=g, dtype=torch.float64, requires_grad=True)
+    return q, k, v
+
+
+@pytest.mark.parametrize("T,chunk", [(37, 8), (8, 8), (5, 8), (64, 16)])
+@pytest.mark.parametrize("options", [{}, {"meta_key": "mean", "state_norm": "none"}, {"retrieval_window": 2},
+                                     {"compression_factor": 4}])
+def test_segment_equals_reference_with_gradients(T, chunk, options):
+    q, k, v = _op_inputs(T=T)
+    meta = BSBRMeta(6, 2, 12, chunk, **options).double()
+    with torch.no_grad():
+        for p in meta.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3), dtype=p.dtype))
+    out = meta.segment(q, k, v, scaling=0.3).out
+    C = -(-T // chunk)
+    starts = torch.arange(C) * chunk
+    r = meta.meta_query(q[:, :, starts])
+    pad = C * chunk - T
+    kp = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(2, 2, C, chunk, 12)
+    h = meta.meta_key(kp)
+    ref = gqa_bsbr_reference(q, k, v, r, h, chunk, scaling=0.3, gate=meta.gate, state_norm=meta.state_norm,
+                             window=meta.retrieval_window, compress=meta.compress, restore=meta.restore)
+    assert_close("out", out, ref)
+    wrt = (q, k, v, *meta.parameters())
+    g1 = torch.autograd.grad(out.square().sum(), wrt, allow_unused=True, materialize_grads=True)
+    g2 = torch.autograd.grad(ref.square().sum(), wrt, allow_unused=True, materialize_grads=True)
+    for name, a, b in zip(["q", "k", "v", *(n for n, _ in meta.named_parameters())], g1, g2, strict=True):
+        assert_close(f"grad {name}", a, b)
+
+
+def test_gqa_op_equals_the_library_reference_with_one_group():
+    """An independent oracle: with G = 1, gate 1 and identity-free meta maps the op is bsbr_reference."""
+    q, k, v = _op_inputs(H=3, Hk=3, T=29, d=8)
+    meta = BSBRMeta(3, 3, 8, 6).double()
+    with torch.no_grad():
+        meta.meta_q.add_(0.3 * torch.randn_like(meta.meta_q))
+        meta.meta_k.add_(0.3 * torch.randn_like(meta.meta_k))
+    out = meta.segment(q, k, v, scaling=8**-0.5).out
+    r_all = meta.meta_query(q)  # meta query at every position; the reference picks each chunk's first
+    h_all = torch.einsum("bhnd,hed->bhne", k, meta.meta_k)  # meta key at every position; it picks the last
+    assert_close("out", out, bsbr_reference(q, k, v, r_all, h_all, 6))
+
+
+# -------------------------------------------------------------------------------- converted models
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_chunk_is_the_original_model_also_left_padded(family):
+    model = tiny(family)
+    ids = torch.randint(0, VOCAB, (3, 50), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 50, dtype=torch.long)
+    mask[1, :9] = 0
+    mask[2, :30] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ref = model(ids, attention_mask=mask, position_ids=pos).logits
+    conv = convert_to_bsbr(copy.deepcopy(model), chunk_size=64)
+    randomise_meta(conv)  # the retrieval weights cannot matter with one chunk
+    out = conv(ids, attention_mask=mask, position_ids=pos).logits
+    keep = mask.bool()
+    assert (out - ref)[keep].abs().max().item() <= 1e-10
+    assert kl(ref[keep], out[keep]) <= 1e-10
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causality(family):
+    conv = convert_to_bsbr(tiny(family), chunk_size=8)
+    randomise_meta(conv)
+    ids = torch.randint(0, VOCAB, (1, 45), generator=torch.Generator().manual_seed(2))
+    base = conv(ids).logits
+    for t in (3, 8, 17, 40):
+        changed = ids.clone()
+        changed[0, t] = (changed[0, t] + 1) % VOCAB
+        out = conv(changed).logits
+        assert (out[:, :t] - base[:, :t]).abs().max().item() == 0.0, f"position {t} leaked into the past"
+        assert (out[:, t] - base[:, t]).abs().max().item() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_rows_equal_rows_alone(family):
+    conv = convert_to_bsbr(tiny(family), chunk_size=8)
+    randomise_meta(conv)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, VOCAB, (n,), generator=g) for n in (41, 23, 8)]
+    T = 41
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = r
+        mask[i, T - len(r):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    batch = conv(ids, attention_mask=mask, position_ids=pos).logits
+    for i, r in enumerate(rows):
+        alone = conv(r[None]).logits[0]
+        assert_close(f"row {i}", batch[i, T - len(r):], alone)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("options", [{}, {"retrieval_window": 2, "compression_factor": 4, "meta_key": "mean"}])
+def test_streaming_in_any_split_equals_one_forward(family, options):
+    conv = convert_to_bsbr(tiny(family), chunk_size=8, **options)
+    randomise_meta(conv)
+    ids = torch.randint(0, VOCAB, (2, 61), generator=torch.Generator().manual_seed(4))
+    full = conv(ids).logits
+    for split in ([61], [1] * 61, [5, 1, 1, 13, 3, 17, 21], [8, 8, 16, 29]):
+        cache = BSBRCache()
+        pieces = [conv(part, cache=cache, use_cache=True).logits for part in ids.split(split, dim=1)]
+        assert_close(f"split {split[:4]}", torch.cat(pieces, dim=1), full)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_is_the_argmax_chain_and_the_cache_holds_one_state_per_chunk(family):
+    conv = convert_to_bsbr(tiny(family), chunk_size=8)
+    randomise_meta(conv)
+    ids = torch.randint(0, VOCAB, (1, 13), generator=torch.Generator().manual_seed(5))
+    cache = BSBRCache()
+    out = conv.generate(ids, max_new_tokens=30, do_sample=False, cache=cache)
+    seq = ids
+    for _ in range(30):
+        seq = torch.cat([seq, conv(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+    n = out.shape[1] - 1  # the last token is never fed back
+    row = cache.layers[0].rows[0]
+    assert row.states.shape[2] == n // 8 and row.open_k.shape[2] == n % 8
+    # generate() makes the BSBR cache by itself
+    assert torch.equal(conv.generate(ids, max_new_tokens=30, do_sample=False), seq)
+
+
+def test_generate_left_padded_batch_equals_rows_alone():
+    conv = convert_to_bsbr(tiny("llama"), chunk_size=8)
+    randomise_meta(conv)
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randint(1, VOCAB, (19,), generator=g), torch.randint(1, VOCAB, (6,), generator=g)
+    ids = torch.zeros(2, 19, dtype=torch.long)
+    mask = torch.zeros(2, 19, dtype=torch.long)
+    ids[0], mask[0] = a, 1
+    ids[1, 13:], mask[1, 13:] = b, 1
+    out = conv.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    for i, r in enumerate((a, b)):
+        alone = conv.generate(r[None], max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(out[i, -12:], alone[0, -12:])
+
+
+def test_retrieval_window_bounds_the_cache():
+    conv = convert_to_bsbr(tiny("llama"), chunk_size=4, retrieval_window=3)
+    randomise_meta(conv)
+    cache = BSBRCache()
+    ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(7))
+    sizes = []
+    for part in ids.split(4, dim=1):
+        conv(part, cache=cache, use_cache=True)
+        sizes.append(cache.nbytes())
+    assert max(sizes[10:]) == sizes[10] and cache.layers[0].rows[0].states.shape[2] == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_load_round_trip(tmp_path, family):
+    conv = convert_to_bsbr(tiny(family), chunk_size=8, retrieval_window=4)
+    randomise_meta(conv)
+    conv.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    saved = json.loads((tmp_path / "config.json").read_text())["bsbr"]
+    assert saved["chunk_size"] == 8 and saved["retrieval_window"] == 4
+    back = from_pretrained(tmp_path)
+    assert type(back).__name__ == type(tiny(family)).__name__
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(back(ids).logits, conv(ids).logits)
+    assert torch.equal(convert_to_bsbr(tmp_path)(ids).logits, conv(ids).logits)  # a converted dir loads as one
+
+
+def test_labels_loss_is_next_token_cross_entropy():
+    conv = convert_to_bsbr(tiny("llama"), chunk_size=8)
+    ids = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(9))
+    out = conv(ids, labels=ids)
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    assert abs(out.loss.item() - manual.item()) < 1e-6  # transformers computes the loss in float32
+    assert out.cache is None  # a forward without a cache keeps none
+
+
+def test_local_only_and_sliding_window_references():
+    model = tiny("llama")
+    ids = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(10))
+    local = convert_to_bsbr(copy.deepcopy(model), chunk_size=8, retrieval=False)
+    base = local(ids).logits
+    changed = ids.clone()
+    changed[0, :8] = (changed[0, :8] + 1) % VOCAB  # chunk 0 only
+    assert (local(changed).logits[:, 8:] - base[:, 8:]).abs().max().item() < 1e-12  # block diagonal
+    conv = convert_to_bsbr(copy.deepcopy(model), chunk_size=8)
+    set_attention(conv, "sliding_window", window=32)  # a window covering the input is the original
+    assert (conv(ids).logits - model(ids).logits).abs().max().item() < 1e-10
+    set_attention(conv, "original")
+    assert (conv(ids).logits - model(ids).logits).abs().max().item() < 1e-10
+    one = convert_to_bsbr(tiny("llama").__class__(LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96,
+                                                              num_hidden_layers=1, num_attention_heads=6,
+                                                              num_key_value_heads=2)).double().eval(), chunk_size=8)
+    set_attention(one, "sliding_window", window=5)
+    ref = one(ids).logits
+    changed = ids.clone()
+    changed[0, 10] = (changed[0, 10] + 1) % VOCAB
+    diff = (one(changed).logits - ref).abs().amax(-1)[0]
+    assert diff[:10].max() == 0 and diff[15:].max() < 1e-12 and diff[10:15].min() > 0  # exactly a 5-token window
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_unsupported_architecture_is_named():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    opt = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                   num_attention_heads=2, word_embed_proj_dim=16))
+    with pytest.raises(ValueError, match="OPTForCausalLM.*LlamaForCausalLM"):
+        convert_to_bsbr(opt)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"chunk_size": 0}, "chunk_size must be a positive integer, got 0"),
+                                          ({"compression_factor": 7}, "compression_factor must divide"),
+                                          ({"colour": "red"}, "unknown BSBR option")])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        convert_to_bsbr(tiny("gpt2"), **kwargs)
+
+
+def test_bad_directories(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        convert_to_bsbr(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no config.json"):
+        convert_to_bsbr(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="no weights"):
+        convert_to_bsbr(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        convert_to_bsbr(tmp_path)
+
+
+def test_padding_holes_are_refused():
+    conv = convert_to_bsbr(tiny("llama"), chunk_size=8)
+    mask = torch.ones(1, 20, dtype=torch.long)
+    mask[0, 5] = 0
+    with pytest.raises(ValueError, match="padding between tokens"):
+        conv(torch.ones(1, 20, dtype=torch.long), attention_mask=mask)
+
+
+def test_a_kv_cache_is_refused_with_a_clear_error():
+    from transformers import DynamicCache
+
+    conv = convert_to_bsbr(tiny("llama"), chunk_size=8)
+    cache = DynamicCache()
+    conv(torch.ones(1, 5, dtype=torch.long), cache=cache, use_cache=True)  # one forward: S = T, fine
+    with pytest.raises(ValueError, match="BSBRCache"):
+        conv(torch.ones(1, 1, dtype=torch.long), cache=cache, use_cache=True)
