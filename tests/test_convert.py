@@ -22,14 +22,14 @@ from bsbr.ops.bsbr_gqa import gqa_bsbr_reference, gqa_bsbr_segment  # noqa: E402
 VOCAB = 97
 
 
-def tiny(family: str, seed: int = 0) -> torch.nn.Module:
+def tiny(family: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
     torch.manual_seed(seed)
     if family == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=256, bos_token_id=0,
+        cfg = GPT2Config(vocab_size=vocab, n_embd=48, n_layer=2, n_head=4, n_positions=256, bos_token_id=0,
                          eos_token_id=0, attn_implementation="sdpa")
         model = GPT2LMHeadModel(cfg)
     else:  # LLaMA with grouped-query attention: 6 query heads share 2 key/value heads
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=6, num_key_value_heads=2, attn_implementation="sdpa")
         model = LlamaForCausalLM(cfg)
     return model.double().eval()
@@ -63,7 +63,7 @@ def _op_inputs(B=2, H=6, Hk=2, T=37, d=12, seed=0):
 
 @pytest.mark.parametrize("T,chunk", [(37, 8), (8, 8), (5, 8), (64, 16)])
 @pytest.mark.parametrize("options", [{}, {"meta_key": "mean", "state_norm": "none"}, {"retrieval_window": 2},
-                                     {"compression_factor": 4}])
+                                     {"compression_factor": 4}, {"sink_tokens": 3}])
 def test_segment_equals_reference_with_gradients(T, chunk, options):
     q, k, v = _op_inputs(T=T)
     meta = BSBRMeta(6, 2, 12, chunk, **options).double()
@@ -78,7 +78,8 @@ def test_segment_equals_reference_with_gradients(T, chunk, options):
     kp = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(2, 2, C, chunk, 12)
     h = meta.meta_key(kp)
     ref = gqa_bsbr_reference(q, k, v, r, h, chunk, scaling=0.3, gate=meta.gate, state_norm=meta.state_norm,
-                             window=meta.retrieval_window, compress=meta.compress, restore=meta.restore)
+                             window=meta.retrieval_window, compress=meta.compress, restore=meta.restore,
+                             sink=meta.sink_tokens)
     assert_close("out", out, ref)
     wrt = (q, k, v, *meta.parameters())
     g1 = torch.autograd.grad(out.square().sum(), wrt, allow_unused=True, materialize_grads=True)
@@ -152,7 +153,8 @@ def test_left_padded_rows_equal_rows_alone(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("options", [{}, {"retrieval_window": 2, "compression_factor": 4, "meta_key": "mean"}])
+@pytest.mark.parametrize("options", [{}, {"retrieval_window": 2, "compression_factor": 4, "meta_key": "mean"},
+                                     {"sink_tokens": 3}, {"sink_tokens": 2, "retrieval": False}])
 def test_streaming_in_any_split_equals_one_forward(family, options):
     conv = convert_to_bsbr(tiny(family), chunk_size=8, **options)
     randomise_meta(conv)
@@ -304,3 +306,126 @@ def test_a_kv_cache_is_refused_with_a_clear_error():
     conv(torch.ones(1, 5, dtype=torch.long), cache=cache, use_cache=True)  # one forward: S = T, fine
     with pytest.raises(ValueError, match="BSBRCache"):
         conv(torch.ones(1, 1, dtype=torch.long), cache=cache, use_cache=True)
+
+
+# ------------------------------------------------------------------------------ metrics and healing
+def test_compare_outputs_of_a_model_with_itself_and_with_local_attention():
+    from bsbr.convert import compare_outputs
+
+    model = tiny("llama")
+    batches = [torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    same = compare_outputs(model, model, batches, bucket=8, progress=False)
+    assert same["kl"] < 1e-12 and same["top1"] == 1.0 and same["top5"] == 1.0 and abs(same["ppl_ratio"] - 1) < 1e-9
+    assert all(abs(c - 1) < 1e-9 for c in same["cosine"]) and max(same["mse"]) < 1e-20
+    local = convert_to_bsbr(copy.deepcopy(model), chunk_size=8, retrieval=False)
+    res = compare_outputs(model, local, batches, bucket=8, progress=False)
+    assert res["first_bucket_max_kl"] < 1e-12  # the first chunk is the original exactly
+    assert res["by_position"][0]["top1"] == 1.0 and res["kl"] > 1e-6 and len(res["by_position"]) == 5
+    assert res["cosine"][0] == pytest.approx(1.0)  # embeddings are untouched
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_healing_transfer_lowers_its_loss_and_resumes_exactly(tmp_path):
+    from bsbr.convert import HealConfig, heal
+
+    def fresh():
+        return convert_to_bsbr(tiny("llama").float(), chunk_size=8, gate_init=0.0)
+
+    data = torch.randint(0, VOCAB, (12, 1, 48), generator=torch.Generator().manual_seed(11))
+    cfg = HealConfig(stage="transfer", steps=12, lr=3e-2, seq_len=48, warmup=2, save_every=3)
+    whole = fresh()
+    records = heal(whole, lambda s: data[s], cfg, tmp_path / "whole", progress=False)
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert len(records[0]["layer_losses"]) == 2
+
+    def dies_at_7(step):
+        if step == 7:
+            raise _Killed
+        return data[step]
+
+    part = fresh()
+    with pytest.raises(_Killed):
+        heal(part, dies_at_7, cfg, tmp_path / "part", progress=False)
+    again = fresh()  # a new process: the model starts from its conversion, the checkpoint (step 6) restores it
+    resumed = heal(again, lambda s: data[s], cfg, tmp_path / "part", progress=False)
+    assert [r["step"] for r in resumed] == list(range(12))
+    for a, b in zip(bsbr_modules(whole), bsbr_modules(again), strict=True):
+        for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="cannot resume stage"):
+        heal(fresh(), lambda s: data[s], HealConfig(stage="finetune", steps=2, seq_len=48), tmp_path / "part",
+             progress=False)
+
+
+def test_healing_finetune_trains_only_the_bsbr_weights(tmp_path):
+    from bsbr.convert import HealConfig, heal
+
+    conv = convert_to_bsbr(tiny("gpt2").float(), chunk_size=8, gate_init=0.5)
+    before = {n: p.clone() for n, p in conv.named_parameters()}
+    data = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(12))
+    records = heal(conv, lambda s: data, HealConfig(stage="finetune", steps=4, lr=1e-2, seq_len=40, warmup=1),
+                   tmp_path, progress=False)
+    assert records[-1]["loss"] < records[0]["loss"]
+    for n, p in conv.named_parameters():
+        assert torch.equal(p, before[n]) != (".bsbr." in n), n
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _tiny_dir(tmp_path):
+    """A tiny LLaMA and a byte-level BPE tokenizer trained on a few lines, saved as a user's checkpoint is."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["def f(x):\n    return x + 1\n", "The quick brown fox."] * 20,
+                           trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                               special_tokens=["<s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<s>")
+    model = tiny("llama", vocab=len(tok)).float()
+    path = tmp_path / "mine"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, len(tok)
+
+
+def test_cli_convert_writes_model_and_report_and_resumes(tmp_path, capsys):
+    from bsbr.cli import main
+
+    path, _ = _tiny_dir(tmp_path)
+    out = tmp_path / "out"
+    args = ["convert", str(path), "--chunk-size", "8", "--heal-steps", "2", "--finetune-steps", "1", "--seq-len",
+            "32", "--eval-windows", "2", "--chunk-sweep", "4", "16", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["stages"]) == {"before", "transfer", "finetune"}
+    assert set(report["stages"]["before"]) >= {"bsbr", "local", "sliding_window"}
+    assert (out / "report.md").is_file() and (out / "similarity_by_layer.png").is_file()
+    assert (out / "perplexity_by_chunk.png").is_file()
+    back = from_pretrained(out / "model")
+    assert back.config.bsbr["chunk_size"] == 8
+    stamp = (out / "stages" / "before.json").stat().st_mtime_ns
+    assert main(args) == 0  # a re-run continues: finished stages are read, not recomputed
+    assert (out / "stages" / "before.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("extra,match", [(["--chunk-size", "0"], "--chunk-size must be a positive integer"),
+                                         (["--compression-factor", "7"], "must divide head_dim"),
+                                         ([], None)])
+def test_cli_convert_refuses_bad_input_before_any_work(tmp_path, capsys, extra, match):
+    from bsbr.cli import main
+
+    out = tmp_path / "out"
+    if match is None:  # a missing model directory
+        assert main(["convert", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+        assert "no such directory" in capsys.readouterr().err
+    else:
+        path, _ = _tiny_dir(tmp_path)
+        assert main(["convert", str(path), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert match in err and "Traceback" not in err
+    assert not out.exists()  # nothing written

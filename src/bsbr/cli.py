@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Modules that contribute subcommands; each defines register(subparsers) and sets ``func`` on its parsers.
-_MODULES = ["bsbr.demo", "bsbr.train.cli", "bsbr.evals.cli"]
+_MODULES = ["bsbr.demo", "bsbr.train.cli", "bsbr.evals.cli", "bsbr.convert.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,21 +3,33 @@
     from bsbr.convert import convert_to_bsbr, compare_outputs
     model = convert_to_bsbr("path/to/model", chunk_size=256)     # same class, BSBR attention, generate() works
 
-See docs/convert.md for what is exact, what is measured and how healing trains the new weights.
+See docs/convert.md for what is exact, what is measured and how healing trains the new weights.  The names below
+are imported on first use, so ``bsbr`` itself works without transformers installed.
 """
 
-from .attention import BSBR_IMPL, WINDOW_IMPL, BSBRCache, BSBRMeta, bsbr_attention_forward
-from .convert import (
-    SUPPORTED_CLASSES,
-    bsbr_modules,
-    check_model_dir,
-    convert_to_bsbr,
-    family_of,
-    from_pretrained,
-    head_counts,
-    set_attention,
-)
+from __future__ import annotations
 
-__all__ = ["BSBR_IMPL", "WINDOW_IMPL", "BSBRCache", "BSBRMeta", "SUPPORTED_CLASSES", "bsbr_attention_forward",
-           "bsbr_modules", "check_model_dir", "convert_to_bsbr", "family_of", "from_pretrained", "head_counts",
-           "set_attention"]
+import importlib
+
+_EXPORTS = {
+    "BSBR_IMPL": "attention", "WINDOW_IMPL": "attention", "BSBRCache": "attention", "BSBRMeta": "attention",
+    "bsbr_attention_forward": "attention",
+    "SUPPORTED_CLASSES": "convert", "bsbr_modules": "convert", "check_model_dir": "convert",
+    "convert_to_bsbr": "convert", "family_of": "convert", "from_pretrained": "convert", "head_counts": "convert",
+    "set_attention": "convert",
+    "compare_outputs": "metrics", "perplexity": "metrics", "reference_outputs": "metrics",
+    "HealConfig": "healing", "heal": "healing",
+    "ConversionPlan": "pipeline", "run_conversion": "pipeline",
+    "write_report": "report",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bsbr.convert' has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+    except ImportError as err:
+        raise ImportError(f"bsbr.convert needs transformers >= 5: pip install 'bsbr[hf]' ({err})") from err
+    return getattr(module, name)

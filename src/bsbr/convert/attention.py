@@ -41,6 +41,8 @@ class BSBRMeta(nn.Module):
     meta_k [Hk, d, d]: per key/value head, the meta key of chunk j is h_j = meta_k[g] k_j, with k_j the chunk's
     last key (``meta_key="last"``) or the mean of its keys (``"mean"``);
     gate [H]: scale of the retrieved term per query head (1 = the BSBR formula);
+    sink_tokens s: chunks after the first also attend, in their local softmax, to the stream's first s tokens (the
+    "attention sink" of pretrained models; 0 = BSBR's local part as defined);
     compress [m, d*d] / restore [d*d, m] with ``compression_factor`` f (m = d*d / f).
 
     Meta queries belong to the query head (each head chooses its own mixture) and meta keys to the key/value head
@@ -52,7 +54,7 @@ class BSBRMeta(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, chunk_size: int, *,
                  compression_factor: int | None = None, state_norm: str = "mean", meta_key: str = "last",
                  retrieval_window: int | None = None, retrieval: bool = True, gate_init: float = 1.0,
-                 meta_init: str = "identity"):
+                 meta_init: str = "identity", sink_tokens: int = 0):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.chunk_size = _checks.positive_int("chunk_size", chunk_size)
@@ -61,6 +63,9 @@ class BSBRMeta(nn.Module):
         self.retrieval_window = (None if retrieval_window is None
                                  else _checks.positive_int("retrieval_window", retrieval_window))
         self.retrieval = bool(retrieval)
+        self.sink_tokens = _checks.non_negative_int("sink_tokens", sink_tokens)
+        if self.sink_tokens > self.chunk_size:
+            raise ValueError(f"sink_tokens must be at most chunk_size={chunk_size}, got {sink_tokens}")
         _checks.one_of("meta_init", meta_init, META_INITS)
         d = head_dim
         eye = torch.eye(d) if meta_init == "identity" else torch.zeros(d, d)
@@ -92,7 +97,8 @@ class BSBRMeta(nn.Module):
     def settings(self) -> dict:
         return {"chunk_size": self.chunk_size, "compression_factor": self.compression_factor,
                 "state_norm": self.state_norm, "meta_key": self.meta_key_mode,
-                "retrieval_window": self.retrieval_window, "retrieval": self.retrieval}
+                "retrieval_window": self.retrieval_window, "retrieval": self.retrieval,
+                "sink_tokens": self.sink_tokens}
 
     def op_kwargs(self, dtype) -> dict:
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
@@ -101,7 +107,8 @@ class BSBRMeta(nn.Module):
     def segment(self, q, k, v, scaling: float, past: GQAPast | None = None, dropout: float = 0.0):
         return gqa_bsbr_segment(q, k, v, self.meta_query, self.meta_key, self.chunk_size, scaling=scaling,
                                 window=self.retrieval_window, compress=_cast(self.compress, q.dtype), past=past,
-                                dropout=dropout, retrieve=self.retrieval, **self.op_kwargs(q.dtype))
+                                dropout=dropout, retrieve=self.retrieval, sink=self.sink_tokens,
+                                **self.op_kwargs(q.dtype))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.settings().items())
@@ -299,7 +306,9 @@ class BSBRCacheLayer(CacheLayerMixin):
                 o = seg.out
                 states = seg.states if past is None else torch.cat([past.states, seg.states], dim=2)
                 keys = seg.keys if past is None else torch.cat([past.keys, seg.keys], dim=2)
-                past = GQAPast(states, keys, seg.open_k, seg.open_v, seg.open_query, seg.open_mixture)
+                done = n // ch if past is None else past.done + (past.open_k.shape[2] + n) // ch
+                past = GQAPast(states, keys, seg.open_k, seg.open_v, seg.open_query, seg.open_mixture, done,
+                               seg.sink_k, seg.sink_v)
                 self.rows[b] = self._evict(meta, past)
             out[b : b + 1, :, idx] = o
         return out
@@ -310,6 +319,9 @@ class BSBRCacheLayer(CacheLayerMixin):
             window=meta.retrieval_window, retrieve=meta.retrieval, **meta.op_kwargs(q.dtype))
         past.open_k, past.open_v, past.open_query, past.open_mixture = keys, values, open_query, mixture
         if keys.shape[2] == meta.chunk_size:  # the chunk is complete: store its state and meta key
+            if meta.sink_tokens and past.done == 0:
+                past.sink_k, past.sink_v = keys[:, :, : meta.sink_tokens], values[:, :, : meta.sink_tokens]
+            past.done += 1
             if meta.retrieval:
                 z = compress_states((keys.transpose(-1, -2) @ values).flatten(-2), _cast(meta.compress, q.dtype))
                 past.states = torch.cat([past.states, z[:, :, None]], dim=2)

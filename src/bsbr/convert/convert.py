@@ -42,7 +42,7 @@ FAMILIES = {
     "mistral": Family("Mistral", "model.layers", "self_attn"),
 }
 SUPPORTED_CLASSES = ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-OPTION_NAMES = ("state_norm", "meta_key", "retrieval_window", "retrieval", "gate_init", "meta_init")
+OPTION_NAMES = ("state_norm", "meta_key", "retrieval_window", "retrieval", "gate_init", "meta_init", "sink_tokens")
 
 
 def family_of(model: nn.Module) -> Family:

@@ -56,9 +56,10 @@ def _mix(alpha: torch.Tensor, states: torch.Tensor, groups: int) -> torch.Tensor
 
 # ----------------------------------------------------------------------------------------- reference
 def gqa_bsbr_reference(q, k, v, r, h, chunk: int, *, scaling: float, gate=None, state_norm: str = "mean",
-                       window: int | None = None, compress=None, restore=None):
+                       window: int | None = None, compress=None, restore=None, sink: int = 0):
     """The definition evaluated token by token.  r [B, H, C, d] and h [B, Hk, C, d] are the meta query and meta
-    key of every chunk (the key of an incomplete chunk is never used).  Returns o [B, H, T, d]."""
+    key of every chunk (the key of an incomplete chunk is never used).  ``sink``: tokens after the first chunk
+    also attend (in the local softmax) to the stream's first ``sink`` tokens.  Returns o [B, H, T, d]."""
     B, H, T, d = q.shape
     G = H // k.shape[1]
     kx, vx, hx = _expand(k, G), _expand(v, G), _expand(h, G)
@@ -68,8 +69,9 @@ def gqa_bsbr_reference(q, k, v, r, h, chunk: int, *, scaling: float, gate=None, 
     for t in range(T):
         c, lo = t // chunk, (t // chunk) * chunk
         qt = q[:, :, t]
-        p = torch.softmax(torch.einsum("bhd,bhsd->bhs", qt, kx[:, :, lo : t + 1]) * scaling, dim=-1)
-        o = torch.einsum("bhs,bhsd->bhd", p, vx[:, :, lo : t + 1])
+        seen = list(range(sink)) * (c > 0) + list(range(lo, t + 1))
+        p = torch.softmax(torch.einsum("bhd,bhsd->bhs", qt, kx[:, :, seen]) * scaling, dim=-1)
+        o = torch.einsum("bhs,bhsd->bhd", p, vx[:, :, seen])
         j0 = 0 if window is None else max(0, c - window)
         if c > j0:
             logits = torch.stack([(r[:, :, c] * hx[:, :, j]).sum(-1) for j in range(j0, c)], -1) * d**-0.5
@@ -93,7 +95,9 @@ class GQAPast:
     states [B, Hk, C0, m]: raw-sum states K_j^T V_j of the C0 kept chunks (compressed if asked);
     keys [B, Hk, C0, d]: their meta keys; open_k, open_v [B, Hk, f, d]: the f < chunk keys and values of the
     open chunk; open_query [B, H, d]: its meta query; open_mixture [B, H, d, d]: its retrieved raw mixture
-    (fixed when the chunk opened).  f = 0 means the stream stands at a chunk boundary.
+    (fixed when the chunk opened).  f = 0 means the stream stands at a chunk boundary.  done: chunks completed
+    (evicted ones included); sink_k, sink_v [B, Hk, s, d]: the stream's first s tokens (set once chunk 0 is
+    complete; None without sinks).
     """
 
     states: torch.Tensor
@@ -102,6 +106,9 @@ class GQAPast:
     open_v: torch.Tensor
     open_query: torch.Tensor | None
     open_mixture: torch.Tensor | None
+    done: int = 0
+    sink_k: torch.Tensor | None = None
+    sink_v: torch.Tensor | None = None
 
 
 @dataclass
@@ -113,11 +120,36 @@ class GQASegment:
     open_v: torch.Tensor
     open_query: torch.Tensor | None  # [B, H, d]
     open_mixture: torch.Tensor | None  # [B, H, d, d]
+    sink_k: torch.Tensor | None = None  # [B, Hk, s, d] the stream's first s tokens, once chunk 0 is complete
+    sink_v: torch.Tensor | None = None
+
+
+def _local(qc, kc, vc, scaling: float, dropout: float, G: int, first_chunk: int, sink_k=None, sink_v=None):
+    """Causal softmax inside each chunk: q [B, H, C, ch, d], k, v [B, Hk, C, ch, d] -> [B, H, C, ch, d].  With
+    sinks [B, Hk, s, d], chunks whose stream index (``first_chunk`` + i) is >= 1 also see the s sink tokens."""
+    B, H, C, ch, d = qc.shape
+    kx, vx = _expand(kc, G), _expand(vc, G)
+    s = 0 if sink_k is None else sink_k.shape[2]
+    if s == 0:  # one fused 4-D SDPA call over B * H * C blocks
+        return F.scaled_dot_product_attention(qc.reshape(1, B * H * C, ch, d), kx.reshape(1, B * H * C, ch, d),
+                                              vx.reshape(1, B * H * C, ch, d), is_causal=True, scale=scaling,
+                                              dropout_p=dropout).view(B, H, C, ch, d)
+    sk = _expand(sink_k, G)[:, :, None].expand(B, H, C, s, d)
+    sv = _expand(sink_v, G)[:, :, None].expand(B, H, C, s, d)
+    keys, values = torch.cat([sk, kx], dim=3), torch.cat([sv, vx], dim=3)  # [B, H, C, s + ch, d]
+    causal = torch.ones(ch, ch, dtype=torch.bool, device=qc.device).tril()
+    sees = (first_chunk + torch.arange(C, device=qc.device) >= 1)[:, None, None].expand(C, ch, s)
+    mask = torch.cat([sees, causal.expand(C, ch, ch)], dim=-1)  # [C, ch, s + ch]
+    out = F.scaled_dot_product_attention(qc.reshape(B * H, C, ch, d), keys.reshape(B * H, C, s + ch, d),
+                                         values.reshape(B * H, C, s + ch, d), attn_mask=mask, scale=scaling,
+                                         dropout_p=dropout)
+    return out.view(B, H, C, ch, d)
 
 
 def gqa_bsbr_segment(q, k, v, meta_query, meta_key, chunk: int, *, scaling: float, gate=None,
                      state_norm: str = "mean", window: int | None = None, compress=None, restore=None,
-                     past: GQAPast | None = None, dropout: float = 0.0, retrieve: bool = True) -> GQASegment:
+                     past: GQAPast | None = None, dropout: float = 0.0, retrieve: bool = True,
+                     sink: int = 0) -> GQASegment:
     """Chunked BSBR over the new tokens q [B, H, T, d], k, v [B, Hk, T, d] of a stream (``past`` None: the
     stream starts here).
 
@@ -125,7 +157,8 @@ def gqa_bsbr_segment(q, k, v, meta_query, meta_key, chunk: int, *, scaling: floa
     maps the keys of complete chunks [B, Hk, n, chunk, d] to meta keys [B, Hk, n, d].  The segment's first
     ``f = past.open_k.shape[2]`` positions belong to the open chunk of the past; its meta query and retrieved
     mixture are taken from ``past``, not recomputed.  ``retrieve=False`` is local attention only (no states are
-    kept).  Returns the outputs and the stream's new tail.
+    kept).  ``sink``: chunks after the stream's first also attend to its first ``sink`` tokens (``sink`` <=
+    chunk).  Returns the outputs and the stream's new tail.
     """
     B, H, T, d = q.shape
     Hk = k.shape[1]
@@ -141,18 +174,19 @@ def gqa_bsbr_segment(q, k, v, meta_query, meta_key, chunk: int, *, scaling: floa
     qp, kp, vp = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, k, v))
     qc = qp.view(B, H, C, chunk, d)
     kc, vc = kp.view(B, Hk, C, chunk, d), vp.view(B, Hk, C, chunk, d)
-    # 1. local causal softmax inside each chunk: one 4-D SDPA call over B * H * C blocks
-    kx, vx = _expand(kc, G), _expand(vc, G)
-    local = F.scaled_dot_product_attention(qc.reshape(1, B * H * C, chunk, d), kx.reshape(1, B * H * C, chunk, d),
-                                           vx.reshape(1, B * H * C, chunk, d), is_causal=True, scale=scaling,
-                                           dropout_p=dropout).view(B, H, C, chunk, d)
+    # 1. local causal softmax inside each chunk (and over the sink tokens, for chunks after the stream's first)
+    first_chunk = 0 if past is None else past.done
+    sink_k, sink_v = (None, None) if past is None else (past.sink_k, past.sink_v)
+    if sink and sink_k is None and first_chunk == 0 and L >= chunk:  # chunk 0 completes here: its first tokens
+        sink_k, sink_v = kc[:, :, 0, :sink], vc[:, :, 0, :sink]
+    local = _local(qc, kc, vc, scaling, dropout, G, first_chunk, sink_k, sink_v)
     done = L // chunk
     tail = L - done * chunk
     if not retrieve:
         empty = kc.new_zeros(B, Hk, 0, d)
         return GQASegment(out=local.view(B, H, C * chunk, d)[:, :, f:L], states=empty, keys=empty,
                           open_k=k[:, :, done * chunk : L], open_v=v[:, :, done * chunk : L], open_query=None,
-                          open_mixture=None)
+                          open_mixture=None, sink_k=sink_k, sink_v=sink_v)
     # 2. states and meta keys of the complete chunks (a chunk of the segment is complete if it holds `chunk` tokens)
     z = compress_states((kc[:, :, :done].transpose(-1, -2) @ vc[:, :, :done]).flatten(-2), compress)  # [B,Hk,done,m]
     hk = meta_key(kc[:, :, :done]) if done else kc.new_zeros(B, Hk, 0, d)
@@ -191,7 +225,7 @@ def gqa_bsbr_segment(q, k, v, meta_query, meta_key, chunk: int, *, scaling: floa
     open_mixture = S[:, :, done] if tail else None
     open_query = r[:, :, done] if tail else None
     return GQASegment(out=out, states=z, keys=hk, open_k=k[:, :, done * chunk : L], open_v=v[:, :, done * chunk : L],
-                      open_query=open_query, open_mixture=open_mixture)
+                      open_query=open_query, open_mixture=open_mixture, sink_k=sink_k, sink_v=sink_v)
 
 
 def gqa_bsbr_step(q, k, v, past: GQAPast, chunk: int, *, scaling: float, gate=None, state_norm: str = "mean",
@@ -219,7 +253,11 @@ def gqa_bsbr_step(q, k, v, past: GQAPast, chunk: int, *, scaling: float, gate=No
     keys = torch.cat([past.open_k, k], dim=2)
     values = torch.cat([past.open_v, v], dim=2)
     allowed = torch.arange(f + n, device=q.device)[None, :] <= f + torch.arange(n, device=q.device)[:, None]
-    local = F.scaled_dot_product_attention(q, _expand(keys, G), _expand(values, G), attn_mask=allowed, scale=scaling)
+    lk, lv = keys, values
+    if past.sink_k is not None and past.done >= 1:  # the sink tokens, always visible after the first chunk
+        lk, lv = torch.cat([past.sink_k, keys], dim=2), torch.cat([past.sink_v, values], dim=2)
+        allowed = torch.cat([allowed.new_ones(n, past.sink_k.shape[2]), allowed], dim=1)
+    local = F.scaled_dot_product_attention(q, _expand(lk, G), _expand(lv, G), attn_mask=allowed, scale=scaling)
     if not retrieve:
         return local, keys, values, None, None
     scale = scaling * state_scale(chunk, state_norm)

@@ -1,0 +1,138 @@
+"""``bsbr convert``: convert a pretrained Hugging Face causal LM to BSBR, heal it, measure it, write a report.
+
+    bsbr convert smollm2 --chunk-size 256 --heal-steps 20 --out runs/convert-smollm2
+    bsbr convert path/to/model --chunk-size 128 --heal-steps 0 --out runs/convert-mine
+
+MODEL is a local directory written by ``save_pretrained`` (a converted one loads as converted), ``smollm2`` (the
+SmolLM2-135M-Instruct checkpoint of the ``convert-demo`` extra) or a hub name where a hub is reachable.  All
+arguments, the directory and the architecture are checked before any work; the converted model is written to
+OUT/model only when everything else has finished.  A killed run re-run with the same arguments continues.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import _checks
+
+DEMO_MODELS = ("smollm2",)
+
+
+def _model_config(model: str, gguf_file: str | None):
+    """The model's config (no weights), with the clear errors of bsbr.convert for bad directories."""
+    from transformers import AutoConfig
+
+    from .convert import FAMILIES, SUPPORTED_CLASSES, check_model_dir
+
+    if model == "smollm2":
+        from .models import smollm2_gguf
+
+        gguf = smollm2_gguf()
+        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    path = Path(model)
+    if path.exists():
+        check_model_dir(path, gguf_file=gguf_file)
+    elif path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+        raise FileNotFoundError(f"MODEL {model!r}: no such directory")
+    try:
+        config = AutoConfig.from_pretrained(model, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except OSError as err:
+        raise FileNotFoundError(f"MODEL {model!r} is not a local directory and could not be loaded from a hub: "
+                                f"{str(err).splitlines()[0]}") from None
+    except ValueError as err:
+        raise ValueError(f"MODEL {model!r}: {err}") from None
+    if config.model_type not in FAMILIES:
+        arch = (getattr(config, "architectures", None) or [config.model_type])[0]
+        raise ValueError(f"MODEL {model!r} is a {arch} (model_type {config.model_type!r}); supported classes: "
+                         f"{', '.join(SUPPORTED_CLASSES)}")
+    return config
+
+
+def _check(args):
+    _checks.positive_int("--chunk-size", args.chunk_size)
+    _checks.non_negative_int("--heal-steps", args.heal_steps)
+    _checks.non_negative_int("--finetune-steps", args.finetune_steps)
+    _checks.positive_int("--seq-len", args.seq_len)
+    _checks.positive_int("--eval-windows", args.eval_windows)
+    if args.compression_factor is not None:
+        _checks.positive_int("--compression-factor", args.compression_factor)
+    if args.retrieval_window is not None:
+        _checks.positive_int("--retrieval-window", args.retrieval_window)
+    for c in args.chunk_sweep or []:
+        _checks.positive_int("--chunk-sweep", c)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; expected a directory (new, or a run to continue)")
+    config = _model_config(args.model, args.gguf_file)
+    from .convert import head_counts
+
+    class _Shim:  # head_counts reads only .config
+        pass
+
+    shim = _Shim()
+    shim.config = config
+    _, _, d = head_counts(shim)
+    if args.compression_factor is not None and (d * d) % args.compression_factor:
+        raise ValueError(f"--compression-factor must divide head_dim*head_dim={d * d} of {args.model}, "
+                         f"got {args.compression_factor}")
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if config.model_type == "gpt2" and positions and args.seq_len > positions:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the {positions} positions of {args.model}")
+
+
+def _load(args):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.model == "smollm2":
+        from .models import smollm2
+
+        return smollm2(Path(args.out) / "original")
+    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa", dtype=torch.float32, **kwargs)
+    tok = AutoTokenizer.from_pretrained(args.model, **kwargs)
+    return model.eval(), tok
+
+
+def _convert(args) -> int:
+    _check(args)  # everything that can be checked before loading weights
+    from .pipeline import ConversionPlan, run_conversion
+    from .report import write_report
+
+    plan = ConversionPlan(chunk_size=args.chunk_size, compression_factor=args.compression_factor,
+                          retrieval_window=args.retrieval_window, gate_init=args.gate_init, seq_len=args.seq_len,
+                          eval_windows=args.eval_windows, transfer_steps=args.heal_steps,
+                          finetune_steps=args.finetune_steps, chunk_sweep=list(args.chunk_sweep or []))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / "plan.json"
+    wanted = json.loads(json.dumps({**vars(plan), "model": args.model}))
+    if previous.is_file() and json.loads(previous.read_text()) != wanted:
+        raise ValueError(f"--out {str(out)!r} holds a run with other settings ({previous}); use another --out")
+    model, tok = _load(args)
+    previous.write_text(json.dumps(wanted))
+    report = run_conversion(model, tok, plan, out, name=args.model, progress=not args.no_progress)
+    md = write_report(report, out)
+    print(f"converted model written to {out / 'model'}; report written to {md}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="convert a Hugging Face causal LM to BSBR, heal it and report",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("model", metavar="MODEL", help="a model directory, 'smollm2', or a hub name")
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--heal-steps", type=int, default=20, help="attention-transfer steps (0: no healing)")
+    p.add_argument("--finetune-steps", type=int, default=0, help="language-model fine-tune steps after transfer")
+    p.add_argument("--compression-factor", type=int, default=None)
+    p.add_argument("--retrieval-window", type=int, default=None)
+    p.add_argument("--gate-init", type=float, default=0.0,
+                   help="initial scale of the retrieved term (0: the model starts as local attention; see docs)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per held-out and healing window")
+    p.add_argument("--eval-windows", type=int, default=4)
+    p.add_argument("--chunk-sweep", type=int, nargs="*", default=None, help="also measure at these chunk sizes")
+    p.add_argument("--gguf-file", default=None, help="a GGUF file inside MODEL's directory")
+    p.add_argument("--out", required=True, help="output directory (re-running with it continues a killed run)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_convert)

@@ -1,0 +1,197 @@
+"""Healing a converted model: train the new weights so BSBR takes over from the attention it replaces.
+
+Two stages, each resumable (a killed run continues from its last checkpoint with the same data order):
+
+1. ``"transfer"`` — attention transfer.  Each layer's BSBR output is trained to match the original softmax
+   attention output of the same q, k, v (relative MSE), while the layer passes the *original* output on, so every
+   layer learns from the activations of the original model.  One forward of the frozen model per step plus a small
+   backward per layer through the BSBR weights only: cheap.
+2. ``"finetune"`` — a short language-model fine-tune of the same weights through the whole converted model
+   (next-token loss on the training text).
+
+Only the BSBR weights (meta queries, meta keys, gates, compression maps) train; the pretrained weights stay as they
+are.  Checkpoints hold only the trained tensors and the optimizer (safetensors), plus JSON state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AttentionInterface
+
+from .. import _checks
+from ..train.checkpoint import load_checkpoint, save_checkpoint
+from .attention import BSBR_IMPL, _key_validity, bsbr_mask
+from .convert import bsbr_modules
+
+TRANSFER_IMPL = "bsbr_transfer"
+STAGES = ("transfer", "finetune")
+
+
+def transfer_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Return the original causal softmax attention; on the side, back-propagate the relative MSE between BSBR's
+    output for the same q, k, v and it into the layer's BSBR weights (recorded in ``module.bsbr.transfer_losses``)."""
+    if _key_validity(attention_mask, key.shape[2]) is not None:
+        raise ValueError("attention transfer takes unpadded windows (attention_mask all ones)")
+    B, H, T, d = query.shape
+    G = H // key.shape[1]
+    scaling = d**-0.5 if scaling is None else scaling
+    k, v = (t.repeat_interleave(G, dim=1) if G > 1 else t for t in (key, value))
+    target = F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scaling)
+    meta = module.bsbr
+    with torch.enable_grad():
+        out = meta.segment(query.detach(), key.detach(), value.detach(), scaling).out
+        loss = (out - target.detach()).pow(2).mean() / target.detach().pow(2).mean().clamp(min=1e-12)
+        if loss.requires_grad:
+            loss.backward()
+    meta.transfer_losses.append(loss.item())
+    return target.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(TRANSFER_IMPL, transfer_attention_forward)
+try:  # the transfer pass needs only the padding mask, as BSBR does
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionMaskInterface.register(TRANSFER_IMPL, bsbr_mask)
+except ImportError:  # pragma: no cover
+    pass
+
+
+@dataclass
+class HealConfig:
+    """One healing stage.  ``steps`` optimizer steps of ``batch_size`` windows of ``seq_len`` tokens; AdamW at
+    ``lr`` with ``warmup`` linear warm-up steps then cosine decay to 10%; a checkpoint every ``save_every`` steps."""
+
+    stage: str = "transfer"
+    steps: int = 100
+    lr: float = 1e-3
+    seq_len: int = 2048
+    batch_size: int = 1
+    warmup: int = 10
+    weight_decay: float = 0.0
+    save_every: int = 10
+
+    def __post_init__(self):
+        _checks.one_of("stage", self.stage, STAGES)
+        _checks.non_negative_int("steps", self.steps)
+        _checks.positive_int("seq_len", self.seq_len)
+        _checks.positive_int("batch_size", self.batch_size)
+        _checks.non_negative_int("warmup", self.warmup)
+        _checks.positive_int("save_every", self.save_every)
+        if not (isinstance(self.lr, int | float) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+
+
+class _Trained(nn.Module):
+    """The trained tensors of a converted model, under names safetensors accepts; shares the model's Parameters."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.names = [n for n, _ in model.named_parameters() if ".bsbr." in n]
+        params = dict(model.named_parameters())
+        self.params = nn.ParameterDict({n.replace(".", "__"): params[n] for n in self.names})
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze everything but the BSBR weights; return those."""
+    bsbr_modules(model)
+    trained = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(".bsbr." in name)
+        if ".bsbr." in name:
+            trained.append(p)
+    return trained
+
+
+def _lr(step: int, cfg: HealConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def heal(model: nn.Module, batch_at: Callable[[int], torch.Tensor], cfg: HealConfig, out_dir: str | Path,
+         progress: bool = True) -> list[dict]:
+    """Run one healing stage on a converted model, resuming from ``out_dir`` if it holds a checkpoint of it.
+
+    ``batch_at(step)`` returns the input_ids [batch_size, seq_len] of a step (the same for the same step, so a
+    resumed run sees the data a whole run would).  Writes ``out_dir/checkpoint/`` and ``out_dir/log.jsonl``
+    (step, loss, per-layer transfer losses, lr, tokens, seconds) and returns the log's records.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = trainable_parameters(model)
+    trained = _Trained(model)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    description = {"config": asdict(cfg), "trained": trained.names}
+    ckpt, log_path = out / "checkpoint", out / "log.jsonl"
+    state = {"step": 0, "tokens": 0, "seconds": 0.0}
+    if (ckpt / "state.json").is_file():
+        saved = json.loads((ckpt / "state.json").read_text())
+        if saved.get("description", {}).get("config", {}).get("stage") != cfg.stage:
+            raise ValueError(f"{ckpt}: a checkpoint of stage {saved.get('description', {}).get('config')} "
+                             f"cannot resume stage {cfg.stage!r}; use another out_dir")
+        if saved["description"]["trained"] != trained.names:
+            raise ValueError(f"{ckpt}: its trained tensors are not this model's BSBR weights")
+        state = load_checkpoint(ckpt, trained, opt)
+        state.pop("description", None)
+    records = []
+    if log_path.is_file():  # keep the records up to the checkpoint; later ones are redone
+        records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        records = [r for r in records if r["step"] < state["step"]]
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    was_training = model.training
+    model.train(False)  # no dropout: healing fits a deterministic map
+    impl = model.config._attn_implementation
+    model.set_attn_implementation(TRANSFER_IMPL if cfg.stage == "transfer" else BSBR_IMPL)
+    metas = bsbr_modules(model)
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"heal:{cfg.stage}", disable=not progress)
+    try:
+        while state["step"] < cfg.steps:
+            step = state["step"]
+            t0 = time.perf_counter()
+            for g in opt.param_groups:
+                g["lr"] = _lr(step, cfg)
+            ids = batch_at(step)
+            opt.zero_grad(set_to_none=True)
+            record = {"step": step, "lr": opt.param_groups[0]["lr"]}
+            if cfg.stage == "transfer":
+                for m in metas:
+                    m.transfer_losses = []
+                with torch.no_grad():
+                    model(ids, use_cache=False)
+                layers = [m.transfer_losses[-1] for m in metas]
+                record["loss"] = sum(layers) / len(layers)
+                record["layer_losses"] = layers
+            else:
+                loss = model(ids, labels=ids, use_cache=False).loss
+                loss.backward()
+                record["loss"] = loss.item()
+            opt.step()
+            state["step"] = step + 1
+            state["tokens"] += ids.numel()
+            state["seconds"] += time.perf_counter() - t0
+            record.update(tokens=state["tokens"], seconds=round(state["seconds"], 2))
+            records.append(record)
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
+                save_checkpoint(ckpt, trained, opt, {**state, "description": description})
+    finally:
+        bar.close()
+        model.set_attn_implementation(impl)
+        model.train(was_training)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return records

@@ -1,0 +1,119 @@
+"""Markdown and PNG report of a conversion run (reads only the report dict / report.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .pipeline import summary_rows
+
+VARIANT_NAMES = {"bsbr": "BSBR", "local": "local only", "sliding_window": "sliding window"}
+
+
+def _fmt(x, spec=".3f"):
+    return "—" if x is None else format(x, spec)
+
+
+def write_report(report: dict, out_dir: str | Path) -> Path:
+    """Write ``report.md`` and its figures (similarity by layer, perplexity by position, by chunk size) into
+    ``out_dir``; return the Markdown path."""
+    out = Path(out_dir)
+    figures = _figures(report, out)
+    plan = report["plan"]
+    lines = [f"# Conversion of {report['name']} ({report['class']}) to BSBR", "",
+             f"Chunk {plan['chunk_size']}, compression {plan['compression_factor']}, retrieval window "
+             f"{plan['retrieval_window']}, gate init {plan['gate_init']}, meta key {plan['meta_key']!r}. Held-out "
+             f"text: {plan['eval_windows']} windows of {plan['seq_len']} tokens ({report['eval_tokens']:,} tokens; "
+             f"sources {', '.join(sorted(set(report['eval_sources'])))}; valid + test splits, never used for healing).",
+             "", "| stage | variant | ppl | original ppl | ratio | bits/byte | KL (nats) | top-1 | top-5 | "
+             "cos (last layer) | max KL, first chunk |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary_rows(report):
+        lines.append(f"| {r['stage']} | {VARIANT_NAMES.get(r['variant'], r['variant'])} | {_fmt(r['ppl'], '.2f')} | "
+                     f"{_fmt(r['ppl_original'], '.2f')} | {_fmt(r['ppl_ratio'])} | {_fmt(r['bpb'])} | "
+                     f"{_fmt(r['kl'], '.4f')} | {_fmt(r['top1'])} | {_fmt(r['top5'])} | {_fmt(r['cosine_last'], '.4f')} "
+                     f"| {_fmt(r['first_chunk_max_kl'], '.2e')} |")
+    lines += ["", "Local only and sliding window are the same model with retrieval switched off, and with softmax "
+              "attention over the latest chunk-size tokens; their rows do not change with healing (healing trains "
+              "only BSBR's retrieval weights) except through those weights' absence.", ""]
+    if report["healing"]:
+        lines += ["## Healing", "", "| stage | steps | lr | tokens | CPU s | loss first -> last |", "|---|---|---|---|---|---|"]
+        for stage, h in report["healing"].items():
+            lines.append(f"| {stage} | {h['steps']} | {h['lr']} | {h['tokens']:,} | {h['cpu_seconds']:.0f} | "
+                         f"{_fmt(h['first_loss'], '.4f')} -> {_fmt(h['last_loss'], '.4f')} |")
+        lines.append("")
+    sweep = report.get("chunk_sweep", {}).get("results", {})
+    if sweep:
+        lines += [f"## By chunk size (stage {report['chunk_sweep']['stage']})", "",
+                  "| chunk | BSBR ratio | local ratio | sliding ratio | BSBR top-1 |", "|---|---|---|---|---|"]
+        for chunk, res in sorted(sweep.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {chunk} | {_fmt(res['bsbr']['ppl_ratio'])} | {_fmt(res['local']['ppl_ratio'])} | "
+                         f"{_fmt(res['sliding_window']['ppl_ratio'])} | {_fmt(res['bsbr']['top1'])} |")
+        lines.append("")
+    for title, name in figures:
+        lines += [f"![{title}]({name})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _figures(report: dict, out: Path) -> list[tuple[str, str]]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the eval extra is not installed: the tables are still written
+        return []
+    made = []
+    stages = report["stages"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for stage, variants in stages.items():
+        for variant in ("bsbr", "local", "sliding_window"):
+            if variant == "bsbr" or stage == "before":
+                cos = variants[variant]["cosine"]
+                ax.plot(range(len(cos)), cos, marker=".", label=f"{VARIANT_NAMES[variant]} ({stage})")
+    ax.set_xlabel("hidden-state layer (0 = embeddings)")
+    ax.set_ylabel("cosine similarity to the original")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "similarity_by_layer.png", dpi=120)
+    plt.close(fig)
+    made.append(("cosine similarity by layer", "similarity_by_layer.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    before = stages["before"]
+    pos = before["bsbr"]["by_position"]
+    ax.plot([b["start"] for b in pos], [b["ppl_original"] for b in pos], "k-", marker="o", label="original")
+    for stage, variants in stages.items():
+        for variant in ("bsbr", "local", "sliding_window"):
+            if variant == "bsbr" or stage == "before":
+                p = variants[variant]["by_position"]
+                ax.plot([b["start"] for b in p], [b["ppl_converted"] for b in p], marker=".",
+                        label=f"{VARIANT_NAMES[variant]} ({stage})")
+    ax.set_yscale("log")
+    ax.set_xlabel("position (start of chunk-size bucket)")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "perplexity_by_position.png", dpi=120)
+    plt.close(fig)
+    made.append(("perplexity by position", "perplexity_by_position.png"))
+
+    sweep = report.get("chunk_sweep", {}).get("results", {})
+    if sweep:
+        chunks = sorted(int(c) for c in sweep)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for variant in ("bsbr", "local", "sliding_window"):
+            ax.plot(chunks, [sweep[str(c)][variant]["ppl_ratio"] for c in chunks], marker="o",
+                    label=VARIANT_NAMES[variant])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("chunk size (window for sliding window)")
+        ax.set_ylabel("perplexity / original")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "perplexity_by_chunk.png", dpi=120)
+        plt.close(fig)
+        made.append(("perplexity ratio by chunk size", "perplexity_by_chunk.png"))
+    return made
