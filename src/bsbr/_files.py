@@ -139,3 +139,88 @@ def list_of(path, value: object, keys: tuple, length: int | None = None, expecte
     if length is not None and len(value) != length:
         fail(path, keys, value, f"{expected} of {length} item(s), one per entry of 'seq_lengths'")
     return value
+
+
+# --- safetensors -----------------------------------------------------------------------------------------------
+
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+ST_DTYPE = {"torch.bool": "BOOL", "torch.uint8": "U8", "torch.int8": "I8", "torch.int16": "I16", "torch.float16": "F16",
+            "torch.bfloat16": "BF16", "torch.int32": "I32", "torch.float32": "F32", "torch.int64": "I64",
+            "torch.float64": "F64"}  # str(torch dtype) -> the name safetensors writes
+
+
+def safetensors_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} of a safetensors file, after checking that the file is whole: a header of
+    well-formed entries whose data regions tile the rest of the file exactly (so a truncated or padded file,
+    or one that is not safetensors at all, is a ValueError naming the file)."""
+    path = Path(path)
+    what = "a safetensors file"
+    if not path.is_file():
+        if path.exists():
+            raise ValueError(f"{path}: is not a file; expected {what}")
+        raise FileNotFoundError(f"{path}: does not exist; expected {what}")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            raw = f.read(n) if 0 < n <= min(size - 8, 100 * 2**20) else b""
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror or type(err).__name__}); expected {what}") from None
+    if n < 2 or len(raw) != n:
+        raise ValueError(f"{path}: is not a whole safetensors file ({size:,} bytes; its first 8 bytes announce a "
+                         f"{max(n, 0):,}-byte header); truncated, or not written by safetensors")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError(f"{path}: its safetensors header is not JSON; the file is damaged or not safetensors") \
+            from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: its safetensors header is {show(header)}; expected an object of tensors")
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    regions = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(entry, dict) and entry.get("dtype") in _ST_ITEMSIZE \
+            and isinstance(entry.get("shape"), list) and all(is_int(d) and d >= 0 for d in entry["shape"]) \
+            and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2 \
+            and all(is_int(o) and o >= 0 for o in entry["data_offsets"])
+        if not ok:
+            raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {show(entry)}; the file is "
+                             "damaged or not safetensors")
+        start, end = entry["data_offsets"]
+        numel = math.prod(entry["shape"])
+        if end - start != numel * _ST_ITEMSIZE[entry["dtype"]]:
+            raise ValueError(f"{path}: tensor {name!r} ({entry['dtype']} {entry['shape']}) is given {end - start} "
+                             f"bytes of data; the file is damaged")
+        regions.append((start, end))
+        out[name] = (entry["dtype"], tuple(entry["shape"]))
+    data = size - 8 - n
+    described = max((e for _, e in regions), default=0)
+    if described != data:
+        state = "truncated" if described > data else "longer than its header says"
+        raise ValueError(f"{path}: {state}: its header describes {described:,} bytes of tensor data, the file holds "
+                         f"{data:,}")
+    return out
+
+
+def check_tensors(path: str | Path, found: dict[str, tuple[str, tuple[int, ...]]],
+                  expected: dict[str, tuple[str, tuple[int, ...]]], what: str,
+                  optional: frozenset[str] = frozenset()) -> None:
+    """Raise a ValueError naming ``path`` and the first tensor whose name, dtype or shape differ from ``expected``
+    ({name: (safetensors dtype, shape)}; names in ``optional`` may be absent)."""
+    for name, (dtype, shape) in expected.items():
+        if name not in found:
+            if name in optional:
+                continue
+            extra = sorted(set(found) - set(expected))
+            hint = f"; it holds {extra[0]!r} and {len(extra) - 1} other(s) this model lacks" if extra else ""
+            raise ValueError(f"{path}: tensor {name!r} is missing{hint}; expected {what}")
+        if found[name] != (dtype, shape):
+            raise ValueError(f"{path}: tensor {name!r} is {found[name][0]} {list(found[name][1])}; expected {dtype} "
+                             f"{list(shape)} for {what}")
+    for name in found:
+        if name not in expected:
+            raise ValueError(f"{path}: holds tensor {name!r}, which {what} does not have")
