@@ -80,7 +80,8 @@ def field_name(*keys: str | int) -> str:
 
 
 def fail(path: str | Path, keys: tuple, value: object, expected: str) -> NoReturn:
-    raise ValueError(f"{path}: field {field_name(*keys)} is {show(value)}; expected {expected}")
+    where = f"field {field_name(*keys)} is" if keys else "holds"
+    raise ValueError(f"{path}: {where} {show(value)}; expected {expected}")
 
 
 def missing(path: str | Path, keys: tuple, expected: str) -> NoReturn:
