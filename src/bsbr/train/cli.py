@@ -1,6 +1,7 @@
 """``bsbr train``: train a registered model on a task from a preset, a JSON file and command-line overrides.
 
     bsbr train --preset mqar-small --model Standard --set steps=500 --out-dir runs/mqar-std
+    bsbr train --resume runs/mqar-std          # the same run, continued from its last checkpoint
     torchrun --nproc_per_node=2 -m bsbr train --preset tiny --out-dir runs/ddp
 
 A spec has three parts: "task" (name, seq_len and task options), "model" (name, sizes and mechanism
@@ -21,6 +22,7 @@ import torch
 
 from .. import _files as F
 from ..models import build_model
+from ..models.config import ModelConfig
 from ..tasks import get_task
 from .config import PRESETS, TrainConfig
 from .evaluate import evaluate
@@ -44,6 +46,8 @@ def _parse_pairs(pairs: list[str], flag: str) -> dict:
 
 def build_spec(args: argparse.Namespace) -> dict:
     """Merge preset, --config file and flags into {"task": {...}, "model": {...}, "train": {...}}."""
+    if getattr(args, "resume", None):
+        return _resume_spec(args)
     spec = copy.deepcopy(PRESETS[args.preset]) if args.preset else {"task": {}, "model": {}, "train": {}}
     if args.config:
         for part, section in read_config(args.config).items():
@@ -129,6 +133,53 @@ def _section(part: str, origin: str | None):
         raise ValueError(f"the spec's {part!r} section{f' ({origin})' if origin else ''}: {err}") from None
 
 
+_RUN = "the run description bsbr train writes (an object with 'model', 'task' and 'train')"
+
+
+def spec_from_run(path: str | Path) -> dict:
+    """The spec of the run in directory ``path``, rebuilt from the config.json that :func:`train` wrote there
+    (``train`` then checks that the rebuilt run is the same one and resumes it from its checkpoint)."""
+    run = Path(path)
+    if not run.is_dir():
+        raise FileNotFoundError(f"--resume {str(run)!r}: no such directory")
+    cfg_path = run / "config.json"
+    if not cfg_path.exists():
+        raise ValueError(f"{run}: holds no run to resume (config.json missing); start one with --out-dir")
+    desc = F.mapping(cfg_path, F.read_json(cfg_path, _RUN), (), _RUN)
+    parts = {part: F.mapping(cfg_path, F.get(cfg_path, desc, part, (), f"the run's {part} settings"), (part,))
+             for part in ("task", "model", "train")}
+    try:
+        model = ModelConfig.from_dict(parts["model"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{cfg_path}: field 'model': {err}") from None
+    try:
+        TrainConfig.from_dict(parts["train"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{cfg_path}: field 'train': {err}") from None
+    F.string(cfg_path, parts["task"].get("name"), ("task", "name"))
+    return {"task": dict(parts["task"]),
+            "model": {"name": model.attention, "vocab_size": model.vocab_size, "hidden_dim": model.hidden_dim,
+                      "num_layers": model.num_layers, "num_heads": model.num_heads, "ff_dim": model.ff_dim,
+                      "dropout": model.dropout, "norm": model.norm, "tie_embeddings": model.tie_embeddings,
+                      **model.attention_kwargs},
+            "train": {**parts["train"], "out_dir": str(run)}}
+
+
+def _resume_spec(args: argparse.Namespace) -> dict:
+    given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config), ("--task", args.task),
+                                      ("--seq-len", args.seq_len), ("--task-opt", args.task_opt),
+                                      ("--model", args.model), ("--model-opt", args.model_opt),
+                                      *((f"--{k.replace('_', '-')}", getattr(args, k)) for k in _MODEL_SIZES))
+             if value]
+    if given:
+        raise ValueError(f"--resume reads the run's task, model and settings from its config.json; drop {given}")
+    if args.out_dir and Path(args.out_dir) != Path(args.resume):
+        raise ValueError(f"--resume {args.resume} and --out-dir {args.out_dir} name different directories")
+    spec = spec_from_run(args.resume)
+    spec["train"].update(_parse_pairs(args.set, "--set"))  # e.g. progress=false, device=cpu, checkpoint_every=100
+    return spec
+
+
 def run_spec(spec: dict, eval_split: str | None = "test", origin: str | None = None) -> dict:
     """Build task, model and config from ``spec``, train, and evaluate on ``eval_split``; returns a summary."""
     task, lm, cfg = build_run(spec, origin)
@@ -187,6 +238,8 @@ def register(subparsers) -> None:
     p.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="mechanism option, e.g. chunk_size=64")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="TrainConfig field, e.g. steps=500")
     p.add_argument("--out-dir", help="log, checkpoints and results go here; an existing run resumes")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint, with the task, model "
+                   "and settings it was started with (--set may change progress, device, checkpoint_every)")
     p.add_argument("--eval-split", default="test", choices=("valid", "test", "none"),
                    help="split evaluated after training (default test)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
