@@ -7,7 +7,8 @@ it or raise a ValueError (FileNotFoundError for a missing file) whose message na
 leave what is already on disk (the input, a report directory, a run's checkpoints and log, finished cells)
 byte for byte as it was.
 
-Mutated inputs tried per reader (hypothesis ``max_examples``, derandomized so every run tries the same ones):
+Mutated inputs tried per reader (hypothesis ``max_examples``, derandomized so every run tries the same ones;
+``BSBR_FUZZ_SCALE=N`` multiplies them and draws new ones each run):
 
     load_results                      N_JSON    = 200
     bsbr analyze                      N_CLI     = 100
@@ -26,6 +27,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import shutil
 import struct
 import tempfile
@@ -49,10 +51,11 @@ from bsbr.utils.research import ExperimentRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 N_JSON, N_CLI, N_REPORT, N_RESUME, N_CLI_RESUME, N_CORPUS, N_CELLS = 200, 100, 12, 60, 20, 60, 60
+SCALE = int(os.environ.get("BSBR_FUZZ_SCALE", "1"))  # e.g. 20 for a long, randomized hunt; 1: the suite's fixed set
 
 
 def fuzz(n: int):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+    return settings(max_examples=n * SCALE, deadline=None, derandomize=SCALE == 1, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                            HealthCheck.data_too_large])
 
@@ -106,6 +109,8 @@ def mutated_json(draw, doc):
 def mutated_bytes(draw, data: bytes):
     """``data`` truncated, with a byte flipped, with non-UTF-8 bytes inserted, emptied, or random bytes."""
     kind = draw(st.sampled_from(["truncate", "flip", "non_utf8", "empty", "random"]))
+    if not data:
+        return draw(st.binary(max_size=300))
     if kind == "truncate":
         return data[: draw(st.integers(0, len(data) - 1))]
     if kind == "flip":

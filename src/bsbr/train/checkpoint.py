@@ -85,18 +85,18 @@ def check_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
         raise FileNotFoundError(f"no checkpoint at {str(path)!r} (state.json missing)")
     sp = path / "state.json"
     meta = F.mapping(sp, F.read_json(sp, "a checkpoint's state.json"), (), "an object {...} (a checkpoint's state)")
-    F.int_at_least(sp, F.get(sp, meta, "step", (), "the number of steps done"), ("step",), 0)
-    for key in ("seconds",):
-        if key in meta:
-            F.number_at_least(sp, meta[key], (key,))
-    for key in ("bad_evals", "peak_memory_bytes"):
-        if key in meta:
-            F.int_at_least(sp, meta[key], (key,), 0)
-    if "steps_to_target" in meta:
-        F.int_at_least(sp, meta["steps_to_target"], ("steps_to_target",), 0, none=True)
-    if "best_loss" in meta and meta["best_loss"] is not None and not F.is_number(meta["best_loss"]):
-        F.fail(sp, ("best_loss",), meta["best_loss"], "a number or null")
-    if meta.get("stopped") not in (None, *STOPPED):
+    def field(key, expected):
+        return F.get(sp, meta, key, (), expected)  # every version of save_checkpoint wrote all of them
+
+    F.int_at_least(sp, field("step", "the number of steps done"), ("step",), 0)
+    F.number_at_least(sp, field("seconds", "the training seconds so far"), ("seconds",))
+    F.int_at_least(sp, field("bad_evals", "the evaluations without improvement"), ("bad_evals",), 0)
+    F.int_at_least(sp, field("peak_memory_bytes", "the peak memory so far"), ("peak_memory_bytes",), 0)
+    F.int_at_least(sp, field("steps_to_target", "null or a step"), ("steps_to_target",), 0, none=True)
+    best = field("best_loss", "null or the best valid loss")
+    if best is not None and not F.is_number(best):
+        F.fail(sp, ("best_loss",), best, "a finite number or null")
+    if field("stopped", f"null or one of {list(STOPPED)}") not in (None, *STOPPED):
         F.fail(sp, ("stopped",), meta["stopped"], f"null or one of {list(STOPPED)}")
 
     mp = path / "model.safetensors"

@@ -200,6 +200,8 @@ def _cmd(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     spec = build_spec(args)
     origin = f"preset, --config {args.config} and flags merged" if args.config else None
+    if getattr(args, "resume", None):
+        origin = f"rebuilt from {Path(args.resume) / 'config.json'}"
     if args.print_spec:
         build_run(spec, origin)  # checked: it builds
         print(json.dumps(spec, indent=1))
