@@ -83,7 +83,8 @@ def _at(doc, path):
 
 @st.composite
 def mutated_json(draw, doc):
-    """``doc`` with 1..3 mutations: drop a field or item, change a value's type, make a list shorter or longer."""
+    """``doc`` with 1..3 mutations: drop a field or item, change a value's type, make a list shorter or longer,
+    rename a field or change a string."""
     doc = copy.deepcopy(doc)
     for _ in range(draw(st.integers(1, 3))):
         paths = [p for p in _paths(doc) if p]
@@ -92,9 +93,14 @@ def mutated_json(draw, doc):
         depth = draw(st.sampled_from(sorted({len(p) for p in paths})))  # shallow fields as likely as deep ones
         path = draw(st.sampled_from([p for p in paths if len(p) == depth]))
         parent, key = _at(doc, path[:-1]), path[-1]
-        kind = draw(st.sampled_from(["drop", "type", "length"]))
+        kind = draw(st.sampled_from(["drop", "type", "length", "rename"]))
         if kind == "drop":
             del parent[key]
+        elif kind == "rename":
+            if isinstance(parent[key], str):
+                parent[key] += "_x"
+            elif isinstance(parent, dict):
+                parent[f"{key}_x"] = parent.pop(key)
         elif kind == "type":
             other = draw(st.sampled_from([v for v in OTHER_TYPES if type(v) is not type(parent[key])]))
             parent[key] = copy.deepcopy(other)  # (a later mutation may edit it in place)
@@ -473,6 +479,16 @@ def test_resume_refuses_a_directory_it_would_overwrite(runs, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         train(_lm(), get_task(**TASK), _cfg(tmp_path / "file"))
+    assert main(["compare", "--lengths", "8", "--models", "BSBR", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err  # said before measuring
+    shutil.rmtree(out)
+    shutil.copytree(runs / "run", out)
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    (out / "checkpoint" / "state.json").write_text(json.dumps({**state, "step": 99}))
+    before = tree_hash(out)
+    with pytest.raises(ValueError, match=r"state.json: field 'step' is 99; expected at most the run's 3 steps"):
+        train(_lm(), get_task(**TASK), _cfg(out))
+    assert tree_hash(out) == before
 
 
 def test_resume_from_checkpoint_old_and_a_torn_log_line(runs, tmp_path, capsys):

@@ -37,6 +37,8 @@ def _malloc_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args) -> None:
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # said before minutes of measuring, not after
+        raise ValueError(f"--out {args.out}: is a file; expected a directory for the results")
     if not args.default_malloc:
         fix_malloc_thresholds()
 

@@ -292,7 +292,10 @@ def _prepare_out_dir(out: Path, lm, optimizer, description: dict, device, state:
             raise ValueError(f"out_dir {str(out)!r} holds a different run (differs in {diff}); use a new out_dir")
         ckpt = _checkpoint_dir(out)
         if ckpt is not None:
-            check_checkpoint(ckpt, lm, optimizer)  # before reading the log or loading anything
+            meta = check_checkpoint(ckpt, lm, optimizer)  # before reading the log or loading anything
+            if meta["step"] > description["train"]["steps"]:
+                raise ValueError(f"{ckpt / 'state.json'}: field 'step' is {meta['step']}; expected at most the "
+                                 f"run's {description['train']['steps']} steps")
             records, rewrite = _read_log(out / "log.jsonl")
             state = load_checkpoint(ckpt, lm, optimizer, device)
             state["stopped"] = None if state.get("stopped") == "completed" else state.get("stopped")
