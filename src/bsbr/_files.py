@@ -134,11 +134,12 @@ def string(path, value: object, keys: tuple, none: bool = False) -> str | None:
     return value
 
 
-def list_of(path, value: object, keys: tuple, length: int | None = None, expected: str = "a list") -> list:
+def list_of(path, value: object, keys: tuple, length: int | None = None, expected: str = "a list",
+            per: str = "one per entry of 'seq_lengths'") -> list:
     if not isinstance(value, list):
         fail(path, keys, value, expected if length is None else f"{expected} of {length} item(s)")
     if length is not None and len(value) != length:
-        fail(path, keys, value, f"{expected} of {length} item(s), one per entry of 'seq_lengths'")
+        fail(path, keys, value, f"{expected} of {length} item(s), {per}")
     return value
 
 

@@ -76,6 +76,14 @@ def _model_tensors(model: torch.nn.Module) -> tuple[dict, list[list[str]]]:
     return expected, [g for g in groups.values() if len(g) > 1]
 
 
+def _describe(model: torch.nn.Module) -> str:
+    c = getattr(model, "config", None)
+    if all(hasattr(c, k) for k in ("attention", "hidden_dim", "num_layers", "vocab_size")):
+        return (f"this {type(model).__name__} ({c.attention}, hidden_dim {c.hidden_dim}, {c.num_layers} layer(s), "
+                f"vocab {c.vocab_size})")
+    return f"this {type(model).__name__}"
+
+
 def check_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Check checkpoint folder ``path`` against ``model`` (and ``optimizer``) without loading anything; returns
     the parsed state.json.  Raises FileNotFoundError if there is no checkpoint and ValueError naming the file
@@ -85,6 +93,7 @@ def check_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
         raise FileNotFoundError(f"no checkpoint at {str(path)!r} (state.json missing)")
     sp = path / "state.json"
     meta = F.mapping(sp, F.read_json(sp, "a checkpoint's state.json"), (), "an object {...} (a checkpoint's state)")
+
     def field(key, expected):
         return F.get(sp, meta, key, (), expected)  # every version of save_checkpoint wrote all of them
 
@@ -102,7 +111,7 @@ def check_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
     mp = path / "model.safetensors"
     expected, tied = _model_tensors(model)
     found = F.safetensors_header(mp)
-    what = f"this {type(model).__name__}"
+    what = _describe(model)
     F.check_tensors(mp, found, expected, what, frozenset(n for g in tied for n in g))
     for group in tied:
         if not any(n in found for n in group):
@@ -115,7 +124,8 @@ def check_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
 def _check_optimizer(path: Path, meta: dict, optimizer: torch.optim.Optimizer) -> None:
     sp, op = path / "state.json", path / "optimizer.safetensors"
     groups = F.list_of(sp, F.get(sp, meta, "param_groups", (), "the optimizer's parameter groups"),
-                       ("param_groups",), len(optimizer.param_groups), "a list")
+                       ("param_groups",), len(optimizer.param_groups), "a list",
+                       "one per parameter group of the optimizer")
     params, start = [], 0
     for i, (saved, current) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
         F.mapping(sp, saved, ("param_groups", i))
@@ -143,8 +153,9 @@ def _check_optimizer(path: Path, meta: dict, optimizer: torch.optim.Optimizer) -
     found = F.safetensors_header(op)
     rng = ("U8", tuple(torch.get_rng_state().shape))
     if found.get("rng.cpu") != rng:
-        raise ValueError(f"{op}: tensor 'rng.cpu' is {found.get('rng.cpu', 'missing')}; expected U8 {list(rng[1])} "
-                         "(the CPU random-number-generator state)")
+        got = f"{found['rng.cpu'][0]} {list(found['rng.cpu'][1])}" if "rng.cpu" in found else "missing"
+        raise ValueError(f"{op}: tensor 'rng.cpu' is {got}; expected U8 {list(rng[1])} (the CPU random-number-"
+                         "generator state)")
     for name, (dtype, shape) in found.items():
         if name.startswith("rng."):
             if not (name == "rng.cpu" or (name[9:].isdigit() and name.startswith("rng.cuda.") and dtype == "U8"
