@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+from .._files import is_number
+from .results import validate_results
+
 
 def fit_power_law(xs: list[float], ys: list[float]) -> dict:
     """Least-squares fit of y = a * x^k on log-log axes.
@@ -55,15 +58,21 @@ def analyze_results(results: dict, metric: str | None = None, baseline: str | No
     Returns {"metric", "baseline", "fits": {model: fit + "class"}, "crossovers": {"A vs B": [...]},
     "relative": {model: [value / baseline value per length]}}.
     """
-    models = results.get("models")
-    if not models:
-        raise ValueError("results has no 'models' list; pass what compare_models or scaling_analysis returned")
+    validate_results(results, "results", complete=False)
+    models = results["models"]
     lengths = results["seq_lengths"]
     present = [m for m in ("inference_time", "time", "memory_usage", "memory", "flops")
                if m in results[models[0]]]
     metric = metric or (present[0] if present else None)
     if metric is None or metric not in results[models[0]]:
         raise ValueError(f"metric must be one of {present}, got {metric!r}")
+    for m in models:
+        if not isinstance(results[m].get(metric), list) or len(results[m][metric]) != len(lengths):
+            raise ValueError(f"results: field {m!r}.{metric!r} is missing or not a list of {len(lengths)} value(s); "
+                             f"every model needs {metric!r} at each of 'seq_lengths'")
+        for j, v in enumerate(results[m][metric]):
+            if v is not None and not is_number(v):
+                raise ValueError(f"results: field {m!r}.{metric!r}[{j}] is {v!r}; expected a finite number or null")
     baseline = baseline or ("Standard" if "Standard" in models else models[0])
     if baseline not in models:
         raise ValueError(f"baseline must be one of {models}, got {baseline!r}")

@@ -10,6 +10,7 @@ from ..utils.memory import fix_malloc_thresholds, malloc_setting
 from .analysis import analyze_results
 from .compare import compare_models, scaling_analysis
 from .report import write_report
+from .results import load_results, results_path
 
 DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192]
 
@@ -36,6 +37,8 @@ def _malloc_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args) -> None:
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # said before minutes of measuring, not after
+        raise ValueError(f"--out {args.out}: is a file; expected a directory for the results")
     if not args.default_malloc:
         fix_malloc_thresholds()
 
@@ -60,16 +63,8 @@ def _scaling(args) -> int:
     return 0
 
 
-def _load(path: str) -> dict:
-    p = Path(path)
-    p = p / "results.json" if p.is_dir() else p
-    if not p.is_file():
-        raise SystemExit(f"RESULTS must be a results.json (or a directory holding one); {str(p)!r} does not exist")
-    return json.loads(p.read_text())
-
-
 def _analyze(args) -> int:
-    results = _load(args.results)
+    results = load_results(args.results)
     for metric in results["metrics"]:
         if metric == "accuracy":
             continue
@@ -85,9 +80,10 @@ def _analyze(args) -> int:
 
 
 def _report(args) -> int:
-    results = _load(args.results)
-    out = args.out or str(Path(args.results if Path(args.results).is_dir() else Path(args.results).parent))
-    print(f"report written to {write_report(results, out)}")
+    source = results_path(args.results)
+    results = load_results(source)
+    out = args.out or str(source.parent)
+    print(f"report written to {write_report(results, out, source)}")
     return 0
 
 

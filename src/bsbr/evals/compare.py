@@ -15,6 +15,7 @@ from ..models import build_model, list_models
 from ..models.registry import canonical_name
 from .flops import analytic_flops
 from .measure import activation_bytes, count_flops, time_callable
+from .results import RESULTS_SCHEMA
 
 COMPARE_METRICS = ("inference_time", "memory_usage", "accuracy")
 SCALING_METRICS = ("time", "memory", "flops")
@@ -89,7 +90,8 @@ def _accuracy(name, T, settings) -> float:
 
 
 def _sweep(lengths, names, metrics, settings, cell, progress) -> dict:
-    results = {"seq_lengths": lengths, "models": names, "metrics": metrics, "settings": settings}
+    results = {"schema": RESULTS_SCHEMA, "seq_lengths": lengths, "models": names, "metrics": metrics,
+               "settings": settings}
     cells = [(n, t) for n in names for t in lengths]
     for name in names:
         results[name] = {m: [] for m in metrics}
@@ -100,7 +102,7 @@ def _sweep(lengths, names, metrics, settings, cell, progress) -> dict:
         try:
             values = cell(name, T)
         except RuntimeError as err:  # e.g. out of memory: recorded for the cell, the sweep goes on
-            values = {m: None for m in metrics}
+            values = {key: None for key in results[name] if key != "errors"}  # spreads too: lists stay aligned
             results[name].setdefault("errors", {})[str(T)] = str(err).splitlines()[0]
         for key, value in values.items():
             results[name][key].append(value)
@@ -181,7 +183,7 @@ def scaling_analysis(seq_lengths=(256, 512, 1024, 2048), models=None, metrics=("
     progress = kwargs.pop("progress", True)
     base = compare_models(lengths, names, mapped or ["inference_time"], progress=progress, **kwargs) \
         if mapped else None
-    results = {"seq_lengths": lengths, "models": names, "metrics": metrics,
+    results = {"schema": RESULTS_SCHEMA, "seq_lengths": lengths, "models": names, "metrics": metrics,
                "settings": base["settings"] if base else _settings(**kwargs)}
     for name in names:
         results[name] = {"parameters": base[name]["parameters"] if base else None}

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from .analysis import analyze_results
+from .results import validate_results
 
 UNITS = {"inference_time": ("s", 1.0), "time": ("s", 1.0), "memory_usage": ("MiB", 2**-20), "memory": ("MiB", 2**-20),
          "flops": ("GFLOP", 1e-9), "flops_counted": ("GFLOP", 1e-9), "accuracy": ("", 1.0)}
@@ -30,7 +33,7 @@ def _attention_section(results: dict, out: Path, T: int = 320) -> list[str]:
     import matplotlib.pyplot as plt
     import torch
 
-    from ..models import build_model
+    from ..models import build_model, list_models
     from ..utils.visualization import visualize_attention
 
     s = results["settings"]
@@ -38,6 +41,9 @@ def _attention_section(results: dict, out: Path, T: int = 320) -> list[str]:
              f"{T} random tokens); sparsity = fraction of exactly-zero weights over all layers and heads.", ""]
     ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(0))
     for name in results["models"]:
+        if name not in list_models():
+            lines += [f"- {name}: not a registered model here, so no attention map", ""]
+            continue
         torch.manual_seed(0)
         model = build_model(name, vocab_size=256, hidden_dim=s.get("hidden_dim", 128),
                             num_layers=s.get("num_layers", 2), num_heads=s.get("num_heads", 4),
@@ -56,13 +62,39 @@ def _attention_section(results: dict, out: Path, T: int = 320) -> list[str]:
     return lines
 
 
-def write_report(results: dict, out_dir: str | Path) -> Path:
+def write_report(results: dict, out_dir: str | Path, source: str | Path = "results") -> Path:
     """Analyse ``results`` and write results.json, analysis.json, one CSV per metric, PNG plots and
-    report.md / report.html into ``out_dir``.  Returns the path of report.md."""
+    report.md / report.html into ``out_dir``.  Returns the path of report.md.
+
+    ``results`` is checked first (:func:`~bsbr.evals.results.validate_results`; ``source`` names it in the
+    messages) and every file is written to a temporary folder and moved into ``out_dir`` only once all are
+    done, so a failure leaves ``out_dir`` as it was.  A results.json already there with the same content is
+    left untouched."""
+    validate_results(results, source)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file; the report needs a directory to write into")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as tmp:
+        _write_all(results, Path(tmp))
+        old = out / "results.json"
+        if old.is_file() and _same_json(old, Path(tmp) / "results.json"):
+            os.remove(Path(tmp) / "results.json")
+        for f in sorted(Path(tmp).iterdir()):
+            os.replace(f, out / f.name)
+    return out / "report.md"
+
+
+def _same_json(a: Path, b: Path) -> bool:
+    try:
+        return json.loads(a.read_text()) == json.loads(b.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _write_all(results: dict, out: Path) -> None:
     from ..utils.visualization import plot_metric, plot_relative_heatmap
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     s = results["settings"]
     lines = ["# bsbr comparison report", "",
@@ -113,4 +145,3 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
             body.append(f"<pre>{html.escape(line)}</pre>" if line else "")
     (out / "report.html").write_text("<!doctype html><meta charset='utf-8'><title>bsbr report</title>\n"
                                      + "\n".join(body) + "\n")
-    return out / "report.md"

@@ -3,7 +3,8 @@
 - ``"python"``: the Python standard library's own source files (code), found next to the ``json`` module
   on any machine; test suites, idlelib and site-packages are left out.
 - ``"prose"``: the English help topics of ``pydoc_data.topics`` (the text behind ``help("if")``).
-- a directory: every file under it with one of ``extensions``.
+- a directory: every file under it with one of ``extensions`` (:func:`directory_corpus`: empty files are
+  read as they are; a file that cannot be read, or holds a 0 byte and so is binary, is a ValueError naming it).
 - ``"wikitext"``: WikiText through the ``datasets`` library, from local files (``path``) or the Hugging Face
   cache; its own train/validation/test splits are kept.
 
@@ -17,6 +18,7 @@ import functools
 import json
 from pathlib import Path
 
+from .._files import read_bytes
 from .base import SPLITS, split_of_bytes
 
 SEPARATOR = b"\x00"
@@ -65,19 +67,40 @@ def prose_corpus() -> dict[str, bytes]:
     return _split_documents([(k, v.encode("utf-8")) for k, v in topics.items()], "pydoc_data.topics")
 
 
+def _read_document(p: Path) -> bytes:
+    """The bytes of one corpus file; a file that cannot be read or is binary is a ValueError naming it.  Text in
+    any encoding is accepted (the task is byte-level); a 0 byte is not, as documents are joined by one."""
+    data = read_bytes(p, "a text file of the corpus")
+    zero = data.find(SEPARATOR)
+    if zero >= 0:
+        raise ValueError(f"{p}: holds a 0 byte at offset {zero}, so it is binary, not text; a corpus directory "
+                         "must hold text files (pass extensions= to choose which are read, or move it away)")
+    return data
+
+
 @functools.lru_cache(maxsize=8)
 def directory_corpus(path: str, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS) -> dict[str, bytes]:
+    """{"train", "valid", "test"} -> bytes of the text files under ``path`` (or of the one file ``path``) whose
+    names end in one of ``extensions``.  An unreadable or binary file is a ValueError naming it, no such file a
+    FileNotFoundError, only empty ones a ValueError.  Cached per (path, extensions) in a process."""
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"corpus path {str(root)!r} does not exist")
+    if not isinstance(extensions, tuple) or not all(isinstance(e, str) for e in extensions):
+        raise TypeError(f"extensions must be a list of file endings such as ['.txt'], got {extensions!r}")
     if root.is_file():
-        docs = [(root.name, root.read_bytes())]
+        docs = [(root.name, _read_document(root))]
+        if not docs[0][1]:
+            raise ValueError(f"{root}: is empty; expected a text file to train on")
     else:
         exts = tuple(e.lower() for e in extensions)
-        docs = [(str(p.relative_to(root)), p.read_bytes()) for p in sorted(root.rglob("*"))
-                if p.is_file() and p.suffix.lower() in exts]
+        files = [p for p in sorted(root.rglob("*")) if p.suffix.lower() in exts and p.is_file()]
+        docs = [(str(p.relative_to(root)), _read_document(p)) for p in files]
         if not docs:
             raise FileNotFoundError(f"corpus directory {str(root)!r} holds no files ending in {list(exts)}")
+        if not any(text for _, text in docs):
+            raise ValueError(f"corpus directory {str(root)!r}: all {len(docs)} file(s) ending in {list(exts)} are "
+                             "empty; expected text to train on")
     return _split_documents(docs, f"corpus {str(root)!r}")
 
 

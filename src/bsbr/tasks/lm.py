@@ -10,6 +10,7 @@ of a window is scored.  ``score`` adds the loss per position bucket: does the mo
 from __future__ import annotations
 
 import math
+from pathlib import PurePath
 
 import torch
 
@@ -30,6 +31,10 @@ class LanguageModeling(Task):
         self.position_buckets = _checks.positive_int("position_buckets", position_buckets)
         if path is not None and corpus not in ("dir", "wikitext"):
             corpus = "dir" if corpus == "prose" else corpus  # get_task("lm", path=...) means "this directory"
+        if not isinstance(extensions, list | tuple) or not all(isinstance(e, str) for e in extensions):
+            raise TypeError(f"extensions must be a list of file endings such as ['.txt'], got {extensions!r}")
+        if path is not None and not isinstance(path, str | PurePath):
+            raise TypeError(f"path must be a directory or file path (a string), got {path!r}")
         self.corpus, self.path, self.extensions = corpus, None if path is None else str(path), tuple(extensions)
         data = load_corpus(corpus, self.path, self.extensions)
         self._data = {s: torch.frombuffer(bytearray(data[s]), dtype=torch.uint8) for s in SPLITS}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import math
 import numbers
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 
-from .. import _checks
+from .. import _checks, _files
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -41,17 +41,26 @@ class TrainConfig:
             _checks.non_negative_int(name, getattr(self, name))
         for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr == 0:
             raise ValueError("lr must be > 0, got 0")
         if self.min_lr_ratio > 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not isinstance(self.betas, list | tuple) or len(self.betas) != 2 or not all(
+                isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(float(b) for b in self.betas)
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.target_loss is not None and not isinstance(self.target_loss, numbers.Real):
+        if self.target_loss is not None and (isinstance(self.target_loss, bool)
+                                             or not isinstance(self.target_loss, numbers.Real)):
             raise TypeError(f"target_loss must be a number or None, got {self.target_loss!r}")
+        for name in ("gradient_checkpointing", "progress"):  # (a string such as "false" would read as true)
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1))):
+                raise TypeError(f"{name} must be true or false, got {value!r}")
+            setattr(self, name, bool(value))
+        if self.out_dir is not None and not isinstance(self.out_dir, str | PurePath):
+            raise TypeError(f"out_dir must be a path (a string) or None, got {self.out_dir!r}")
         _checks.one_of("precision", self.precision, PRECISIONS)
         if not isinstance(self.device, str):
             raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
@@ -64,6 +73,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         """Build from a dict; unknown keys are rejected, naming the known ones."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a TrainConfig is built from a dict of its fields, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -72,11 +83,16 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
-        """Read a JSON file holding a TrainConfig dict."""
+        """Read a JSON file holding a TrainConfig dict; a bad file is a ValueError naming it and the field."""
         path = Path(path)
-        if not path.is_file():
+        if not path.is_file() and not path.exists():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        return cls.from_dict(json.loads(path.read_text()))
+        data = _files.read_json(path, "a JSON object of TrainConfig fields")
+        _files.mapping(path, data, (), "a JSON object of TrainConfig fields")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
 
     @classmethod
     def preset(cls, name: str, **overrides) -> TrainConfig:

@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .. import _files as F
 from ..tasks import Task
 from ..tasks.base import derive_seed
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import _autocast, evaluate
 from .memory import PeakMemory
@@ -220,11 +221,13 @@ def train(lm: torch.nn.Module, task: Task, cfg: TrainConfig, callback=None) -> T
                 if callback is not None:
                     callback(record)
                 if out is not None and rank == 0 and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                    log.flush()  # the log holds every step the checkpoint does
                     save_checkpoint(out / "checkpoint", lm, optimizer, state)
                 if stop.requested:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         if out is not None and rank == 0:
+            log.flush()
             save_checkpoint(out / "checkpoint", lm, optimizer, state)
             print(f"\ninterrupted after step {state['step']}; checkpoint saved in {out / 'checkpoint'}",
                   file=sys.stderr)
@@ -270,27 +273,82 @@ def _evaluate_and_check(lm, task, cfg, device, bf16, state, evals, log) -> None:
 
 
 def _prepare_out_dir(out: Path, lm, optimizer, description: dict, device, state: dict, rank: int):
-    """Create ``out`` or resume from its checkpoint; returns (state, history, evals) so far."""
+    """Create ``out`` or resume from its checkpoint; returns (state, history, evals) so far.
+
+    Everything in ``out`` is read and checked before anything there is written: a damaged or foreign
+    config.json, checkpoint or log.jsonl is a ValueError naming the file, and the run's files stay as they were.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {str(out)!r} is a file; expected a directory for the run (new or to resume)")
     cfg_path = out / "config.json"
     history: list[dict] = []
     evals: list[dict] = []
     if cfg_path.is_file():
-        saved = json.loads(cfg_path.read_text())
+        saved = F.read_json(cfg_path, "the run description bsbr train writes (model, task, train)")
+        if not isinstance(saved, dict):
+            F.fail(cfg_path, (), saved, "an object with the run's 'model', 'task' and 'train'")
         if saved != json.loads(json.dumps(description)):
             diff = sorted(k for k in description if saved.get(k) != json.loads(json.dumps(description[k])))
             raise ValueError(f"out_dir {str(out)!r} holds a different run (differs in {diff}); use a new out_dir")
-        if (out / "checkpoint" / "state.json").is_file():
-            state = load_checkpoint(out / "checkpoint", lm, optimizer, device)
+        ckpt = _checkpoint_dir(out)
+        if ckpt is not None:
+            meta = check_checkpoint(ckpt, lm, optimizer)  # before reading the log or loading anything
+            if meta["step"] > description["train"]["steps"]:
+                raise ValueError(f"{ckpt / 'state.json'}: field 'step' is {meta['step']}; expected at most the "
+                                 f"run's {description['train']['steps']} steps")
+            records, rewrite = _read_log(out / "log.jsonl")
+            state = load_checkpoint(ckpt, lm, optimizer, device)
             state["stopped"] = None if state.get("stopped") == "completed" else state.get("stopped")
-            for line in (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []:
-                rec = json.loads(line)
+            for rec in records:
                 if rec["step"] <= state["step"]:
                     (evals if rec.get("event") == "eval" else history).append(rec)
-            if rank == 0:  # drop log lines of steps after the checkpoint: they will be redone
-                kept = [json.dumps(r) for r in sorted(history + evals, key=lambda r: (r["step"], "event" in r))]
+            kept = [json.dumps(r) for r in sorted(history + evals, key=lambda r: (r["step"], "event" in r))]
+            if rank == 0 and (rewrite or len(kept) != len(records)):  # drop lines of steps to be redone
                 (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
-    elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg_path.write_text(json.dumps(description, indent=1))
-        (out / "log.jsonl").write_text("")
+    else:
+        found = [n for n in ("checkpoint", "checkpoint.old", "log.jsonl", "result.json") if (out / n).exists()]
+        if found:
+            raise ValueError(f"out_dir {str(out)!r} holds {found} but no config.json, so it is not a run this "
+                             "version can resume; use a new out_dir (nothing there was changed)")
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            cfg_path.write_text(json.dumps(description, indent=1))
+            (out / "log.jsonl").write_text("")
     return state, history, evals
+
+
+def _checkpoint_dir(out: Path) -> Path | None:
+    """The run's last complete checkpoint: ``checkpoint/``, or ``checkpoint.old/`` if an interruption struck
+    between save_checkpoint's two renames; None if there is none yet."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if (out / name / "state.json").is_file():
+            return out / name
+    if (out / "checkpoint").exists():
+        raise ValueError(f"{out / 'checkpoint'}: is not a complete checkpoint (state.json missing); move it away to "
+                         "start the run again")
+    return None
+
+
+def _read_log(path: Path) -> tuple[list[dict], bool]:
+    """The records of log.jsonl and whether the file needs rewriting.  A last line cut short (the process was
+    killed while writing it: no final newline) is dropped; any other unreadable line is a ValueError."""
+    if not path.exists():
+        return [], True
+    what = "the training log (one JSON object per line, each with an integer 'step')"
+    lines = F.decode_text(F.read_bytes(path, what), path, what).split("\n")
+    torn = lines[-1] != ""
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = F.parse_json(line, path, what, line=i + 1)
+        except ValueError:
+            if torn and i == len(lines) - 1:
+                continue
+            raise
+        if not isinstance(rec, dict) or not F.is_int(rec.get("step")) or rec["step"] < 0:
+            raise ValueError(f"{path}: line {i + 1} is {F.show(rec)}; expected an object with a non-negative "
+                             "integer 'step'")
+        records.append(rec)
+    return records, torn

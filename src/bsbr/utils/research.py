@@ -11,7 +11,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .. import _files
 from ..models import build_model
+
+
+def _read_cell(path: Path) -> dict:
+    """A finished cell from disk; a damaged one is a ValueError naming it (it is not overwritten: move it away
+    to have the cell measured again)."""
+    what = "a finished cell: the JSON object run_experiment returned (move the file away to rerun the cell)"
+    return _files.mapping(path, _files.read_json(path, what), (), what)
 
 
 class ExperimentRunner:
@@ -20,7 +28,8 @@ class ExperimentRunner:
 
     ``run()`` iterates models x lengths with a progress bar, seeding torch with ``seed + seq_length`` before each
     cell.  With ``out_dir`` each finished cell is written to ``out_dir/cells/<model>__<length>.json`` at once; a
-    later ``run()`` over the same ``out_dir`` skips cells already there, so an interrupted sweep loses nothing.
+    later ``run()`` over the same ``out_dir`` skips cells already there, so an interrupted sweep loses nothing (a
+    cell file that is not a JSON object is a ValueError naming it, raised before any cell is measured).
     A cell that raises is recorded as {"error": ...} and the sweep goes on.  Returns {model: {length: dict}}.
     """
 
@@ -73,10 +82,11 @@ class ExperimentRunner:
             raise ValueError("setup() must set self.models (non-empty) and self.seq_lengths (non-empty)")
         results: dict = {name: {} for name in models}
         cells = [(n, T) for n in models for T in self.seq_lengths]
+        done = {(n, T): _read_cell(p) for n, T in cells if (p := self._cell_path(n, T)) is not None and p.exists()}
         for name, T in tqdm(cells, desc=type(self).__name__, disable=not self.progress, file=sys.stderr):
             path = self._cell_path(name, T)
-            if path is not None and path.exists():
-                results[name][T] = json.loads(path.read_text())
+            if (name, T) in done:
+                results[name][T] = done[name, T]
                 continue
             torch.manual_seed(self.seed + T)
             try:
