@@ -142,7 +142,7 @@ def heal(model: nn.Module, batch_at: Callable[[int], torch.Tensor], cfg: HealCon
                              f"cannot resume stage {cfg.stage!r}; use another out_dir")
         if saved["description"]["trained"] != trained.names:
             raise ValueError(f"{ckpt}: its trained tensors are not this model's BSBR weights")
-        state = load_checkpoint(ckpt, trained, opt)
+        state = load_checkpoint(ckpt, trained, opt, training_state=False)
         state.pop("description", None)
     records = []
     if log_path.is_file():  # keep the records up to the checkpoint; later ones are redone

@@ -84,10 +84,12 @@ def _describe(model: torch.nn.Module) -> str:
     return f"this {type(model).__name__}"
 
 
-def check_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+def check_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                     training_state: bool = True) -> dict:
     """Check checkpoint folder ``path`` against ``model`` (and ``optimizer``) without loading anything; returns
     the parsed state.json.  Raises FileNotFoundError if there is no checkpoint and ValueError naming the file
-    and the first field or tensor that does not match otherwise."""
+    and the first field or tensor that does not match otherwise.  ``training_state=False`` checks only the
+    ``step`` and ``seconds`` fields (checkpoints of other loops, e.g. healing a converted model)."""
     path = Path(path)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r} (state.json missing)")
@@ -99,6 +101,8 @@ def check_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
 
     F.int_at_least(sp, field("step", "the number of steps done"), ("step",), 0)
     F.number_at_least(sp, field("seconds", "the training seconds so far"), ("seconds",))
+    if not training_state:
+        return _check_files(path, meta, model, optimizer)
     F.int_at_least(sp, field("bad_evals", "the evaluations without improvement"), ("bad_evals",), 0)
     F.int_at_least(sp, field("peak_memory_bytes", "the peak memory so far"), ("peak_memory_bytes",), 0)
     F.int_at_least(sp, field("steps_to_target", "null or a step"), ("steps_to_target",), 0, none=True)
@@ -107,7 +111,10 @@ def check_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
         F.fail(sp, ("best_loss",), best, "a finite number or null")
     if field("stopped", f"null or one of {list(STOPPED)}") not in (None, *STOPPED):
         F.fail(sp, ("stopped",), meta["stopped"], f"null or one of {list(STOPPED)}")
+    return _check_files(path, meta, model, optimizer)
 
+
+def _check_files(path: Path, meta: dict, model: torch.nn.Module, optimizer) -> dict:
     mp = path / "model.safetensors"
     expected, tied = _model_tensors(model)
     found = F.safetensors_header(mp)
@@ -179,11 +186,11 @@ def show_setting(value) -> str:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    device: torch.device | str = "cpu") -> dict:
+                    device: torch.device | str = "cpu", training_state: bool = True) -> dict:
     """Restore ``model`` (and ``optimizer`` and the RNG states) from folder ``path``; return its state dict.
     Everything is checked first (:func:`check_checkpoint`): a bad checkpoint raises ValueError and loads nothing."""
     path = Path(path)
-    meta = check_checkpoint(path, model, optimizer)
+    meta = check_checkpoint(path, model, optimizer, training_state)
     try:
         return _load(path, meta, model, optimizer, device)
     except Exception as err:  # anything the checks above did not foresee: still name the checkpoint
