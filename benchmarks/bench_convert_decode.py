@@ -119,7 +119,7 @@ def main(argv=None) -> int:
                     # steps until the next chunk boundary are inside the open chunk; time those, then the opener
                     t = decode_times(model, cache, n0, args.steps)
                     to_open = (-cache.get_seq_length()) % ch
-                    for i in range(to_open):
+                    for _ in range(to_open):
                         model(torch.tensor([[1]]), cache=cache, use_cache=True,
                               position_ids=torch.tensor([[cache.get_seq_length()]]))
                     t0 = time.perf_counter()
@@ -132,12 +132,13 @@ def main(argv=None) -> int:
                                  "cache_bytes": nbytes}
                     del cache
                 rows.append(row)
-                line = f"context {n:>6,d} ({row['fill']:7s}) original {row['original']['ms_per_token']:7.1f} ms/token " \
-                       f"{row['original']['cache_bytes'] / 2**20:8.1f} MiB"
+                orig = row["original"]
+                line = (f"context {n:>6,d} ({row['fill']:7s}) original {orig['ms_per_token']:7.1f} ms/token "
+                        f"{orig['cache_bytes'] / 2**20:8.1f} MiB")
                 for name in variants:
                     r = row[name]
                     line += (f" | {name}: {r['ms_per_token_amortised']:6.1f} ms/token, "
-                             f"{r['cache_bytes'] / 2**20:7.1f} MiB ({row['original']['cache_bytes'] / r['cache_bytes']:.1f}x)")
+                             f"{r['cache_bytes'] / 2**20:7.1f} MiB ({orig['cache_bytes'] / r['cache_bytes']:.1f}x)")
                 print(line, flush=True)
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

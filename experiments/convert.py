@@ -13,6 +13,7 @@ study (which start for the new weights) runs first and is written to the same JS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -60,11 +61,9 @@ def environment() -> dict:
     except OSError:
         commit, dirty = "unknown", False
     cpu = "unknown"
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {"commit": commit + ("+dirty" if dirty else ""), "torch": torch.__version__, "threads":
             torch.get_num_threads(), "cpu": cpu, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -109,9 +108,8 @@ def main(argv=None) -> int:
 
             gdir = ROOT / "runs" / "models" / "gpt2-small-bsbr"
             if not (gdir / "pretrain.json").is_file():
-                smollm2(ROOT / "runs" / "models" / "smollm2-135m")  # its tokenizer
                 pretrain_gpt2(gdir, minutes=args.gpt2_minutes, seq_len=PLANS["gpt2"].seq_len,
-                              tokenizer_dir=ROOT / "runs" / "models" / "smollm2-135m", progress=not args.no_progress)
+                              progress=not args.no_progress)
             pretraining = json.loads((gdir / "pretrain.json").read_text())
             model = AutoModelForCausalLM.from_pretrained(str(gdir), attn_implementation="sdpa").eval()
             tok = AutoTokenizer.from_pretrained(str(gdir))

@@ -11,13 +11,14 @@ import torch
 
 transformers = pytest.importorskip("transformers", minversion="5.0")
 
-from helpers import assert_close  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from bsbr.convert import BSBRCache, bsbr_modules, convert_to_bsbr, from_pretrained, set_attention  # noqa: E402
 from bsbr.convert.attention import BSBRMeta  # noqa: E402
 from bsbr.ops.bsbr import bsbr_reference  # noqa: E402
-from bsbr.ops.bsbr_gqa import gqa_bsbr_reference, gqa_bsbr_segment  # noqa: E402
+from bsbr.ops.bsbr_gqa import gqa_bsbr_reference  # noqa: E402
+
+from helpers import assert_close  # noqa: E402
 
 VOCAB = 97
 

@@ -61,14 +61,32 @@ def smollm2(cache_dir: str | Path = "runs/models/smollm2-135m"):
     return model.eval(), tok
 
 
+def train_tokenizer(vocab_size: int = 2048, corpora: tuple[str, ...] = ("prose", "python")):
+    """A byte-level BPE tokenizer (``vocab_size`` tokens) trained on the train split of the offline corpora."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..tasks.corpora import load_corpus
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    texts = [load_corpus(c)["train"].replace(b"\x00", b"\n\n").decode("utf-8", errors="replace") for c in corpora]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tk.train_from_iterator((t[i : i + 65536] for t in texts for i in range(0, len(t), 65536)), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
 def pretrain_gpt2(out_dir: str | Path, *, minutes: float = 30.0, seq_len: int = 512, batch_size: int = 8,
-                  n_embd: int = 256, n_layer: int = 4, n_head: int = 4, lr: float = 1e-3, seed: int = 0,
-                  tokenizer_dir: str | Path | None = None, progress: bool = True) -> dict:
+                  n_embd: int = 256, n_layer: int = 4, n_head: int = 4, lr: float = 2e-3, seed: int = 0,
+                  vocab_size: int = 2048, progress: bool = True) -> dict:
     """Pretrain a small GPT-2 (learned absolute positions up to ``seq_len``) on the train split of the offline
     corpora, for ``minutes`` of wall-clock, and ``save_pretrained`` it (with the tokenizer) to ``out_dir``.
 
-    The tokenizer is SmolLM2's (a 49,152-token BPE; ``tokenizer_dir``, default the SmolLM2 directory), so both
-    models read the same tokens.  Resumable: a run that finds ``out_dir/pretrain_state.pt`` continues from it.
+    The tokenizer is a byte-level BPE of ``vocab_size`` tokens trained on the same train split
+    (:func:`train_tokenizer`; a large vocabulary would spend the budget in the output layer).  Resumable: a run that
+    finds ``out_dir/pretrain_state.pt`` continues from it.
     Returns the recipe and what it reached (steps, tokens, minutes, last losses), also written to
     ``out_dir/pretrain.json``.
     """
@@ -78,7 +96,11 @@ def pretrain_gpt2(out_dir: str | Path, *, minutes: float = 30.0, seq_len: int = 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir or "runs/models/smollm2-135m"))
+    if (out / "tokenizer.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(out))
+    else:
+        tok = train_tokenizer(vocab_size)
+        tok.save_pretrained(out)
     streams = token_stream(tok, ("prose", "python"), ("train",))
     stream = torch.cat([ids for _, ids in streams])
     torch.manual_seed(seed)
@@ -128,7 +150,8 @@ def pretrain_gpt2(out_dir: str | Path, *, minutes: float = 30.0, seq_len: int = 
     tok.save_pretrained(out)
     summary = {"recipe": {"n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "n_positions": seq_len,
                           "batch_size": batch_size, "lr": lr, "seed": seed, "minutes": minutes,
-                          "corpora": ["prose", "python"], "split": "train", "tokenizer": "SmolLM2-135M"},
+                          "corpora": ["prose", "python"], "split": "train",
+                          "tokenizer": f"byte-level BPE, {len(tok)} tokens, trained on the same split"},
                "steps": state["step"], "tokens": state["step"] * batch_size * seq_len,
                "minutes": round(state["seconds"] / 60, 2), "parameters": sum(p.numel() for p in model.parameters()),
                "final_loss_mean_of_last_50": sum(state["losses"][-50:]) / max(1, len(state["losses"][-50:]))}

@@ -29,13 +29,14 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
     for r in summary_rows(report):
         lines.append(f"| {r['stage']} | {VARIANT_NAMES.get(r['variant'], r['variant'])} | {_fmt(r['ppl'], '.2f')} | "
                      f"{_fmt(r['ppl_original'], '.2f')} | {_fmt(r['ppl_ratio'])} | {_fmt(r['bpb'])} | "
-                     f"{_fmt(r['kl'], '.4f')} | {_fmt(r['top1'])} | {_fmt(r['top5'])} | {_fmt(r['cosine_last'], '.4f')} "
-                     f"| {_fmt(r['first_chunk_max_kl'], '.2e')} |")
+                     f"{_fmt(r['kl'], '.4f')} | {_fmt(r['top1'])} | {_fmt(r['top5'])} | "
+                     f"{_fmt(r['cosine_last'], '.4f')} | {_fmt(r['first_chunk_max_kl'], '.2e')} |")
     lines += ["", "Local only and sliding window are the same model with retrieval switched off, and with softmax "
               "attention over the latest chunk-size tokens; their rows do not change with healing (healing trains "
               "only BSBR's retrieval weights) except through those weights' absence.", ""]
     if report["healing"]:
-        lines += ["## Healing", "", "| stage | steps | lr | tokens | CPU s | loss first -> last |", "|---|---|---|---|---|---|"]
+        lines += ["## Healing", "", "| stage | steps | lr | tokens | CPU s | loss first -> last |",
+                  "|---|---|---|---|---|---|"]
         for stage, h in report["healing"].items():
             lines.append(f"| {stage} | {h['steps']} | {h['lr']} | {h['tokens']:,} | {h['cpu_seconds']:.0f} | "
                          f"{_fmt(h['first_loss'], '.4f')} -> {_fmt(h['last_loss'], '.4f')} |")

@@ -177,7 +177,7 @@ def gqa_bsbr_segment(q, k, v, meta_query, meta_key, chunk: int, *, scaling: floa
     # 1. local causal softmax inside each chunk (and over the sink tokens, for chunks after the stream's first)
     first_chunk = 0 if past is None else past.done
     sink_k, sink_v = (None, None) if past is None else (past.sink_k, past.sink_v)
-    if sink and sink_k is None and first_chunk == 0 and L >= chunk:  # chunk 0 completes here: its first tokens
+    if sink and sink_k is None and first_chunk == 0 and chunk <= L:  # chunk 0 completes here: its first tokens
         sink_k, sink_v = kc[:, :, 0, :sink], vc[:, :, 0, :sink]
     local = _local(qc, kc, vc, scaling, dropout, G, first_chunk, sink_k, sink_v)
     done = L // chunk
@@ -203,7 +203,7 @@ def gqa_bsbr_segment(q, k, v, meta_query, meta_key, chunk: int, *, scaling: floa
     mixtures = []
     if f:
         mixtures.append(past.open_mixture[:, :, None])
-    if C > first:
+    if first < C:
         if all_z.shape[2]:
             logits = _retrieval_logits(r[:, :, first:], all_h, G)  # [B, H, C - first, C0 + done]
             rows = C0 + torch.arange(first, C, device=q.device)[:, None]
@@ -245,7 +245,7 @@ def gqa_bsbr_step(q, k, v, past: GQAPast, chunk: int, *, scaling: float, gate=No
         open_query = meta_query(q[:, :, :1])[:, :, 0]
         C0 = past.states.shape[2]
         lo = 0 if window is None else max(0, C0 - window)
-        if C0 > lo:
+        if lo < C0:
             alpha = torch.softmax(_retrieval_logits(open_query[:, :, None], past.keys[:, :, lo:], G), dim=-1)
             mixture = restore_states(_mix(alpha, past.states[:, :, lo:], G), restore, d)[:, :, 0]
         else:
