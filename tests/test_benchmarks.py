@@ -43,7 +43,7 @@ def test_deltanet_core_variants_equal_the_recurrence(T):
     import torch.nn.functional as F
 
     import bench_deltanet_core as bench
-    from bsbr.layers.deltanet import delta_chunkwise, delta_recurrent
+    from bsbr.ops.deltanet import delta_chunkwise, delta_recurrent
 
     g = torch.Generator().manual_seed(T)
     q, k, v = (torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64) for _ in range(3))

@@ -32,48 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _checks
+from ..ops.gau import gau_dense, gau_mixed
+from ..ops.linear import work_dtype
 from ..ops.rope import apply_rope
 from .base import CausalAttention
 from .cache import LayerCache, write_slot
-from .linear import exclusive_prefix, work_dtype
-
-
-def gau_mixed(qq, kq, lq, lk, v, group: int, start: int = 0, state: torch.Tensor | None = None):
-    """Mixed chunk attention A V for a segment that begins at absolute position ``start`` (a multiple of g).
-
-    qq, kq, lq, lk: [B, T, s]; v: [B, T, e]; state: [B, s, e] = sum of K_lin^T V over earlier groups, or None.
-    Returns (A V [B, T, e], that state after the segment's last complete group [B, s, e]).  The running state is a loop
-    of N adds (:func:`~bsbr.layers.linear.exclusive_prefix`), not ``cumsum`` (slow over a non-inner dimension).
-    """
-    B, T, s = qq.shape
-    g = group
-    N = -(-T // g)
-    pad = N * g - T
-    qq, kq, lq, lk, v = (F.pad(t, (0, 0, 0, pad)).view(B, N, g, -1) for t in (qq, kq, lq, lk, v))
-    scores = (qq @ kq.transpose(-1, -2)) * s**-0.5
-    causal = torch.ones(g, g, dtype=torch.bool, device=qq.device).tril()
-    local = (F.relu(scores).square() / g).masked_fill(~causal, 0.0) @ v
-    kv = lk.transpose(-1, -2) @ v  # [B, N, s, e]
-    before, total = exclusive_prefix(kv[:, None], None if state is None else state[:, None])
-    before, total = before[:, 0], total[:, 0]  # [B, N, s, e] state at each group's start, [B, s, e] at the end
-    count = (start + g * torch.arange(N, device=qq.device)).clamp(min=1).to(qq.dtype)
-    glob = (lq @ before) / count[None, :, None, None]
-    complete = T // g
-    return (local + glob).flatten(1, 2)[:, :T], total if complete == N else before[:, complete]
-
-
-def gau_dense(qq, kq, lq, lk, v, group: int):
-    """Reference: the dense [B, T, T] matrix A of the module docstring, and A V."""
-    T, s = qq.shape[1], qq.shape[2]
-    pos = torch.arange(T, device=qq.device)
-    grp = pos // group
-    causal = pos[None, :] <= pos[:, None]
-    same = (grp[None, :] == grp[:, None]) & causal
-    earlier = grp[None, :] < grp[:, None]
-    quad = F.relu((qq @ kq.transpose(-1, -2)) * s**-0.5).square() / group
-    lin = (lq @ lk.transpose(-1, -2)) / (group * grp).clamp(min=1).to(qq.dtype)[:, None]
-    A = quad.masked_fill(~same, 0.0) + lin.masked_fill(~earlier, 0.0)
-    return A @ v, A
 
 
 @dataclass
