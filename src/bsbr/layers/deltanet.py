@@ -38,6 +38,8 @@ class DeltaNetAttention(QKVAttention):
     (D -> H, with bias).
     """
 
+    segmented_prefill = True
+
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.1, chunk_size: int = 64, *,
                  rope: bool = False, rope_base: float = 10000.0, bias: bool = False):
         super().__init__(hidden_dim, num_heads, dropout, bias=bias, rope=rope, rope_base=rope_base)
@@ -46,9 +48,13 @@ class DeltaNetAttention(QKVAttention):
 
     def _inputs(self, x: torch.Tensor, offset):
         """q, k (unit norm), v: [B, H, T, d]; beta [B, H, T]; all in the working dtype."""
-        q, k, v = self.qkv(x, offset + torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, offset if isinstance(offset, int) else offset + torch.arange(x.shape[1], device=x.device))
         w = work_dtype(x.dtype)
-        q, k = F.normalize(q.to(w), dim=-1), F.normalize(k.to(w), dim=-1)
+        q, k = q.to(w), k.to(w)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        else:  # no autograd: q and k are this call's own tensors, normalised in place (as F.normalize does)
+            q, k = (t.div_(t.norm(dim=-1, keepdim=True).clamp_min_(1e-12)) for t in (q, k))
         beta = torch.sigmoid(self.beta_proj(x).to(w)).transpose(1, 2)
         return q, k, v.to(w), beta
 

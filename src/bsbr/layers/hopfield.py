@@ -81,7 +81,7 @@ class HopfieldAttention(QKVAttention):
         return HopfieldCache(lengths)
 
     def _reference_parts(self, x):
-        q, k, v = self.qkv(x, torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, 0)
         for _ in range(self.update_steps):
             q = association_reference(q, k, k, self.beta)[0]
         return association_reference(q, k, v, self.beta)
@@ -93,14 +93,14 @@ class HopfieldAttention(QKVAttention):
         return self._reference_parts(x)[1]
 
     def _parallel(self, x):
-        q, k, v = self.qkv(x, torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, 0)
         for _ in range(self.update_steps):
             q = association(q, k, k, self.beta)
         return self.out(association(q, k, v, self.beta))
 
     def _extend(self, x, cache: HopfieldCache):
         offset = int(cache.lengths[0])
-        q, k, v = self.qkv(x, offset + torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, offset)
         cache.k.append(k)
         cache.v.append(v)
         keys, values = cache.k.view(), cache.v.view()

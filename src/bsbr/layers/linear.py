@@ -42,6 +42,8 @@ class LinearAttention(QKVAttention):
     Shapes: hidden_states [B, T, D] -> [B, T, D].  Weights: the four D x D projections, nothing else.
     """
 
+    segmented_prefill = True
+
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.1, chunk_size: int = 64, *,
                  rope: bool = False, rope_base: float = 10000.0, bias: bool = False):
         super().__init__(hidden_dim, num_heads, dropout, bias=bias, rope=False, rope_base=rope_base)
@@ -55,7 +57,11 @@ class LinearAttention(QKVAttention):
         positions = offset + torch.arange(x.shape[1], device=x.device)
         q, k, v = self.qkv(x, positions)
         w = work_dtype(x.dtype)
-        q, k, v = (F.elu(q.to(w)) + 1, F.elu(k.to(w)) + 1, v.to(w))
+        q, k, v = q.to(w), k.to(w), v.to(w)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            q, k = F.elu(q) + 1, F.elu(k) + 1
+        else:  # no autograd: q and k are this call's own tensors, feature-mapped in place
+            q, k = F.elu_(q).add_(1), F.elu_(k).add_(1)
         if self.rope_after:
             q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
         return q, k, v

@@ -39,6 +39,8 @@ class SlidingWindowAttention(QKVAttention):
     Shapes: hidden_states [B, T, D] -> [B, T, D].  Weights: the four D x D projections, nothing else.
     """
 
+    segmented_prefill = True
+
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.1, window_size: int = 128, *,
                  rope: bool = True, rope_base: float = 10000.0, bias: bool = False):
         super().__init__(hidden_dim, num_heads, dropout, bias=bias, rope=rope, rope_base=rope_base)
@@ -48,15 +50,15 @@ class SlidingWindowAttention(QKVAttention):
         return WindowCache(lengths)
 
     def _reference(self, x):
-        q, k, v = self.qkv(x, torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, 0)
         return self.out(window_attention_reference(q, k, v, self.window_size)[0])
 
     def _parallel(self, x):
-        q, k, v = self.qkv(x, torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, 0)
         return self.out(window_attention(q, k, v, self.window_size))
 
     def _attention_weights(self, x):
-        q, k, v = self.qkv(x, torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, 0)
         return window_attention_reference(q, k, v, self.window_size)[1]
 
     def _allocate(self, cache: WindowCache, like: torch.Tensor) -> None:
@@ -68,7 +70,7 @@ class SlidingWindowAttention(QKVAttention):
     def _extend(self, x, cache: WindowCache):
         W, T = self.window_size, x.shape[1]
         offset = int(cache.lengths[0])
-        q, k, v = self.qkv(x, offset + torch.arange(T, device=x.device))
+        q, k, v = self.qkv(x, offset)
         self._allocate(cache, k)
         prev = torch.arange(max(0, offset - W + 1), offset, device=x.device) % W  # slots, oldest first
         keys = torch.cat([cache.k[:, :, prev], k], dim=2)
