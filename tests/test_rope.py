@@ -65,10 +65,17 @@ def test_rope_tables_cached_and_equal_to_the_definition():
         rope.TABLE_CACHE_BYTES = old
 
 
+@pytest.mark.parametrize("blocks", [False, True])
 @pytest.mark.parametrize("name", list_models())
-def test_inference_path_equals_autograd_path(name):
-    """Layers compute in place when no graph is recorded (feature maps, normalisation, rotations, readouts): the
-    outputs under no_grad and inference_mode equal those of the out-of-place autograd path, and gradients flow."""
+def test_inference_path_equals_autograd_path(name, blocks, monkeypatch):
+    """Layers compute in place when no graph is recorded (feature maps, normalisation, rotations, readouts), and
+    long inputs go through row-block workspaces (``blocks``: workspaces of a few rows, so that every projection,
+    FFN and output projection runs in many blocks): the outputs under no_grad and inference_mode equal those of
+    the out-of-place autograd path, and gradients flow; streaming in pieces through the blocked path too."""
+    from bsbr.layers import common
+
+    if blocks:
+        monkeypatch.setattr(common, "BLOCK_BYTES", 7 * 64 * 8)  # 7 rows of 64 fp64 numbers: blocks cross rows
     lm = make_lm(name)
     ids = torch.randint(0, 50, (2, 45), generator=torch.Generator().manual_seed(0))
     out = lm(ids).logits
@@ -78,6 +85,9 @@ def test_inference_path_equals_autograd_path(name):
         assert_close(f"{name} no_grad", lm(ids).logits, out.detach(), rel_tol=1e-12)
     with torch.inference_mode():
         assert_close(f"{name} inference_mode", lm(ids).logits, out.detach(), rel_tol=1e-12)
+        cache = lm.new_cache(2)
+        pieces = [lm(part, cache=cache, use_cache=True).logits for part in ids.split(17, dim=1)]
+        assert_close(f"{name} streamed", torch.cat(pieces, dim=1), out.detach())
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -109,3 +119,18 @@ def test_segmented_inference_forward_equals_parallel(name, monkeypatch):
         assert segmented == (1024 if getattr(model.blocks[0].attn, "segmented_prefill", False) else 0)
         got = model(ids, mask)
     assert_close(f"{name} segmented", got, expected.detach())
+
+
+def test_blocked_heads_with_per_row_positions(monkeypatch):
+    """Streaming pieces with per-row positions ([B, T] rotary tables: DeltaNet with rope) through the blocked
+    projections equal one parallel forward."""
+    from bsbr.layers import common
+
+    monkeypatch.setattr(common, "BLOCK_BYTES", 5 * 64 * 8)
+    lm = make_lm("DeltaNet", rope=True)
+    ids = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(4))
+    expected = lm(ids).logits.detach()
+    with torch.no_grad():
+        cache = lm.new_cache(2)
+        pieces = [lm(part, cache=cache, use_cache=True).logits for part in ids.split(13, dim=1)]
+    assert_close("DeltaNet rope streamed, blocked", torch.cat(pieces, dim=1), expected)

@@ -130,7 +130,9 @@ class TransformerModel(nn.Module):
         if not all(getattr(block.attn, "segmented_prefill", False) for block in self.blocks):
             return 0
         rows = SEGMENT_BYTES // (self.config.hidden_dim * self.embed.weight.element_size())
-        segment = 1 << max(10, rows.bit_length() - 1)  # a power of two: a multiple of every chunk, window, group
+        # a power of two, so a multiple of the default chunk, window and group sizes (other sizes work as well: the
+        # open chunk or group is carried across segments by the cache, as in streaming)
+        segment = 1 << max(10, rows.bit_length() - 1)
         return segment if ids.shape[1] > segment else 0
 
     def _forward_segments(self, ids: torch.Tensor, segment: int) -> torch.Tensor:
