@@ -272,6 +272,10 @@ def markdown(res: dict) -> str:
     lines = [f"Measured {env['date']} on {env['cpu']}, {env['threads']} threads, torch {env['torch']}, commit "
              f"{env['commit']}; plain process (THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}, malloc: "
              f"{env['malloc']}); command: `{res['command']}`.", ""]
+    if res.get("load_average"):
+        lines += ["Host load (1-minute load average before / after each section; the host has 2 cores and is shared): "
+                  + ", ".join(f"{k} {v['before']:.1f} / {v['after']:.1f}" for k, v in res["load_average"].items())
+                  + ".", ""]
     m = res.get("module")
     if m:
         lines += [f"Module at T = {m['T']:,} (D {MODULE['hidden_dim']}, H {MODULE['num_heads']}, chunk "
@@ -349,12 +353,17 @@ def main() -> int:
     res = {"environment": env, "command": " ".join(["benchmarks/bench_module.py", *sys.argv[1:]]),
            "old_commit": args.old, "rounds_short": 3 * args.rounds, "lengths_exponents": args.lengths}
     sections = args.sections.split(",")
-    if "module" in sections:
-        res["module"] = module_section(args.T, args.rounds)
-    if "short" in sections:
-        res["short"] = short_section(load_old(args.old), args.short_lengths, 3 * args.rounds)
-    if "exponents" in sections:
-        res["exponents"] = exponents_section(args.old, args.lengths, args.rounds)
+    runs = {"module": lambda: module_section(args.T, args.rounds),
+            "short": lambda: short_section(load_old(args.old), args.short_lengths, 3 * args.rounds),
+            "exponents": lambda: exponents_section(args.old, args.lengths, args.rounds)}
+    res["load_average"] = {}
+    for name, run in runs.items():
+        if name in sections:
+            before = os.getloadavg()
+            res[name] = run()
+            # the host is shared: its 1-minute load average around each section, beside the numbers
+            res["load_average"][name] = {"before": before[0], "after": os.getloadavg()[0]}
+            print(f"  (load average, 1 min: {before[0]:.2f} before, {os.getloadavg()[0]:.2f} after)")
     res["targets"] = targets(res)
     print("\ntargets (issue 15):")
     for name, t in res["targets"].items():
