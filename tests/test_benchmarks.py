@@ -68,4 +68,4 @@ def test_bench_module_smoke():
     res["targets"] = bench_module.targets(res)
     text = bench_module.markdown(res)
     assert "module / (projections + op)" in text and "SDPA module / BSBR module" in text
-    assert set(res["module"]["times"]) == {"module", "projections", "op", "fused_projections", "sdpa_module"}
+    assert {"module", "projections", "op", "fused_projections", "sdpa_module"} <= set(res["module"]["times"])
