@@ -27,11 +27,11 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bsbr.evals.flops import attention_flops  # noqa: E402
-from bsbr.layers.deltanet import delta_chunkwise, delta_recurrent  # noqa: E402
-from bsbr.layers.gau import gau_mixed  # noqa: E402
-from bsbr.layers.linear import linear_chunkwise, linear_recurrent, with_ones  # noqa: E402
-from bsbr.layers.sliding_window import window_attention  # noqa: E402
 from bsbr.models import build_model, list_models  # noqa: E402
+from bsbr.ops.deltanet import delta_chunkwise, delta_recurrent  # noqa: E402
+from bsbr.ops.gau import gau_mixed  # noqa: E402
+from bsbr.ops.linear import linear_chunkwise, linear_recurrent, with_ones  # noqa: E402
+from bsbr.ops.window import window_attention  # noqa: E402
 from common import RESULTS, environment, header, loglog_fit, matmul_peak, write_json  # noqa: E402
 
 SHAPE = {"hidden_dim": 256, "num_heads": 4, "num_layers": 2, "ff_dim": 1024}

@@ -6,8 +6,8 @@ Same shape as bench_baselines.py's core comparison (T = 4,096, batch 1, 4 heads,
 inference mode).  Variants, in interleaved rounds, each called twice in a row in its turn (both calls timed, the
 second reported; see ``bench_baselines.interleaved``):
 
-- ``library``: :func:`bsbr.layers.deltanet.delta_chunkwise` as inference runs it (UT transform on half-chunks,
-  :func:`~bsbr.layers.deltanet.ut_transform`; the state loop in place, :func:`~bsbr.layers.deltanet.chunk_states`);
+- ``library``: :func:`bsbr.ops.deltanet.delta_chunkwise` as inference runs it (UT transform on half-chunks,
+  :func:`~bsbr.ops.deltanet.ut_transform`; the state loop in place, :func:`~bsbr.ops.deltanet.chunk_states`);
 - ``one_solve``: the same with each chunk's UT transform from one C x C triangular solve;
 - ``stacked_loop``: the same with the out-of-place state loop that autograd needs (and an out-of-place readout);
 - ``previous``: both switched back: the library form up to commit 76ccc04;
@@ -38,7 +38,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from bench_baselines import core_inputs, interleaved  # noqa: E402
-from bsbr.layers.deltanet import (  # noqa: E402
+from bsbr.ops.deltanet import (  # noqa: E402
     UT_LEAF,
     chunk_states,
     delta_chunk_terms,

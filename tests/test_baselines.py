@@ -76,7 +76,7 @@ def test_chunk_size_does_not_change_the_result(name):
 def test_deltanet_ut_transform_is_the_inverse(C):
     """T = (I + tril(diag(beta) K K^T, -1))^-1 diag(beta) by an explicit inverse, for chunks solved at once (C <= 32
     or odd) and split in halves (64 once, 128 twice, 100 -> 50 -> 25); beta = 0 rows as for padded tokens."""
-    from bsbr.layers.deltanet import ut_transform
+    from bsbr.ops.deltanet import ut_transform
 
     g = torch.Generator().manual_seed(C)
     k = torch.nn.functional.normalize(torch.randn(3, C, 16, generator=g, dtype=torch.float64), dim=-1)
@@ -91,7 +91,7 @@ def test_deltanet_ut_transform_is_the_inverse(C):
 def test_deltanet_chunkwise_with_and_without_gradients(chunk):
     """The in-place state loop (no gradients: no_grad, inference_mode) and the out-of-place one (autograd) both
     equal the token recurrence, with and without a start state, and leave their inputs untouched."""
-    from bsbr.layers.deltanet import chunk_states, delta_chunkwise, delta_recurrent
+    from bsbr.ops.deltanet import chunk_states, delta_chunkwise, delta_recurrent
 
     g = torch.Generator().manual_seed(chunk)
     for B, T in ((1, 1), (2, 130), (3, 300)):

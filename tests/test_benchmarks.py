@@ -43,7 +43,7 @@ def test_deltanet_core_variants_equal_the_recurrence(T):
     import torch.nn.functional as F
 
     import bench_deltanet_core as bench
-    from bsbr.layers.deltanet import delta_chunkwise, delta_recurrent
+    from bsbr.ops.deltanet import delta_chunkwise, delta_recurrent
 
     g = torch.Generator().manual_seed(T)
     q, k, v = (torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64) for _ in range(3))
@@ -56,3 +56,16 @@ def test_deltanet_core_variants_equal_the_recurrence(T):
                     bench.chunkwise(q, k, v, beta, chunk, ut_leaf=chunk, in_place=False),
                     delta_chunkwise(q, k, v, beta, chunk)[0]):
             torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_bench_module_smoke():
+    """bench_module.py's module section runs at a small length and its report renders (no old commit needed)."""
+    import bench_module
+
+    res = {"environment": {"date": "-", "cpu": "-", "threads": 1, "torch": "-", "commit": "-",
+                           "THP_MEM_ALLOC_ENABLE": "0", "malloc": "-"}, "command": "-",
+           "module": bench_module.module_section(512, rounds=1)}
+    res["targets"] = bench_module.targets(res)
+    text = bench_module.markdown(res)
+    assert "module / (projections + op)" in text and "SDPA module / BSBR module" in text
+    assert {"module", "projections", "op", "fused_projections", "sdpa_module"} <= set(res["module"]["times"])

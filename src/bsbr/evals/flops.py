@@ -66,10 +66,10 @@ def _linear(a, T):
 
 
 def _ut_transform(C: int) -> tuple[int, int]:
-    """(matmul FLOPs, triangular-solve FLOPs) of :func:`bsbr.layers.deltanet.ut_transform` for one chunk of C:
+    """(matmul FLOPs, triangular-solve FLOPs) of :func:`bsbr.ops.deltanet.ut_transform` for one chunk of C:
     halves joined by T_21 = -T_22 (G_21 T_11) (two h x h x h products) above the leaf size, one solve of C
     right-hand sides with C(C-1)/2 multiply-adds each at the leaves."""
-    from ..layers.deltanet import UT_LEAF
+    from ..ops.deltanet import UT_LEAF
 
     if C % 2 or C <= UT_LEAF:
         return 0, C * (C - 1) * C

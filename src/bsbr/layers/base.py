@@ -75,6 +75,12 @@ class CausalAttention(nn.Module):
     #: Registry name, set by :func:`bsbr.models.registry.register_attention`.
     name: str = "?"
 
+    #: True when feeding a sequence through ``_extend`` segment after segment costs what one ``_parallel`` call
+    #: costs (the streaming state is a fixed-size summary, or grows by a small state per chunk), so that a long
+    #: inference forward of a model may run segment by segment (:class:`bsbr.models.lm.TransformerModel`).
+    #: False for mechanisms whose cache holds every key (Standard, Hopfield).
+    segmented_prefill: bool = False
+
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.1):
         super().__init__()
         self.head_dim = _checks.heads_divide(hidden_dim, num_heads)

@@ -8,6 +8,7 @@ from torch import nn
 from .. import _checks
 from .base import CausalAttention
 from .cache import LayerCache
+from .common import blocked, linear_into, no_graph, row_blocks
 
 
 def make_norm(kind: str, dim: int) -> nn.Module:
@@ -30,6 +31,24 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.fc_out(nn.functional.gelu(self.fc_in(x))))
 
+    def residual(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x + forward(norm(x)).  Without autograd on CPU (and without dropout) long inputs go in row blocks through
+        one bounded [rows, ff] workspace, the GELU in place and the residual added by the second product, so the
+        [T, ff] hidden layer is never made whole (see :mod:`bsbr.layers.common` for why)."""
+        params = (self.fc_in.weight, self.fc_out.weight, *norm.parameters())
+        rows = blocked(x, self.fc_in.out_features, *params)
+        if not rows or (self.training and self.dropout.p > 0):
+            return x + self(norm(x))
+        B, T, _ = x.shape
+        y = torch.empty_like(x)
+        work = x.new_empty(rows, self.fc_in.out_features)
+        for b, t0, t1 in row_blocks(B, T, rows):
+            h = torch.ops.aten.gelu_(linear_into(norm(x[b, t0:t1]), self.fc_in, work[: t1 - t0]))
+            out = torch.addmm(x[b, t0:t1], h, self.fc_out.weight.t(), out=y[b, t0:t1])
+            if self.fc_out.bias is not None:
+                out.add_(self.fc_out.bias)
+        return y
+
 
 class Block(nn.Module):
     """x + attn(norm1(x)), then + ff(norm2(x)).  Mechanisms that contain their own feed-forward
@@ -49,7 +68,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: LayerCache | None = None) -> torch.Tensor:
         """x: [B, T, D]; attention_mask: [B, T] (1 real, 0 padding); cache: this layer's streaming cache."""
-        x = x + self.attn(self.norm1(x), attention_mask, cache)
+        a = self.attn(self.norm1(x), attention_mask, cache)
+        # no autograd: the attention's output is a fresh tensor, and the residual goes into it
+        fresh = no_graph(x, a) and a.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        x = a.add_(x) if fresh else x + a
         if self.ff is not None:
-            x = x + self.ff(self.norm2(x))
+            x = self.ff.residual(self.norm2, x)
         return x

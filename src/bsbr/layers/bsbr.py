@@ -71,6 +71,8 @@ class BSBRAttention(QKVAttention):
     ``restore`` (d*d x m), shared by the heads.
     """
 
+    segmented_prefill = True
+
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.1,
                  compression_factor: int | None = None, *, state_norm: str = "mean", meta_query: str = "first",
                  retrieval_window: int | None = None, rope: bool = True, rope_base: float = 10000.0,
@@ -133,8 +135,7 @@ class BSBRAttention(QKVAttention):
 
     # ------------------------------------------------------------------------------------ forms
     def _reference(self, x):
-        T = x.shape[1]
-        q, k, v = self.qkv(x, torch.arange(T, device=x.device))
+        q, k, v = self.qkv(x, 0)
         r, h = self._meta(self.meta_q_proj, x), self._meta(self.meta_k_proj, x)
         compress, restore = self._maps()
         o = bsbr_reference(q, k, v, r, h, self.chunk_size, state_norm=self.state_norm, compress=compress,
@@ -146,7 +147,7 @@ class BSBRAttention(QKVAttention):
 
     def _segment(self, x, cache: BSBRCache | None, first: int = 0):
         offset = 0 if cache is None else int(cache.lengths[0])
-        q, k, v = self.qkv(x, offset + torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, offset)
         r, h = self._chunk_meta(x, first, None if cache is None else cache.open_query)
         if first:  # prepend the open chunk's keys/values; its queries were answered already
             q = torch.cat([q.new_zeros(*q.shape[:2], first, q.shape[-1]), q], dim=2)
@@ -257,8 +258,7 @@ class BSBRAttention(QKVAttention):
                 "with compression the retrieved term mixes value dimensions through P'P, so it is not a "
                 "token-to-token weighting; get_attention_weights needs compression_factor=None"
             )
-        T = x.shape[1]
-        q, k, v = self.qkv(x, torch.arange(T, device=x.device))
+        q, k, v = self.qkv(x, 0)
         r, h = self._meta(self.meta_q_proj, x), self._meta(self.meta_k_proj, x)
         _, local, retrieval = bsbr_reference(q, k, v, r, h, self.chunk_size, state_norm=self.state_norm,
                                              meta_query=self.meta_query, window=self.retrieval_window,

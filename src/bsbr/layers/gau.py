@@ -32,48 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _checks
-from ..ops.rope import apply_rope
+from ..ops.gau import gau_dense, gau_mixed
+from ..ops.linear import work_dtype
+from ..ops.rope import rope_cos_sin, split_heads_rotary
 from .base import CausalAttention
 from .cache import LayerCache, write_slot
-from .linear import exclusive_prefix, work_dtype
-
-
-def gau_mixed(qq, kq, lq, lk, v, group: int, start: int = 0, state: torch.Tensor | None = None):
-    """Mixed chunk attention A V for a segment that begins at absolute position ``start`` (a multiple of g).
-
-    qq, kq, lq, lk: [B, T, s]; v: [B, T, e]; state: [B, s, e] = sum of K_lin^T V over earlier groups, or None.
-    Returns (A V [B, T, e], that state after the segment's last complete group [B, s, e]).  The running state is a loop
-    of N adds (:func:`~bsbr.layers.linear.exclusive_prefix`), not ``cumsum`` (slow over a non-inner dimension).
-    """
-    B, T, s = qq.shape
-    g = group
-    N = -(-T // g)
-    pad = N * g - T
-    qq, kq, lq, lk, v = (F.pad(t, (0, 0, 0, pad)).view(B, N, g, -1) for t in (qq, kq, lq, lk, v))
-    scores = (qq @ kq.transpose(-1, -2)) * s**-0.5
-    causal = torch.ones(g, g, dtype=torch.bool, device=qq.device).tril()
-    local = (F.relu(scores).square() / g).masked_fill(~causal, 0.0) @ v
-    kv = lk.transpose(-1, -2) @ v  # [B, N, s, e]
-    before, total = exclusive_prefix(kv[:, None], None if state is None else state[:, None])
-    before, total = before[:, 0], total[:, 0]  # [B, N, s, e] state at each group's start, [B, s, e] at the end
-    count = (start + g * torch.arange(N, device=qq.device)).clamp(min=1).to(qq.dtype)
-    glob = (lq @ before) / count[None, :, None, None]
-    complete = T // g
-    return (local + glob).flatten(1, 2)[:, :T], total if complete == N else before[:, complete]
-
-
-def gau_dense(qq, kq, lq, lk, v, group: int):
-    """Reference: the dense [B, T, T] matrix A of the module docstring, and A V."""
-    T, s = qq.shape[1], qq.shape[2]
-    pos = torch.arange(T, device=qq.device)
-    grp = pos // group
-    causal = pos[None, :] <= pos[:, None]
-    same = (grp[None, :] == grp[:, None]) & causal
-    earlier = grp[None, :] < grp[:, None]
-    quad = F.relu((qq @ kq.transpose(-1, -2)) * s**-0.5).square() / group
-    lin = (lq @ lk.transpose(-1, -2)) / (group * grp).clamp(min=1).to(qq.dtype)[:, None]
-    A = quad.masked_fill(~same, 0.0) + lin.masked_fill(~earlier, 0.0)
-    return A @ v, A
 
 
 @dataclass
@@ -108,6 +71,8 @@ class GAUAttention(CausalAttention):
     beta (4 x s), out_proj (e -> D); the block's ff_dim is not used.
     """
 
+    segmented_prefill = True
+
     has_feedforward = True
 
     def __init__(self, hidden_dim: int, num_heads: int, dropout: float = 0.1, group_size: int = 256,
@@ -132,15 +97,20 @@ class GAUAttention(CausalAttention):
         self.beta = nn.Parameter(torch.zeros(4, qk_dim))
         self.out_proj = nn.Linear(self.expansion_dim, hidden_dim)
 
-    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+    def _project(self, x: torch.Tensor, positions: torch.Tensor | int):
         """u, v [B, T, e]; qq, kq, lq, lk [B, T, s] (rotated), in the working dtype."""
         w = work_dtype(x.dtype)
-        u, v = F.silu(self.uv_proj(x)).to(w).chunk(2, dim=-1)
-        z = F.silu(self.z_proj(x)).to(w)
-        views = z[:, :, None, :] * self.gamma.to(w) + self.beta.to(w)  # [B, T, 4, s]
+        inplace = not torch.is_grad_enabled()  # no graph recorded: the projections' outputs are ours to overwrite
+        u, v = F.silu(self.uv_proj(x), inplace=inplace).to(w).chunk(2, dim=-1)
+        z = F.silu(self.z_proj(x), inplace=inplace).to(w)
+        views = torch.addcmul(self.beta.to(w), z[:, :, None, :], self.gamma.to(w))  # [B, T, 4, s]
+        B, T = views.shape[:2]
+        cos = sin = None
         if self.rope:
-            views = apply_rope(views.transpose(1, 2), positions, self.rope_base).transpose(1, 2)
-        qq, kq, lq, lk = views.unbind(dim=2)
+            cos, sin = rope_cos_sin(positions, T, self.qk_dim, self.rope_base, w, x.device)
+        # the four views as contiguous [B, 4, T, s], rotated in the same pass
+        views = split_heads_rotary(views.view(B, T, 4 * self.qk_dim), 4, cos, sin)
+        qq, kq, lq, lk = views.unbind(dim=1)
         return u, v, qq, kq, lq, lk
 
     def _finish(self, u, av, dtype):
@@ -150,21 +120,21 @@ class GAUAttention(CausalAttention):
         return GAUCache(lengths)
 
     def _reference(self, x):
-        u, v, qq, kq, lq, lk = self._project(x, torch.arange(x.shape[1], device=x.device))
+        u, v, qq, kq, lq, lk = self._project(x, 0)
         return self._finish(u, gau_dense(qq, kq, lq, lk, v, self.group_size)[0], x.dtype)
 
     def _attention_weights(self, x):
-        _, v, qq, kq, lq, lk = self._project(x, torch.arange(x.shape[1], device=x.device))
+        _, v, qq, kq, lq, lk = self._project(x, 0)
         return gau_dense(qq, kq, lq, lk, v, self.group_size)[1][:, None].to(x.dtype)  # [B, 1, T, T]
 
     def _parallel(self, x):
-        u, v, qq, kq, lq, lk = self._project(x, torch.arange(x.shape[1], device=x.device))
+        u, v, qq, kq, lq, lk = self._project(x, 0)
         return self._finish(u, gau_mixed(qq, kq, lq, lk, v, self.group_size)[0], x.dtype)
 
     def _extend(self, x, cache: GAUCache):
         g, T = self.group_size, x.shape[1]
         offset = int(cache.lengths[0])
-        u, v, qq, kq, lq, lk = self._project(x, offset + torch.arange(T, device=x.device))
+        u, v, qq, kq, lq, lk = self._project(x, offset)
         self._allocate(cache, v, qq)
         r = offset % g  # tokens of the open group already seen: the segment restarts at its first token
         seg = [torch.cat([buf[:, :r], new], dim=1) for buf, new in

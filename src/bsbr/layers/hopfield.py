@@ -16,35 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import _checks
+from ..ops.hopfield import association, association_reference
 from ..ops.rope import apply_rope
 from .cache import GrowableBuffer, LayerCache
 from .common import QKVAttention, split_heads
-
-
-def association_reference(q, k, v, beta: float, offset: int = 0):
-    """softmax(beta q k^T) v under the causal mask, explicitly.  q [B, H, Tq, d]; k, v [B, H, offset + Tq, .].
-
-    Returns (out [B, H, Tq, .], weights [B, H, Tq, Tk]).
-    """
-    scores = beta * (q @ k.transpose(-1, -2))
-    tq, tk = q.shape[2], k.shape[2]
-    allowed = torch.arange(tk, device=q.device)[None, :] <= offset + torch.arange(tq, device=q.device)[:, None]
-    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    return weights @ v, weights
-
-
-def association(q, k, v, beta: float, offset: int = 0, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Same as :func:`association_reference` through ``scaled_dot_product_attention``; ``attn_mask`` overrides."""
-    if attn_mask is None:
-        if offset == 0 and q.shape[2] == k.shape[2]:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=beta)
-        tq, tk = q.shape[2], k.shape[2]
-        attn_mask = torch.arange(tk, device=q.device)[None, :] <= offset + torch.arange(tq, device=q.device)[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=beta)
 
 
 @dataclass
@@ -103,7 +81,7 @@ class HopfieldAttention(QKVAttention):
         return HopfieldCache(lengths)
 
     def _reference_parts(self, x):
-        q, k, v = self.qkv(x, torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, 0)
         for _ in range(self.update_steps):
             q = association_reference(q, k, k, self.beta)[0]
         return association_reference(q, k, v, self.beta)
@@ -115,14 +93,14 @@ class HopfieldAttention(QKVAttention):
         return self._reference_parts(x)[1]
 
     def _parallel(self, x):
-        q, k, v = self.qkv(x, torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, 0)
         for _ in range(self.update_steps):
             q = association(q, k, k, self.beta)
         return self.out(association(q, k, v, self.beta))
 
     def _extend(self, x, cache: HopfieldCache):
         offset = int(cache.lengths[0])
-        q, k, v = self.qkv(x, offset + torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, offset)
         cache.k.append(k)
         cache.v.append(v)
         keys, values = cache.k.view(), cache.v.view()

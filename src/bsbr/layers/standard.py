@@ -30,20 +30,20 @@ class StandardAttention(QKVAttention):
         return KVCache(lengths)
 
     def _reference(self, x):
-        q, k, v = self.qkv(x, torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, 0)
         return self.out(softmax_attention_reference(q, k, v)[0])
 
     def _parallel(self, x):
-        q, k, v = self.qkv(x, torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, 0)
         return self.out(softmax_attention(q, k, v))
 
     def _attention_weights(self, x):
-        q, k, v = self.qkv(x, torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, 0)
         return softmax_attention_reference(q, k, v)[1]
 
     def _extend(self, x, cache: KVCache):
         offset = int(cache.lengths[0])
-        q, k, v = self.qkv(x, offset + torch.arange(x.shape[1], device=x.device))
+        q, k, v = self.qkv(x, offset)
         cache.k.append(k)
         cache.v.append(v)
         return self.out(softmax_attention(q, cache.k.view(), cache.v.view(), offset=offset))

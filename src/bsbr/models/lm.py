@@ -50,8 +50,22 @@ class CausalLMOutput:
     extras: dict = field(default_factory=dict)
 
 
+SEGMENT_BYTES = 4 * 2**20
+"""Long inference forwards of sub-quadratic models run in segments of about this many bytes of hidden states
+(see :meth:`TransformerModel.forward`)."""
+
+
 class TransformerModel(nn.Module):
-    """The backbone: token ids [B, T] -> hidden states [B, T, hidden_dim]."""
+    """The backbone: token ids [B, T] -> hidden states [B, T, hidden_dim].
+
+    Inference on CPU: when no autograd graph is recorded and every layer's mechanism has ``segmented_prefill``
+    (all but Standard and Hopfield), an input longer than one segment (:data:`SEGMENT_BYTES` of hidden states,
+    a power of two >= 1,024 tokens) runs segment by segment through a streaming cache — the prefill path, tested
+    equal to one parallel forward — so that every temporary of the forward is bounded by the segment, not by T;
+    only the result is [B, T, hidden_dim].  With glibc's default malloc, T-sized temporaries go back to the system
+    when freed and are faulted in again by the next call, a cost that grows faster than T (docs/benchmarks.md,
+    "In the user's own process").
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -89,17 +103,54 @@ class TransformerModel(nn.Module):
         prefix = None
         if num_valid is not None:
             prefix = torch.arange(ids.shape[1], device=ids.device) < num_valid[:, None]
-        x = self.dropout(self.embed(ids))
-        for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else cache.layers[i]
-            if self.gradient_checkpointing and self.training and layer_cache is None and torch.is_grad_enabled():
-                x = checkpoint(block, x, prefix, None, use_reentrant=False)
-            else:
-                x = block(x, prefix, layer_cache)
-        x = self.norm(x)
+        segment = self.segment_length(ids) if cache is None else 0
+        if segment:
+            x = self._forward_segments(ids, segment)
+        else:
+            x = self.dropout(self.embed(ids))
+            for i, block in enumerate(self.blocks):
+                layer_cache = None if cache is None else cache.layers[i]
+                if self.gradient_checkpointing and self.training and layer_cache is None and torch.is_grad_enabled():
+                    x = checkpoint(block, x, prefix, None, use_reentrant=False)
+                else:
+                    x = block(x, prefix, layer_cache)
+            x = self.norm(x)
         if prefix is not None:
             x = x.masked_fill(~prefix[..., None], 0.0)
         return scatter_tokens(x, perm)
+
+    def segment_length(self, ids: torch.Tensor) -> int:
+        """Tokens per segment of a segmented inference forward of ``ids`` [B, T], or 0 for one parallel pass (see
+        the class docstring): with autograd, off CPU, with active dropout, with a mechanism that keeps every key,
+        or when T fits in one segment."""
+        if ids.device.type != "cpu" or (self.training and self.config.dropout > 0):
+            return 0
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return 0
+        if not all(getattr(block.attn, "segmented_prefill", False) for block in self.blocks):
+            return 0
+        rows = SEGMENT_BYTES // (self.config.hidden_dim * self.embed.weight.element_size())
+        # a power of two, so a multiple of the default chunk, window and group sizes (other sizes work as well: the
+        # open chunk or group is carried across segments by the cache, as in streaming)
+        segment = 1 << max(10, rows.bit_length() - 1)
+        return segment if ids.shape[1] > segment else 0
+
+    def _forward_segments(self, ids: torch.Tensor, segment: int) -> torch.Tensor:
+        """norm(blocks(embed(ids))) for left-aligned ids [B, T], ``segment`` tokens at a time through a fresh
+        cache.  Padding after a row's real tokens is fed as if real: causality keeps it from reaching them, and
+        the caller zeroes its outputs, as the parallel form does."""
+        B, T = ids.shape
+        cache = self.new_cache(B)
+        out = None
+        for s0 in range(0, T, segment):
+            x = self.dropout(self.embed(ids[:, s0 : s0 + segment]))
+            for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
+                x = block(x, None, layer_cache)
+            x = self.norm(x)
+            if out is None:
+                out = x.new_empty(B, T, x.shape[-1])
+            out[:, s0 : s0 + segment] = x
+        return out
 
     # ------------------------------------------------------------------------------------ helpers
     def new_cache(self, batch_size: int) -> ModelCache:

@@ -1,1 +1,13 @@
-"""Pure tensor functions: the reference, parallel and recurrent forms of each mechanism."""
+"""Pure tensor functions: the reference, parallel and recurrent forms of each mechanism, side by side.
+
+    bsbr.py      BSBR: bsbr_reference (token loop), bsbr_parallel (chunked), retrieve (the recurrent step's retrieval)
+    softmax.py   causal softmax attention: reference (explicit mask) and fused (SDPA)
+    linear.py    linear attention: linear_recurrent (token recurrence) and linear_chunkwise
+    deltanet.py  DeltaNet: delta_recurrent (token recurrence), delta_chunkwise (WY/UT form), ut_transform, chunk_states
+    window.py    sliding-window attention: window_attention_reference (dense band) and window_attention (blocked)
+    gau.py       GAU's mixed chunk attention: gau_dense (reference) and gau_mixed (chunked, continues from a state)
+    hopfield.py  Hopfield association: association_reference (explicit mask) and association (SDPA)
+    rope.py      rotary position embeddings (computed from positions; tables cached per length, dtype, device)
+
+Layers (``bsbr.layers``) own the weights and caches and pick the form; nothing here holds state.
+"""
