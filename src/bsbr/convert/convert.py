@@ -110,14 +110,30 @@ def _load(model_or_path, **load_kwargs) -> nn.Module:
         config = AutoConfig.from_pretrained(str(model_or_path), **{k: v for k, v in load_kwargs.items()
                                                                    if k in ("gguf_file", "trust_remote_code")})
     except OSError as err:  # neither a local directory nor a reachable hub model
+        if path.exists():
+            raise ValueError(f"{path}: transformers could not read its config ({str(err).splitlines()[0]})") from None
         raise FileNotFoundError(f"{model_or_path!r} is not a local model directory and could not be loaded from a "
                                 f"hub: {str(err).splitlines()[0]}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # a config transformers cannot build
+        raise ValueError(f"{model_or_path}: its config could not be read ({type(err).__name__}: {err})") from None
     name = (getattr(config, "architectures", None) or ["?"])[0]
     if getattr(config, "model_type", None) not in FAMILIES:
         raise ValueError(f"{model_or_path}: cannot convert {name} (model_type {config.model_type!r}) to BSBR; "
                          f"supported classes: {', '.join(SUPPORTED_CLASSES)}")
     load_kwargs.setdefault("attn_implementation", "sdpa")
-    return AutoModelForCausalLM.from_pretrained(str(model_or_path), **load_kwargs)
+    return _from_pretrained(AutoModelForCausalLM, str(model_or_path), **load_kwargs)
+
+
+def _from_pretrained(cls, path: str, **kwargs):
+    """``cls.from_pretrained`` with anything transformers or safetensors raise on a bad directory (a truncated
+    weights file, weights of other shapes, a config it cannot build) turned into a ValueError naming the path."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - foreign libraries raise many types; the user needs the file named
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"{path}: the model could not be loaded ({type(err).__name__}: {first})") from None
 
 
 def check_model_dir(path: Path, gguf_file: str | None = None) -> None:
@@ -246,7 +262,7 @@ def from_pretrained(path, **load_kwargs) -> nn.Module:
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity(logging.ERROR)  # the BSBR weights are "unexpected" to the original class
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa", **load_kwargs)
+        model = _from_pretrained(AutoModelForCausalLM, str(path), attn_implementation="sdpa", **load_kwargs)
     finally:
         hf_logging.set_verbosity(level)
     model = convert_to_bsbr(model, chunk, factor, **options)
