@@ -17,6 +17,7 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
     """Write ``report.md`` and its figures (similarity by layer, perplexity by position, by chunk size) into
     ``out_dir``; return the Markdown path."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     figures = _figures(report, out)
     plan = report["plan"]
     lines = [f"# Conversion of {report['name']} ({report['class']}) to BSBR", "",
@@ -66,40 +67,38 @@ def _figures(report: dict, out: Path) -> list[tuple[str, str]]:
         return []
     made = []
     stages = report["stages"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for stage, variants in stages.items():
-        for variant in ("bsbr", "local", "sliding_window"):
-            if variant == "bsbr" or stage == "before":
-                cos = variants[variant]["cosine"]
-                ax.plot(range(len(cos)), cos, marker=".", label=f"{VARIANT_NAMES[variant]} ({stage})")
-    ax.set_xlabel("hidden-state layer (0 = embeddings)")
-    ax.set_ylabel("cosine similarity to the original")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "similarity_by_layer.png", dpi=120)
-    plt.close(fig)
-    made.append(("cosine similarity by layer", "similarity_by_layer.png"))
+
+    def save(fig, ax, xlabel, ylabel, name, title):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        made.append((title, name))
+
+    def shown():  # BSBR at every stage; the references (no trained weights) once
+        for stage, variants in stages.items():
+            for variant in ("bsbr", "local", "sliding_window"):
+                if variant == "bsbr" or stage == "before":
+                    yield f"{VARIANT_NAMES[variant]} ({stage})", variants[variant]
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    before = stages["before"]
-    pos = before["bsbr"]["by_position"]
+    for label, m in shown():
+        ax.plot(range(len(m["cosine"])), m["cosine"], marker=".", label=label)
+    save(fig, ax, "hidden-state layer (0 = embeddings)", "cosine similarity to the original",
+         "similarity_by_layer.png", "cosine similarity by layer")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    pos = stages["before"]["bsbr"]["by_position"]
     ax.plot([b["start"] for b in pos], [b["ppl_original"] for b in pos], "k-", marker="o", label="original")
-    for stage, variants in stages.items():
-        for variant in ("bsbr", "local", "sliding_window"):
-            if variant == "bsbr" or stage == "before":
-                p = variants[variant]["by_position"]
-                ax.plot([b["start"] for b in p], [b["ppl_converted"] for b in p], marker=".",
-                        label=f"{VARIANT_NAMES[variant]} ({stage})")
+    for label, m in shown():
+        ax.plot([b["start"] for b in m["by_position"]], [b["ppl_converted"] for b in m["by_position"]], marker=".",
+                label=label)
     ax.set_yscale("log")
-    ax.set_xlabel("position (start of chunk-size bucket)")
-    ax.set_ylabel("perplexity")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "perplexity_by_position.png", dpi=120)
-    plt.close(fig)
-    made.append(("perplexity by position", "perplexity_by_position.png"))
+    save(fig, ax, "position (start of chunk-size bucket)", "perplexity", "perplexity_by_position.png",
+         "perplexity by position")
 
     sweep = report.get("chunk_sweep", {}).get("results", {})
     if sweep:
@@ -109,12 +108,6 @@ def _figures(report: dict, out: Path) -> list[tuple[str, str]]:
             ax.plot(chunks, [sweep[str(c)][variant]["ppl_ratio"] for c in chunks], marker="o",
                     label=VARIANT_NAMES[variant])
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("chunk size (window for sliding window)")
-        ax.set_ylabel("perplexity / original")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "perplexity_by_chunk.png", dpi=120)
-        plt.close(fig)
-        made.append(("perplexity ratio by chunk size", "perplexity_by_chunk.png"))
+        save(fig, ax, "chunk size (window for sliding window)", "perplexity / original", "perplexity_by_chunk.png",
+             "perplexity ratio by chunk size")
     return made
