@@ -499,3 +499,16 @@ def test_fuzzed_model_directories_give_clear_errors(converted_dir, tmp_path_fact
         assert digest(work) == before  # a failed load writes nothing
 
     check()
+
+
+def test_cli_convert_on_a_truncated_weights_file_is_a_clear_error(tmp_path, capsys):
+    from bsbr.cli import main
+
+    path, _ = _tiny_dir(tmp_path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    out = tmp_path / "out"
+    assert main(["convert", str(path), "--out", str(out), "--heal-steps", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err
+    assert not out.exists()  # nothing written

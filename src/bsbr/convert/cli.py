@@ -40,8 +40,8 @@ def _model_config(model: str, gguf_file: str | None):
     except OSError as err:
         raise FileNotFoundError(f"MODEL {model!r} is not a local directory and could not be loaded from a hub: "
                                 f"{str(err).splitlines()[0]}") from None
-    except ValueError as err:
-        raise ValueError(f"MODEL {model!r}: {err}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # a config transformers cannot build
+        raise ValueError(f"MODEL {model!r}: its config could not be read ({type(err).__name__}: {err})") from None
     if config.model_type not in FAMILIES:
         arch = (getattr(config, "architectures", None) or [config.model_type])[0]
         raise ValueError(f"MODEL {model!r} is a {arch} (model_type {config.model_type!r}); supported classes: "
@@ -89,9 +89,12 @@ def _load(args):
         from .models import smollm2
 
         return smollm2(Path(args.out) / "original")
+    from .convert import _from_pretrained
+
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa", dtype=torch.float32, **kwargs)
-    tok = AutoTokenizer.from_pretrained(args.model, **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM, args.model, attn_implementation="sdpa", dtype=torch.float32,
+                             **kwargs)
+    tok = _from_pretrained(AutoTokenizer, args.model, **kwargs)
     return model.eval(), tok
 
 
@@ -105,12 +108,12 @@ def _convert(args) -> int:
                           eval_windows=args.eval_windows, transfer_steps=args.heal_steps,
                           finetune_steps=args.finetune_steps, chunk_sweep=list(args.chunk_sweep or []))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     previous = out / "plan.json"
     wanted = json.loads(json.dumps({**vars(plan), "model": args.model}))
     if previous.is_file() and json.loads(previous.read_text()) != wanted:
         raise ValueError(f"--out {str(out)!r} holds a run with other settings ({previous}); use another --out")
-    model, tok = _load(args)
+    model, tok = _load(args)  # (smollm2 keeps its converted-from-GGUF copy in OUT/original)
+    out.mkdir(parents=True, exist_ok=True)
     previous.write_text(json.dumps(wanted))
     report = run_conversion(model, tok, plan, out, name=args.model, progress=not args.no_progress)
     md = write_report(report, out)
