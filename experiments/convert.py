@@ -46,7 +46,7 @@ INITS = {
 
 PLANS = {
     "smollm2": ConversionPlan(chunk_size=256, gate_init=0.0, seq_len=2048, eval_windows=4, transfer_steps=30,
-                              transfer_lr=1e-2, finetune_steps=4, finetune_lr=1e-3, chunk_sweep=[]),
+                              transfer_lr=1e-2, finetune_steps=4, finetune_lr=1e-3, chunk_sweep=[128, 512]),
     "gpt2": ConversionPlan(chunk_size=64, gate_init=0.0, seq_len=512, eval_windows=16, transfer_steps=60,
                            transfer_lr=1e-2, finetune_steps=40, finetune_lr=1e-3, chunk_sweep=[32, 128, 256]),
 }
