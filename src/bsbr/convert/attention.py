@@ -101,8 +101,7 @@ class BSBRMeta(nn.Module):
                 "sink_tokens": self.sink_tokens}
 
     def op_kwargs(self, dtype) -> dict:
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        return {"gate": cast(self.gate), "state_norm": self.state_norm, "restore": cast(self.restore)}
+        return {"gate": _cast(self.gate, dtype), "state_norm": self.state_norm, "restore": _cast(self.restore, dtype)}
 
     def segment(self, q, k, v, scaling: float, past: GQAPast | None = None, dropout: float = 0.0):
         return gqa_bsbr_segment(q, k, v, self.meta_query, self.meta_key, self.chunk_size, scaling=scaling,

@@ -21,32 +21,14 @@ DEMO_MODELS = ("smollm2",)
 
 def _model_config(model: str, gguf_file: str | None):
     """The model's config (no weights), with the clear errors of bsbr.convert for bad directories."""
-    from transformers import AutoConfig
-
-    from .convert import FAMILIES, SUPPORTED_CLASSES, check_model_dir
+    from .convert import load_config
 
     if model == "smollm2":
         from .models import smollm2_gguf
 
         gguf = smollm2_gguf()
-        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    path = Path(model)
-    if path.exists():
-        check_model_dir(path, gguf_file=gguf_file)
-    elif path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
-        raise FileNotFoundError(f"MODEL {model!r}: no such directory")
-    try:
-        config = AutoConfig.from_pretrained(model, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except OSError as err:
-        raise FileNotFoundError(f"MODEL {model!r} is not a local directory and could not be loaded from a hub: "
-                                f"{str(err).splitlines()[0]}") from None
-    except (ValueError, TypeError, KeyError, AttributeError) as err:  # a config transformers cannot build
-        raise ValueError(f"MODEL {model!r}: its config could not be read ({type(err).__name__}: {err})") from None
-    if config.model_type not in FAMILIES:
-        arch = (getattr(config, "architectures", None) or [config.model_type])[0]
-        raise ValueError(f"MODEL {model!r} is a {arch} (model_type {config.model_type!r}); supported classes: "
-                         f"{', '.join(SUPPORTED_CLASSES)}")
-    return config
+        return load_config(gguf.parent, gguf.name)
+    return load_config(model, gguf_file)
 
 
 def _check(args):
@@ -67,12 +49,7 @@ def _check(args):
     config = _model_config(args.model, args.gguf_file)
     from .convert import head_counts
 
-    class _Shim:  # head_counts reads only .config
-        pass
-
-    shim = _Shim()
-    shim.config = config
-    _, _, d = head_counts(shim)
+    _, _, d = head_counts(config)
     if args.compression_factor is not None and (d * d) % args.compression_factor:
         raise ValueError(f"--compression-factor must divide head_dim*head_dim={d * d} of {args.model}, "
                          f"got {args.compression_factor}")

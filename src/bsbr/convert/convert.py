@@ -58,9 +58,9 @@ def family_of(model: nn.Module) -> Family:
     return FAMILIES[model_type]
 
 
-def head_counts(model: nn.Module) -> tuple[int, int, int]:
-    """(query heads H, key/value heads Hk, head dim d) of a supported model."""
-    c = model.config
+def head_counts(model) -> tuple[int, int, int]:
+    """(query heads H, key/value heads Hk, head dim d) of a supported model (or of its config)."""
+    c = getattr(model, "config", model)
     if c.model_type == "gpt2":
         return c.n_head, c.n_head, c.n_embd // c.n_head
     H = c.num_attention_heads
@@ -94,21 +94,19 @@ def _subclass(cls: type) -> type:
     return sub
 
 
-def _load(model_or_path, **load_kwargs) -> nn.Module:
-    if isinstance(model_or_path, nn.Module):
-        return model_or_path
-    if not isinstance(model_or_path, str | os.PathLike):
-        raise TypeError(f"model_or_path must be a transformers model or a path/hub name, got {type(model_or_path)}")
-    path = Path(model_or_path)
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_config(model_or_path, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """The config of a model directory or hub name, without its weights, with a clear error for a missing or bad
+    directory (no config, unreadable config, no weights) and for an architecture that cannot be converted."""
+    from transformers import AutoConfig
 
+    path = Path(model_or_path)
     if path.exists():
-        check_model_dir(path, gguf_file=load_kwargs.get("gguf_file"))
+        check_model_dir(path, gguf_file=gguf_file)
     elif path.is_absolute() or str(model_or_path).startswith((".", "~")) or str(model_or_path).count("/") > 1:
-        raise FileNotFoundError(f"model directory {str(model_or_path)!r} does not exist")
+        raise FileNotFoundError(f"no such directory: {str(model_or_path)!r}")
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        config = AutoConfig.from_pretrained(str(model_or_path), **{k: v for k, v in load_kwargs.items()
-                                                                   if k in ("gguf_file", "trust_remote_code")})
+        config = AutoConfig.from_pretrained(str(model_or_path), trust_remote_code=trust_remote_code, **kwargs)
     except OSError as err:  # neither a local directory nor a reachable hub model
         if path.exists():
             raise ValueError(f"{path}: transformers could not read its config ({str(err).splitlines()[0]})") from None
@@ -116,10 +114,21 @@ def _load(model_or_path, **load_kwargs) -> nn.Module:
                                 f"hub: {str(err).splitlines()[0]}") from None
     except (ValueError, TypeError, KeyError, AttributeError) as err:  # a config transformers cannot build
         raise ValueError(f"{model_or_path}: its config could not be read ({type(err).__name__}: {err})") from None
-    name = (getattr(config, "architectures", None) or ["?"])[0]
     if getattr(config, "model_type", None) not in FAMILIES:
+        name = (getattr(config, "architectures", None) or [config.model_type])[0]
         raise ValueError(f"{model_or_path}: cannot convert {name} (model_type {config.model_type!r}) to BSBR; "
                          f"supported classes: {', '.join(SUPPORTED_CLASSES)}")
+    return config
+
+
+def _load(model_or_path, **load_kwargs) -> nn.Module:
+    if isinstance(model_or_path, nn.Module):
+        return model_or_path
+    if not isinstance(model_or_path, str | os.PathLike):
+        raise TypeError(f"model_or_path must be a transformers model or a path/hub name, got {type(model_or_path)}")
+    from transformers import AutoModelForCausalLM
+
+    load_config(model_or_path, load_kwargs.get("gguf_file"), load_kwargs.get("trust_remote_code", False))
     load_kwargs.setdefault("attn_implementation", "sdpa")
     return _from_pretrained(AutoModelForCausalLM, str(model_or_path), **load_kwargs)
 
