@@ -374,6 +374,30 @@ def test_healing_finetune_trains_only_the_bsbr_weights(tmp_path):
         assert torch.equal(p, before[n]) != (".bsbr." in n), n
 
 
+def test_distillation_teacher_is_the_original_and_the_stage_lowers_its_loss(tmp_path):
+    from bsbr.convert import HealConfig, heal
+    from bsbr.convert.healing import distill_loss
+
+    original = tiny("llama")  # float64
+    data = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(13))
+    whole = convert_to_bsbr(copy.deepcopy(original), chunk_size=64)  # one chunk covers the input: the original
+    assert abs(distill_loss(whole, data).item()) < 1e-12
+    conv = convert_to_bsbr(copy.deepcopy(original), chunk_size=8, gate_init=0.1)
+    with torch.no_grad():  # the loss is KL(original || converted) against a separate copy of the original
+        p = torch.log_softmax(original(data).logits, -1)
+        q = torch.log_softmax(conv(data).logits, -1)
+    expected = (p.exp() * (p - q)).sum(-1).mean()
+    assert distill_loss(conv, data).item() == pytest.approx(expected.item(), rel=1e-9)
+    assert conv.config._attn_implementation == "bsbr"  # the teacher pass leaves BSBR attention in place
+    before = {n: t.clone() for n, t in conv.named_parameters()}
+    conv = conv.float()
+    records = heal(conv, lambda s: data.clone(), HealConfig(stage="distill", steps=6, lr=1e-2, seq_len=40, warmup=1),
+                   tmp_path, progress=False)
+    assert records[-1]["loss"] < records[0]["loss"]
+    for n, t in conv.named_parameters():
+        assert torch.equal(t.double(), before[n]) != (".bsbr." in n), n
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def _tiny_dir(tmp_path):
     """A tiny LLaMA and a byte-level BPE tokenizer trained on a few lines, saved as a user's checkpoint is."""
@@ -399,14 +423,17 @@ def test_cli_convert_writes_model_and_report_and_resumes(tmp_path, capsys):
 
     path, _ = _tiny_dir(tmp_path)
     out = tmp_path / "out"
-    args = ["convert", str(path), "--chunk-size", "8", "--heal-steps", "2", "--finetune-steps", "1", "--seq-len",
-            "32", "--eval-windows", "2", "--chunk-sweep", "4", "16", "--out", str(out), "--no-progress"]
+    args = ["convert", str(path), "--chunk-size", "8", "--heal-steps", "2", "--distill-steps", "1",
+            "--finetune-steps", "1", "--seq-len", "32", "--eval-windows", "2", "--chunk-sweep", "4", "16",
+            "--length-sweep", "16", "--out", str(out), "--no-progress"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["stages"]) == {"before", "transfer", "finetune"}
+    assert list(report["stages"]) == ["before", "transfer", "distill", "finetune"]
     assert set(report["stages"]["before"]) >= {"bsbr", "local", "sliding_window"}
     assert (out / "report.md").is_file() and (out / "similarity_by_layer.png").is_file()
-    assert (out / "perplexity_by_chunk.png").is_file()
+    assert (out / "perplexity_by_chunk.png").is_file() and (out / "perplexity_by_length.png").is_file()
+    assert report["length_sweep"]["results"]["16"]["tokens"] == 32  # 2 windows of 16 tokens
+    assert "By sequence length" in (out / "report.md").read_text()
     back = from_pretrained(out / "model")
     assert back.config.bsbr["chunk_size"] == 8
     stamp = (out / "stages" / "before.json").stat().st_mtime_ns

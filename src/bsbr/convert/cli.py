@@ -34,6 +34,7 @@ def _model_config(model: str, gguf_file: str | None):
 def _check(args):
     _checks.positive_int("--chunk-size", args.chunk_size)
     _checks.non_negative_int("--heal-steps", args.heal_steps)
+    _checks.non_negative_int("--distill-steps", args.distill_steps)
     _checks.non_negative_int("--finetune-steps", args.finetune_steps)
     _checks.positive_int("--seq-len", args.seq_len)
     _checks.positive_int("--eval-windows", args.eval_windows)
@@ -43,6 +44,8 @@ def _check(args):
         _checks.positive_int("--retrieval-window", args.retrieval_window)
     for c in args.chunk_sweep or []:
         _checks.positive_int("--chunk-sweep", c)
+    for n in args.length_sweep or []:
+        _checks.positive_int("--length-sweep", n)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; expected a directory (new, or a run to continue)")
@@ -83,7 +86,8 @@ def _convert(args) -> int:
     plan = ConversionPlan(chunk_size=args.chunk_size, compression_factor=args.compression_factor,
                           retrieval_window=args.retrieval_window, gate_init=args.gate_init, seq_len=args.seq_len,
                           eval_windows=args.eval_windows, transfer_steps=args.heal_steps,
-                          finetune_steps=args.finetune_steps, chunk_sweep=list(args.chunk_sweep or []))
+                          distill_steps=args.distill_steps, finetune_steps=args.finetune_steps,
+                          chunk_sweep=list(args.chunk_sweep or []), length_sweep=list(args.length_sweep or []))
     out = Path(args.out)
     previous = out / "plan.json"
     wanted = json.loads(json.dumps({**vars(plan), "model": args.model}))
@@ -104,7 +108,9 @@ def register(subparsers) -> None:
     p.add_argument("model", metavar="MODEL", help="a model directory, 'smollm2', or a hub name")
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--heal-steps", type=int, default=20, help="attention-transfer steps (0: no healing)")
-    p.add_argument("--finetune-steps", type=int, default=0, help="language-model fine-tune steps after transfer")
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="end-to-end distillation steps (KL to the original's predictions) after transfer")
+    p.add_argument("--finetune-steps", type=int, default=0, help="language-model fine-tune steps after distillation")
     p.add_argument("--compression-factor", type=int, default=None)
     p.add_argument("--retrieval-window", type=int, default=None)
     p.add_argument("--gate-init", type=float, default=0.0,
@@ -112,6 +118,8 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per held-out and healing window")
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--chunk-sweep", type=int, nargs="*", default=None, help="also measure at these chunk sizes")
+    p.add_argument("--length-sweep", type=int, nargs="*", default=None,
+                   help="also measure held-out windows of these token lengths (at --chunk-size)")
     p.add_argument("--gguf-file", default=None, help="a GGUF file inside MODEL's directory")
     p.add_argument("--out", required=True, help="output directory (re-running with it continues a killed run)")
     p.add_argument("--no-progress", action="store_true")

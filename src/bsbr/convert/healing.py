@@ -6,7 +6,10 @@ Two stages, each resumable (a killed run continues from its last checkpoint with
    attention output of the same q, k, v (relative MSE), while the layer passes the *original* output on, so every
    layer learns from the activations of the original model.  One forward of the frozen model per step plus a small
    backward per layer through the BSBR weights only: cheap.
-2. ``"finetune"`` — a short language-model fine-tune of the same weights through the whole converted model
+2. ``"distill"`` — end-to-end distillation: the KL divergence from the original model's next-token distribution
+   (the same model run with its original attention, no gradient) to the converted model's, through the whole
+   converted model.  Unlike the transfer, every layer trains on the activations it will see.
+3. ``"finetune"`` — a short language-model fine-tune of the same weights through the whole converted model
    (next-token loss on the training text).
 
 Only the BSBR weights (meta queries, meta keys, gates, compression maps) train; the pretrained weights stay as they
@@ -34,7 +37,7 @@ from .attention import BSBR_IMPL, _key_validity, bsbr_mask
 from .convert import bsbr_modules
 
 TRANSFER_IMPL = "bsbr_transfer"
-STAGES = ("transfer", "finetune")
+STAGES = ("transfer", "distill", "finetune")
 
 
 def transfer_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -112,6 +115,31 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return trained
 
 
+def distill_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(original || converted) of the next-token distributions of ``ids`` [B, T].
+
+    The original is the same model run with its original attention (``set_attention(model, "original")``) under
+    ``no_grad``: a converted model keeps every pretrained weight, so no second copy is needed.  The model's BSBR
+    attention is restored before the converted forward, whose graph carries the gradient.
+    """
+    from .convert import set_attention
+
+    impl = model.config._attn_implementation
+    try:
+        set_attention(model, "original")
+        with torch.no_grad():
+            teacher = F.log_softmax(_wide(model(ids, use_cache=False).logits), dim=-1)
+    finally:
+        model.set_attn_implementation(impl)
+    student = F.log_softmax(_wide(model(ids, use_cache=False).logits), dim=-1)
+    return F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (half-precision logits would round the KL away); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _lr(step: int, cfg: HealConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -172,6 +200,10 @@ def heal(model: nn.Module, batch_at: Callable[[int], torch.Tensor], cfg: HealCon
                 layers = [m.transfer_losses[-1] for m in metas]
                 record["loss"] = sum(layers) / len(layers)
                 record["layer_losses"] = layers
+            elif cfg.stage == "distill":
+                loss = distill_loss(model, ids)
+                loss.backward()
+                record["loss"] = loss.item()
             else:
                 loss = model(ids, labels=ids, use_cache=False).loss
                 loss.backward()

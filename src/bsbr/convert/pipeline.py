@@ -38,10 +38,13 @@ class ConversionPlan:
     eval_windows: int = 4
     transfer_steps: int = 20
     transfer_lr: float = 1e-2
+    distill_steps: int = 0
+    distill_lr: float = 1e-3
     finetune_steps: int = 0
     finetune_lr: float = 1e-3
     heal_seq_len: int | None = None  # default seq_len
     chunk_sweep: list[int] = field(default_factory=list)
+    length_sweep: list[int] = field(default_factory=list)  # other held-out window lengths, at chunk_size
     corpora: tuple[str, ...] = ("prose", "python")
 
     def __post_init__(self):
@@ -49,9 +52,12 @@ class ConversionPlan:
         _checks.positive_int("seq_len", self.seq_len)
         _checks.positive_int("eval_windows", self.eval_windows)
         _checks.non_negative_int("transfer_steps", self.transfer_steps)
+        _checks.non_negative_int("distill_steps", self.distill_steps)
         _checks.non_negative_int("finetune_steps", self.finetune_steps)
         for c in self.chunk_sweep:
             _checks.positive_int("chunk_sweep", c)
+        for n in self.length_sweep:
+            _checks.positive_int("length_sweep", n)
         if self.compression_factor is not None:
             _checks.positive_int("compression_factor", self.compression_factor)
 
@@ -109,10 +115,10 @@ def run_conversion(original, tokenizer, plan: ConversionPlan, out_dir: str | Pat
                    progress: bool = True, save_model: bool = True) -> dict:
     """Run the whole experiment for ``original`` (a loaded Hugging Face causal LM, left unchanged).
 
-    Writes ``out_dir/stages/*.json``, ``out_dir/heal_transfer/``, ``out_dir/heal_finetune/``, ``out_dir/model/``
-    (the healed converted model, ``save_pretrained``), ``out_dir/report.json`` and returns the report: per stage
-    ("before", "transfer", "finetune"), the metrics of BSBR and of the two references, the chunk sweep, and the
-    healing budget (tokens, CPU seconds).
+    Writes ``out_dir/stages/*.json``, ``out_dir/heal_<stage>/``, ``out_dir/model/`` (the healed converted model,
+    ``save_pretrained``), ``out_dir/report.json`` and returns the report: per stage ("before", "transfer",
+    "distill", "finetune"; a stage with 0 steps is skipped) the metrics of BSBR and of the two references, the
+    chunk and length sweeps, and the healing budget (tokens, CPU seconds).
     """
     import copy
 
@@ -151,6 +157,7 @@ def run_conversion(original, tokenizer, plan: ConversionPlan, out_dir: str | Pat
         return train[i * heal_len : (i + 1) * heal_len][None]
 
     for stage, steps, lr in (("transfer", plan.transfer_steps, plan.transfer_lr),
+                             ("distill", plan.distill_steps, plan.distill_lr),
                              ("finetune", plan.finetune_steps, plan.finetune_lr)):
         if not steps:
             continue
@@ -175,6 +182,15 @@ def run_conversion(original, tokenizer, plan: ConversionPlan, out_dir: str | Pat
                 _set_chunk(converted, plan.chunk_size)
         sweep[str(chunk)] = _stage(out, f"sweep_{last}_chunk{chunk}", one)
     report["chunk_sweep"] = {"stage": last, "results": sweep}
+    lengths = {}
+    for n in plan.length_sweep:  # the same stage at other window lengths (eval_windows windows of n tokens each)
+        def at_length(n=n):
+            batches = windows(tokenizer, n, plan.eval_windows, plan.corpora)
+            result = evaluate_variants(reference_outputs(original, batches, progress), converted, batches,
+                                       plan.chunk_size, progress)
+            return {**result, "tokens": sum(w["input_ids"].numel() for w in batches)}
+        lengths[str(n)] = _stage(out, f"length_{last}_len{n}", at_length)
+    report["length_sweep"] = {"stage": last, "chunk_size": plan.chunk_size, "results": lengths}
     if save_model:
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -50,6 +50,18 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
             lines.append(f"| {chunk} | {_fmt(res['bsbr']['ppl_ratio'])} | {_fmt(res['local']['ppl_ratio'])} | "
                          f"{_fmt(res['sliding_window']['ppl_ratio'])} | {_fmt(res['bsbr']['top1'])} |")
         lines.append("")
+    lengths = report.get("length_sweep", {}).get("results", {})
+    if lengths:
+        lines += [f"## By sequence length (stage {report['length_sweep']['stage']}, chunk "
+                  f"{report['length_sweep']['chunk_size']})", "",
+                  "| tokens per window | windows' tokens | original ppl | BSBR ratio | local ratio | sliding ratio | "
+                  "BSBR top-1 | local top-1 |", "|---|---|---|---|---|---|---|---|"]
+        for n, res in sorted(lengths.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {n} | {res['tokens']:,} | {_fmt(res['bsbr']['ppl_original'], '.2f')} | "
+                         f"{_fmt(res['bsbr']['ppl_ratio'])} | {_fmt(res['local']['ppl_ratio'])} | "
+                         f"{_fmt(res['sliding_window']['ppl_ratio'])} | {_fmt(res['bsbr']['top1'])} | "
+                         f"{_fmt(res['local']['top1'])} |")
+        lines.append("")
     for title, name in figures:
         lines += [f"![{title}]({name})", ""]
     path = out / "report.md"
@@ -110,4 +122,13 @@ def _figures(report: dict, out: Path) -> list[tuple[str, str]]:
         ax.set_xscale("log", base=2)
         save(fig, ax, "chunk size (window for sliding window)", "perplexity / original", "perplexity_by_chunk.png",
              "perplexity ratio by chunk size")
+    lengths = report.get("length_sweep", {}).get("results", {})
+    if lengths:
+        ns = sorted(int(n) for n in lengths)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for variant in ("bsbr", "local", "sliding_window"):
+            ax.plot(ns, [lengths[str(n)][variant]["ppl_ratio"] for n in ns], marker="o", label=VARIANT_NAMES[variant])
+        ax.set_xscale("log", base=2)
+        save(fig, ax, "tokens per held-out window", "perplexity / original", "perplexity_by_length.png",
+             "perplexity ratio by sequence length")
     return made
