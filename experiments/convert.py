@@ -3,6 +3,7 @@ here, converted to BSBR, measured before and after healing beside local-only and
 
     PYTHONPATH=src python experiments/convert.py                 # both models, the settings of record
     PYTHONPATH=src python experiments/convert.py --models gpt2   # one of them
+    PYTHONPATH=src python experiments/convert.py --models smollm2_distill   # healing by distillation instead
 
 Writes experiments/results/convert_<model>.json (per stage and variant: ppl_ratio, the similarity metrics, the
 tokens seen) and runs/convert/<model>/ (stages, healing checkpoints, report.md, figures, the converted model).
@@ -47,6 +48,10 @@ INITS = {
 PLANS = {
     "smollm2": ConversionPlan(chunk_size=256, gate_init=0.0, seq_len=2048, eval_windows=4, transfer_steps=30,
                               transfer_lr=1e-2, finetune_steps=4, finetune_lr=1e-3, chunk_sweep=[128, 512]),
+    # healing by end-to-end distillation from the local-only start, no layer-wise transfer (2026-12-03)
+    "smollm2_distill": ConversionPlan(chunk_size=256, gate_init=0.0, seq_len=2048, eval_windows=4, transfer_steps=0,
+                                      distill_steps=60, distill_lr=3e-3, chunk_sweep=[32, 64, 128, 512],
+                                      length_sweep=[1024, 4096]),
     "gpt2": ConversionPlan(chunk_size=64, gate_init=0.0, seq_len=512, eval_windows=16, transfer_steps=60,
                            transfer_lr=1e-2, finetune_steps=40, finetune_lr=1e-3, chunk_sweep=[32, 128, 256]),
 }
@@ -101,7 +106,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         pretraining = None
-        if name == "smollm2":
+        if name.startswith("smollm2"):
             model, tok = smollm2(ROOT / "runs" / "models" / "smollm2-135m")
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,8 +119,10 @@ def main(argv=None) -> int:
             model = AutoModelForCausalLM.from_pretrained(str(gdir), attn_implementation="sdpa").eval()
             tok = AutoTokenizer.from_pretrained(str(gdir))
         plan = PLANS[name]
-        print(f"{name}: initialisation study", flush=True)
-        init = init_study(model, tok, plan, out)
+        init = None
+        if name in ("smollm2", "gpt2"):  # a plan variant (name_suffix) shares its model's initialisation study
+            print(f"{name}: initialisation study", flush=True)
+            init = init_study(model, tok, plan, out)
         print(f"{name}: conversion at chunk {plan.chunk_size}", flush=True)
         report = run_conversion(model, tok, plan, out, name=name, progress=not args.no_progress)
         write_report(report, out)
@@ -124,6 +131,7 @@ def main(argv=None) -> int:
                   "pretraining": pretraining, "init_study": init, "plan": report["plan"],
                   "eval_tokens": report["eval_tokens"], "healing": report["healing"], "rows": summary_rows(report),
                   "stages": report["stages"], "chunk_sweep": report["chunk_sweep"],
+                  "length_sweep": report.get("length_sweep"),
                   "wall_minutes_this_invocation": round((time.perf_counter() - t0) / 60, 1)}
         (results / f"convert_{name}.json").write_text(json.dumps(record, indent=1))
         for row in record["rows"]:
