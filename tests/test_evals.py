@@ -20,6 +20,23 @@ def test_timer_measures_a_known_sleep_within_5_percent():
     assert t["p25"] <= t["median"] <= t["p75"] and len(t["times"]) == 5
 
 
+def test_timer_quartiles_stay_within_the_measured_times_with_two_repeats():
+    t = time_callable(lambda: time.sleep(0.001), repeats=2)  # "exclusive" quantiles would extrapolate beyond both
+    assert t["min"] <= t["p25"] <= t["median"] <= t["p75"] <= t["max"]
+
+
+def test_cli_output_into_a_closed_pipe_is_not_a_traceback():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parent.parent / "docs" / "results" / "compare" / "results.json"
+    proc = subprocess.run(f"{sys.executable} -m bsbr analyze {results} | head -c 10", shell=True,
+                          capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert len(proc.stdout) == 10
+
+
 @pytest.mark.parametrize("k", [1.0, 2.0])
 def test_fit_recovers_known_exponents(k):
     rng = random.Random(0)

@@ -25,7 +25,7 @@ def time_callable(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3  # within [min, max]
     return {"median": statistics.median(times), "p25": q[0], "p75": q[2], "min": min(times), "max": max(times),
             "repeats": repeats, "times": times}
 
