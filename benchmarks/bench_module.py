@@ -66,10 +66,12 @@ TARGETS = {"module_over_parts": 1.3, "bsbr_vs_sdpa_module": 10.0, "exponent": 1.
 
 # ----------------------------------------------------------------------------------------------- helpers
 def interleaved(fns: list, rounds: int) -> list[dict]:
-    """Time each fn once per round, alternating (noise falls on all alike): min and median seconds."""
+    """Time each fn once per round, alternating (noise falls on all alike), the order reversed every other round
+    (so no fn always runs right after another's cache traffic): min and median seconds."""
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
+    for r in range(rounds):
+        order = list(enumerate(fns))
+        for i, fn in order if r % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             fn()
             times[i].append(time.perf_counter() - t0)

@@ -35,8 +35,11 @@ class FeedForward(nn.Module):
         """x + forward(norm(x)).  Without autograd on CPU (and without dropout) long inputs go in row blocks through
         one bounded [rows, ff] workspace, the GELU in place and the residual added by the second product, so the
         [T, ff] hidden layer is never made whole (see :mod:`bsbr.layers.common` for why)."""
-        params = (self.fc_in.weight, self.fc_out.weight, *norm.parameters())
-        rows = blocked(x, self.fc_in.out_features, *params)
+        rows = blocked(x, self.fc_in.out_features, self.fc_in.weight, self.fc_out.weight)
+        if rows:  # the norm's weights are looked at only for long inputs: short ones skip the Python work
+            norm_params = tuple(norm.parameters())
+            if not no_graph(*norm_params) or any(p.dtype != x.dtype for p in norm_params):
+                rows = 0
         if not rows or (self.training and self.dropout.p > 0):
             return x + self(norm(x))
         B, T, _ = x.shape

@@ -35,12 +35,12 @@ def no_graph(*tensors: torch.Tensor) -> bool:
 def blocked(x: torch.Tensor, width: int, *params: torch.Tensor) -> int:
     """Rows per block for a row-blocked computation on x [B, T, .] whose widest row has ``width`` numbers, or 0
     when the plain (unblocked) form should run: with autograd, off CPU, or when one block holds everything."""
+    rows = max(1, BLOCK_BYTES // (width * x.element_size()))
+    if x.shape[0] * x.shape[1] <= rows:  # the common short input: decided before the slower checks
+        return 0
     if x.device.type != "cpu" or not no_graph(x, *params) or torch.is_autocast_enabled("cpu"):
         return 0
-    if any(p.dtype != x.dtype for p in params):
-        return 0
-    rows = max(1, BLOCK_BYTES // (width * x.element_size()))
-    return rows if x.shape[0] * x.shape[1] > rows else 0
+    return 0 if any(p.dtype != x.dtype for p in params) else rows
 
 
 def row_blocks(B: int, T: int, rows: int):

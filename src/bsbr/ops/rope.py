@@ -146,8 +146,12 @@ def split_heads_rotary(y: torch.Tensor, num_heads: int, cos: torch.Tensor | None
     With autograd (y requires grad) the gradient is the inverse rotation, computed in one pass too; cos and sin
     get no gradient (they are functions of integer positions).
     """
+    if cos is None:  # a plain head split (no rotation)
+        if torch.is_grad_enabled() and y.requires_grad:
+            return _SplitRotary.apply(y, num_heads, None, None)
+        return _split(y, num_heads, None, None)
     cos, sin = _broadcastable(cos), _broadcastable(sin)
-    if cos is not None and (cos.requires_grad or sin.requires_grad):
+    if cos.requires_grad or sin.requires_grad:
         raise ValueError("split_heads_rotary: cos and sin must not require grad (they come from positions)")
     if torch.is_grad_enabled() and y.requires_grad:
         return _SplitRotary.apply(y, num_heads, cos, sin)
