@@ -423,7 +423,7 @@ def test_cli_convert_writes_model_and_report_and_resumes(tmp_path, capsys):
 
     path, _ = _tiny_dir(tmp_path)
     out = tmp_path / "out"
-    args = ["convert", str(path), "--chunk-size", "8", "--heal-steps", "2", "--distill-steps", "1",
+    args = ["convert", str(path), "--chunk-size", "8", "--transfer-steps", "2", "--heal-steps", "1",
             "--finetune-steps", "1", "--seq-len", "32", "--eval-windows", "2", "--chunk-sweep", "4", "16",
             "--length-sweep", "16", "--out", str(out), "--no-progress"]
     assert main(args) == 0

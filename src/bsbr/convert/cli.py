@@ -34,7 +34,7 @@ def _model_config(model: str, gguf_file: str | None):
 def _check(args):
     _checks.positive_int("--chunk-size", args.chunk_size)
     _checks.non_negative_int("--heal-steps", args.heal_steps)
-    _checks.non_negative_int("--distill-steps", args.distill_steps)
+    _checks.non_negative_int("--transfer-steps", args.transfer_steps)
     _checks.non_negative_int("--finetune-steps", args.finetune_steps)
     _checks.positive_int("--seq-len", args.seq_len)
     _checks.positive_int("--eval-windows", args.eval_windows)
@@ -85,8 +85,8 @@ def _convert(args) -> int:
 
     plan = ConversionPlan(chunk_size=args.chunk_size, compression_factor=args.compression_factor,
                           retrieval_window=args.retrieval_window, gate_init=args.gate_init, seq_len=args.seq_len,
-                          eval_windows=args.eval_windows, transfer_steps=args.heal_steps,
-                          distill_steps=args.distill_steps, finetune_steps=args.finetune_steps,
+                          eval_windows=args.eval_windows, transfer_steps=args.transfer_steps,
+                          distill_steps=args.heal_steps, finetune_steps=args.finetune_steps,
                           chunk_sweep=list(args.chunk_sweep or []), length_sweep=list(args.length_sweep or []))
     out = Path(args.out)
     previous = out / "plan.json"
@@ -107,10 +107,11 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("model", metavar="MODEL", help="a model directory, 'smollm2', or a hub name")
     p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--heal-steps", type=int, default=20, help="attention-transfer steps (0: no healing)")
-    p.add_argument("--distill-steps", type=int, default=0,
-                   help="end-to-end distillation steps (KL to the original's predictions) after transfer")
-    p.add_argument("--finetune-steps", type=int, default=0, help="language-model fine-tune steps after distillation")
+    p.add_argument("--heal-steps", type=int, default=20,
+                   help="healing steps: end-to-end distillation to the original's predictions (0: no healing)")
+    p.add_argument("--transfer-steps", type=int, default=0,
+                   help="layer-wise attention-transfer steps before healing (made SmolLM2 worse; see docs/convert.md)")
+    p.add_argument("--finetune-steps", type=int, default=0, help="language-model fine-tune steps after healing")
     p.add_argument("--compression-factor", type=int, default=None)
     p.add_argument("--retrieval-window", type=int, default=None)
     p.add_argument("--gate-init", type=float, default=0.0,

@@ -39,7 +39,7 @@ class ConversionPlan:
     transfer_steps: int = 20
     transfer_lr: float = 1e-2
     distill_steps: int = 0
-    distill_lr: float = 1e-3
+    distill_lr: float = 3e-3
     finetune_steps: int = 0
     finetune_lr: float = 1e-3
     heal_seq_len: int | None = None  # default seq_len
