@@ -27,10 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from _exp import check_device, run_dir, run_grid, train_run
+from tqdm import tqdm
 
 from bsbr.models import list_models
 from bsbr.tasks import get_task
@@ -80,6 +78,8 @@ def main() -> None:
     p.add_argument("--long-lengths", nargs="*", type=int, default=[65536])
     p.add_argument("--test-rows", type=int, default=8)
     p.add_argument("--long-test-rows", type=int, default=4, help="rows per cell at --long-lengths and at 16,384+")
+    p.add_argument("--train-all-bytes", action="store_true",
+                   help="train on every byte of a training row (default: the digits' loss only; see Passkey)")
     p.add_argument("--gau-qk-scale-init", type=float, default=0.5)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--tag", default="")
@@ -96,7 +96,8 @@ def main() -> None:
             opts["chunk_size"] = args.chunk_size
         if model == "GAU" and args.gau_qk_scale_init is not None:
             opts["qk_scale_init"] = args.gau_qk_scale_init
-        task = {"name": "passkey", "seq_len": args.train_len, "seed": 0, "curriculum": stages}
+        task = {"name": "passkey", "seq_len": args.train_len, "seed": 0, "curriculum": stages,
+                "train_all_bytes": args.train_all_bytes}
         train_opts = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                       "warmup_steps": max(1, args.steps // 20), "eval_every": 0, "eval_batches": 4,
                       "seed": args.seed, "weight_decay": 0.1, "device": args.device, "checkpoint_every": 50}

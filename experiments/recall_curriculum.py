@@ -32,11 +32,15 @@ from bsbr.models import list_models
 def jobs_for(args) -> list[tuple[str, dict]]:
     jobs = []
     for t in args.lengths:
-        stages = [{"steps": args.stage_steps, "seq_len": s, "num_kv_pairs": max(1, s // 16)}
-                  for s in args.stage_lengths if s < t]
+        steps = args.stage_steps * len(args.stage_lengths) if len(args.stage_steps) == 1 else args.stage_steps
+        if len(steps) != len(args.stage_lengths):
+            raise SystemExit(f"--stage-steps takes one number or one per stage length ({len(args.stage_lengths)}), "
+                             f"got {len(steps)}")
+        stages = [{"steps": n, "seq_len": s, "num_kv_pairs": max(1, s // 16)}
+                  for s, n in zip(args.stage_lengths, steps, strict=True) if s < t]
         if sum(st["steps"] for st in stages) >= args.steps:
-            raise SystemExit(f"--steps {args.steps} leaves no step at T = {t} after {len(stages)} stages of "
-                             f"{args.stage_steps}; raise --steps or lower --stage-steps")
+            raise SystemExit(f"--steps {args.steps} leaves no step at T = {t} after stages of {steps} steps; "
+                             f"raise --steps or lower --stage-steps")
         for model in args.models:
             for hidden in args.hiddens:
                 for lr in args.lrs:
@@ -65,16 +69,18 @@ def main() -> None:
     p.add_argument("--lengths", nargs="+", type=int, default=[256, 512])
     p.add_argument("--stage-lengths", nargs="+", type=int, default=[64, 128],
                    help="curriculum stages (each shorter than the final T is used; pairs = length / 16)")
-    p.add_argument("--stage-steps", type=int, default=400, help="steps per curriculum stage")
-    p.add_argument("--steps", type=int, default=2000, help="total steps, stages included")
+    p.add_argument("--stage-steps", nargs="+", type=int, default=[1500, 500],
+                   help="steps of each curriculum stage (one number: the same for every stage)")
+    p.add_argument("--steps", type=int, default=2500, help="total steps, stages included")
     p.add_argument("--lrs", nargs="+", type=float, default=[3e-3])
-    p.add_argument("--hiddens", nargs="+", type=int, default=[128])
+    p.add_argument("--hiddens", nargs="+", type=int, default=[64])
     p.add_argument("--head-dim", type=int, default=32, help="heads = hidden / head_dim")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                    help="model initialisation and data order (the task's own seed stays 0)")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--zero-filler", action="store_true", help="token 0 between queries (Zoology) instead of random")
+    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--zero-filler", action=argparse.BooleanOptionalAction, default=True,
+                   help="token 0 between the queries (default) or random tokens (--no-zero-filler)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=0)

@@ -240,10 +240,11 @@ def _mean_spread(xs: list[float]) -> str:
 
 
 def _curriculum_flags(b: dict) -> str:
-    return (f"--stage-lengths {' '.join(map(str, b['stage_lengths']))} --stage-steps {b['stage_steps']} "
+    return (f"--stage-lengths {' '.join(map(str, b['stage_lengths']))} "
+            f"--stage-steps {' '.join(map(str, b['stage_steps']))} "
             f"--steps {b['steps']} --batch-size {b['batch_size']} --vocab-size {b['vocab_size']} "
             f"--warmup {b['warmup']} --layers {b['layers']} --head-dim {b['head_dim']} --chunk-size {b['chunk_size']}"
-            f"{' --zero-filler' if b.get('zero_filler') else ''}"
+            f"{'' if b.get('zero_filler') else ' --no-zero-filler'}"
             + (f" --gau-qk-scale-init {b['gau_qk_scale_init']:g}" if b.get("gau_qk_scale_init") is not None else ""))
 
 
@@ -262,8 +263,9 @@ def recall_curriculum(lines: list[str], name: str) -> None:
     minutes = sum(r["seconds"] for r in runs) / 60
     filler = "token 0 between the queries" if b.get("zero_filler") else "random tokens between the queries"
     lines += [f"## 1b. MQAR with a curriculum{f' ({tag})' if tag else ''}", "",
-              f"Curriculum: {b['stage_steps']} steps at each of T = {b['stage_lengths']} (those below the final T; "
-              f"pairs = T/16 throughout), then the final T; {b['steps']} steps in all of batch {b['batch_size']}, "
+              f"Curriculum: {' / '.join(map(str, b['stage_steps']))} steps at T = {b['stage_lengths']} (those below "
+              f"the final T; pairs = T/16 throughout), then the final T; {b['steps']} steps in all of batch "
+              f"{b['batch_size']}, "
               f"warmup {b['warmup']}, cosine decay, AdamW (weight decay 0.1), vocabulary {b['vocab_size']}, {filler}, "
               f"{b['layers']} layers, heads = hidden / {b['head_dim']}, BSBR chunk {b['chunk_size']}, GAU "
               f"qk_scale_init {b.get('gau_qk_scale_init')}. Test-split accuracy on the scored values "
@@ -275,7 +277,8 @@ def recall_curriculum(lines: list[str], name: str) -> None:
               f"{f' --tag {tag}' if tag else ''}`", ""]
     if len(seeds) == 1:
         rows = [[r["model"], r["task"]["seq_len"], r["task"]["num_kv_pairs"], r["model_options"]["hidden_dim"],
-                 f"{r['train']['lr']:g}", r["train"]["seed"], f"{r['test']['accuracy']:.3f}", f"{r['test']['loss']:.3f}",
+                 f"{r['train']['lr']:g}", r["train"]["seed"], f"{r['test']['accuracy']:.3f}",
+                 f"{r['test']['loss']:.3f}",
                  f"{r['seconds'] / 60:.1f}"] for r in sorted(runs, key=lambda r: (r["model"], r["task"]["seq_len"],
                                                                                r["model_options"]["hidden_dim"],
                                                                                r["train"]["lr"]))]
@@ -331,7 +334,8 @@ def passkey_depth(lines: list[str], name: str) -> None:
               f"Each model (hidden {b['hidden']}, {b['layers']} layers, {b['heads']} heads, BSBR chunk "
               f"{b['chunk_size']}, GAU qk_scale_init {b.get('gau_qk_scale_init')}) trained {b['steps']} steps of "
               f"batch {b['batch_size']} at lr {b['lr']:g} on byte-level passkey rows with the needle at a random "
-              f"depth: {b['stage_steps']} steps at each of T = {b['stage_lengths']} first, then T = {b['train_len']}. "
+              f"depth ({'loss on every byte' if b.get('train_all_bytes') else 'loss on the 5 digits only'}): "
+              f"{b['stage_steps']} steps at each of T = {b['stage_lengths']} first, then T = {b['train_len']}. "
               f"Then tested unchanged with the needle at each depth in rows of each length: share of test rows with "
               f"all 5 digits right ({b['test_rows']} rows a cell, {b['long_test_rows']} at 16,384 and above; "
               f"chance is 1e-5). Standard and Hopfield are quadratic and skip {b['long_lengths']}. "
@@ -341,37 +345,42 @@ def passkey_depth(lines: list[str], name: str) -> None:
               f"{b['batch_size']} --lr {b['lr']:g} --hidden {b['hidden']} --layers {b['layers']} --heads {b['heads']} "
               f"--chunk-size {b['chunk_size']} --depths {' '.join(f'{d:g}' for d in b['depths'])} --lengths "
               f"{' '.join(map(str, b['lengths']))} --long-lengths {' '.join(map(str, b['long_lengths']))} "
-              f"--test-rows {b['test_rows']} --long-test-rows {b['long_test_rows']}{f' --tag {tag}' if tag else ''}`",
+              f"--test-rows {b['test_rows']} --long-test-rows {b['long_test_rows']}"
+              f"{' --train-all-bytes' if b.get('train_all_bytes') else ''}{f' --tag {tag}' if tag else ''}`",
               ""]
     header = ["model", "train-length test acc. (digits)"] + [f"T = {t:,}" for t in lengths]
-    rows = []
-    for m in models:
-        r = runs[m]
-        cell = {(c["length"], c["depth"]): c for c in r["depth_grid"]}
-        row = [m, f"{r['test']['example_accuracy']:.2f} ({r['test']['accuracy']:.2f})"]
-        for t in lengths:
-            got = [cell[(t, d)]["example_accuracy"] for d in depths if (t, d) in cell]
-            row.append(f"{sum(got) / len(got):.2f}" if got else "not run")
-        rows.append(row)
-    lines += ["Mean over depths of the example accuracy (all digits right), per test length; the second column is "
-              "the random-depth test split at the training length (digit accuracy in brackets).", "",
-              _table(header, rows), ""]
-    fig, axes = plt.subplots(1, len(models), figsize=(2.3 * len(models) + 1, 3.0), squeeze=False)
-    for ax, m in zip(axes[0], models, strict=True):
-        cell = {(c["length"], c["depth"]): c["example_accuracy"] for c in runs[m]["depth_grid"]}
-        grid = np.array([[cell.get((t, d), np.nan) for t in lengths] for d in depths])
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="upper")
-        ax.set_xticks(range(len(lengths)), [f"{t // 1024}k" for t in lengths], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
-        for i in range(len(depths)):
-            for j in range(len(lengths)):
-                if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="w" if grid[i, j] < 0.5 else "k")
-        ax.set_title(m, fontsize=9)
-        ax.set_xlabel("test length", fontsize=7)
-    axes[0][0].set_ylabel("needle depth", fontsize=8)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="all digits right")
+    for metric, what in (("example_accuracy", "share of rows with all 5 digits right (chance 1e-5)"),
+                         ("digit_accuracy", "digit accuracy (chance 0.1)")):
+        rows = []
+        for m in models:
+            r = runs[m]
+            cell = {(c["length"], c["depth"]): c for c in r["depth_grid"]}
+            row = [m, f"{r['test']['example_accuracy']:.2f} ({r['test']['accuracy']:.2f})"]
+            for t in lengths:
+                got = [cell[(t, d)][metric] for d in depths if (t, d) in cell]
+                row.append(f"{sum(got) / len(got):.2f}" if got else "not run")
+            rows.append(row)
+        lines += [f"Mean over the {len(depths)} depths of the {what}, per test length; the second column is the "
+                  "random-depth test split at the training length (4 batches of the training batch size; "
+                  "digit accuracy in brackets).", "", _table(header, rows), ""]
+    fig, axes = plt.subplots(2, len(models), figsize=(2.3 * len(models) + 1, 5.6), squeeze=False)
+    for row_axes, metric, label in zip(axes, ("example_accuracy", "digit_accuracy"),
+                                       ("all digits right", "digit accuracy"), strict=True):
+        for ax, m in zip(row_axes, models, strict=True):
+            cell = {(c["length"], c["depth"]): c[metric] for c in runs[m]["depth_grid"]}
+            grid = np.array([[cell.get((t, d), np.nan) for t in lengths] for d in depths])
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="upper")
+            ax.set_xticks(range(len(lengths)), [f"{t // 1024}k" for t in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+            for i in range(len(depths)):
+                for j in range(len(lengths)):
+                    if np.isfinite(grid[i, j]):
+                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                                color="w" if grid[i, j] < 0.5 else "k")
+            ax.set_title(m, fontsize=9)
+            ax.set_xlabel("test length", fontsize=7)
+        row_axes[0].set_ylabel(f"needle depth\n({label})", fontsize=8)
+        fig.colorbar(im, ax=row_axes.tolist(), shrink=0.8, label=label)
     fig.savefig(FIGS / f"{name}.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     lines += [f"![passkey accuracy by depth and length](figures/{name}.png)", ""]

@@ -106,8 +106,8 @@ def test_recall_curriculum_script_grid(tmp_path):
     assert sorted(runs) == [f"{m}|T=64|h=32|lr=0.003|seed={s}" for m in ("GAU", "Standard") for s in (0, 1)]
     r = runs["Standard|T=64|h=32|lr=0.003|seed=1"]
     assert r["train"]["seed"] == 1 and r["task"]["curriculum"] == [
-        {"steps": 2, "seq_len": 32, "seed": 0, "vocab_size": 8192, "num_kv_pairs": 2, "power_a": 0.01,
-         "random_filler": True}]
+        {"steps": 2, "seq_len": 32, "seed": 0, "vocab_size": 256, "num_kv_pairs": 2, "power_a": 0.01,
+         "random_filler": False}]
     assert runs["GAU|T=64|h=32|lr=0.003|seed=0"]["model_options"]["qk_scale_init"] == 0.5
 
 
@@ -145,3 +145,14 @@ def test_device_cuda_refused_without_gpu(tmp_path, script):
     proc = _run(script, ["--device", "cuda"], tmp_path)
     assert proc.returncode != 0 and "CUDA is not available" in proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_passkey_train_all_bytes_labels_train_rows_only():
+    task = get_task("passkey", seq_len=200, train_all_bytes=True)
+    train = task.batch("train", 2, 0)
+    assert torch.equal(train.labels[:, 1:], train.input_ids[:, 1:]) and bool((train.labels[:, 0] == -100).all())
+    test = task.batch("test", 2, 0)
+    assert int((test.labels != -100).sum()) == 2 * 5  # the digits only
+    assert "train_all_bytes" not in get_task("passkey", seq_len=200).options  # old runs' batches unchanged
+    with pytest.raises(TypeError, match="train_all_bytes"):
+        get_task("passkey", train_all_bytes="yes")
