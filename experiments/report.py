@@ -245,7 +245,8 @@ def _curriculum_flags(b: dict) -> str:
             f"--steps {b['steps']} --batch-size {b['batch_size']} --vocab-size {b['vocab_size']} "
             f"--warmup {b['warmup']} --layers {b['layers']} --head-dim {b['head_dim']} --chunk-size {b['chunk_size']}"
             f"{'' if b.get('zero_filler') else ' --no-zero-filler'}"
-            + (f" --gau-qk-scale-init {b['gau_qk_scale_init']:g}" if b.get("gau_qk_scale_init") is not None else ""))
+            + (f" --gau-qk-scale-init {b['gau_qk_scale_init']:g}" if b.get("gau_qk_scale_init") is not None else "")
+            + ("" if b.get("flush_denormals") else " --no-flush-denormals"))
 
 
 def recall_curriculum(lines: list[str], name: str) -> None:
@@ -346,7 +347,8 @@ def passkey_depth(lines: list[str], name: str) -> None:
               f"--chunk-size {b['chunk_size']} --depths {' '.join(f'{d:g}' for d in b['depths'])} --lengths "
               f"{' '.join(map(str, b['lengths']))} --long-lengths {' '.join(map(str, b['long_lengths']))} "
               f"--test-rows {b['test_rows']} --long-test-rows {b['long_test_rows']}"
-              f"{' --train-all-bytes' if b.get('train_all_bytes') else ''}{f' --tag {tag}' if tag else ''}`",
+              f"{' --train-all-bytes' if b.get('train_all_bytes') else ''}"
+              f"{'' if b.get('flush_denormals') else ' --no-flush-denormals'}{f' --tag {tag}' if tag else ''}`",
               ""]
     header = ["model", "train-length test acc. (digits)"] + [f"T = {t:,}" for t in lengths]
     for metric, what in (("example_accuracy", "share of rows with all 5 digits right (chance 1e-5)"),
@@ -363,7 +365,8 @@ def passkey_depth(lines: list[str], name: str) -> None:
         lines += [f"Mean over the {len(depths)} depths of the {what}, per test length; the second column is the "
                   "random-depth test split at the training length (4 batches of the training batch size; "
                   "digit accuracy in brackets).", "", _table(header, rows), ""]
-    fig, axes = plt.subplots(2, len(models), figsize=(2.3 * len(models) + 1, 5.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(models), figsize=(1.9 * len(models) + 1.5, 6.2), squeeze=False,
+                             gridspec_kw={"hspace": 0.45, "wspace": 0.08})
     for row_axes, metric, label in zip(axes, ("example_accuracy", "digit_accuracy"),
                                        ("all digits right", "digit accuracy"), strict=True):
         for ax, m in zip(row_axes, models, strict=True):
@@ -371,7 +374,7 @@ def passkey_depth(lines: list[str], name: str) -> None:
             grid = np.array([[cell.get((t, d), np.nan) for t in lengths] for d in depths])
             im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="upper")
             ax.set_xticks(range(len(lengths)), [f"{t // 1024}k" for t in lengths], fontsize=7)
-            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths] if ax is row_axes[0] else [], fontsize=7)
             for i in range(len(depths)):
                 for j in range(len(lengths)):
                     if np.isfinite(grid[i, j]):
