@@ -275,7 +275,10 @@ def recall_curriculum(lines: list[str], name: str) -> None:
               f"Command: `{RUN}recall_curriculum.py --models {' '.join(models)} --lengths "
               f"{' '.join(map(str, lengths))} --hiddens {' '.join(map(str, hiddens))} --lrs "
               f"{' '.join(f'{x:g}' for x in lrs)} --seeds {' '.join(map(str, seeds))} {_curriculum_flags(b)}"
-              f"{f' --tag {tag}' if tag else ''}`", ""]
+              f"{f' --tag {tag}' if tag else ''}`"
+              + (" (it trains every combination of the listed values; the cells not in the table below were not run: "
+                 "run that command with one --hiddens and one --lrs value per row to reproduce exactly the rows)"
+                 if len(runs) < len(models) * len(lengths) * len(hiddens) * len(lrs) * len(seeds) else ""), ""]
     if len(seeds) == 1:
         rows = [[r["model"], r["task"]["seq_len"], r["task"]["num_kv_pairs"], r["model_options"]["hidden_dim"],
                  f"{r['train']['lr']:g}", r["train"]["seed"], f"{r['test']['accuracy']:.3f}",
@@ -390,7 +393,8 @@ def passkey_depth(lines: list[str], name: str) -> None:
 
 
 def _all_runs() -> list[dict]:
-    return [r for path in sorted(RESULTS.glob("*.json")) for r in json.loads(path.read_text())["runs"].values()]
+    # (convert_*.json are written by experiments/convert.py in another layout, reported in docs/convert.md)
+    return [r for path in sorted(RESULTS.glob("*.json")) for r in json.loads(path.read_text()).get("runs", {}).values()]
 
 
 def main() -> None:
@@ -411,7 +415,7 @@ def main() -> None:
              "numbers as what a few hundred steps buy, not as converged results.", ""]
     for path in sorted(RESULTS.glob("recall_vs_length*.json")):
         recall(lines, path.stem)
-    for path in sorted(RESULTS.glob("recall_curriculum*.json")):
+    for path in sorted(RESULTS.glob("recall_curriculum*.json"), key=lambda p: p.stem != "recall_curriculum_sweep"):
         recall_curriculum(lines, path.stem)
     for path in sorted(RESULTS.glob("convergence_*.json")):
         convergence(lines, path.stem)

@@ -97,6 +97,33 @@ def test_passkey_script_grid(tmp_path):
     assert runs["BSBR"]["task"]["curriculum"][0]["seq_len"] == 96
     again = _run("passkey_depth.py", PASSKEY, tmp_path)
     assert again.stderr.count("done earlier, skipped") == 2
+    lines = _report(tmp_path).passkey_depth_section("passkey_depth")
+    assert "| Standard |" in "\n".join(lines) and "not run" in "\n".join(lines)  # quadratic: no 512 column value
+    assert (tmp_path / "figures" / "passkey_depth.png").stat().st_size > 0
+
+
+def _report(tmp: Path):
+    """experiments/report.py reading tmp/results and drawing into tmp/figures."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("exp_report", ROOT / "experiments" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.RESULTS, mod.FIGS = tmp / "results", tmp / "figures"
+    mod.FIGS.mkdir(exist_ok=True)
+
+    class Sections:
+        def passkey_depth_section(self, name):
+            lines = []
+            mod.passkey_depth(lines, name)
+            return lines
+
+        def recall_section(self, name):
+            lines = []
+            mod.recall_curriculum(lines, name)
+            return lines
+
+    return Sections()
 
 
 def test_recall_curriculum_script_grid(tmp_path):
@@ -109,6 +136,8 @@ def test_recall_curriculum_script_grid(tmp_path):
         {"steps": 2, "seq_len": 32, "seed": 0, "vocab_size": 256, "num_kv_pairs": 2, "power_a": 0.01,
          "random_filler": False}]
     assert runs["GAU|T=64|h=32|lr=0.003|seed=0"]["model_options"]["qk_scale_init"] == 0.5
+    text = "\n".join(_report(tmp_path).recall_section("recall_curriculum"))
+    assert "(n=2)" in text and "--seeds 0 1" in text and "--stage-steps 2" in text
 
 
 def test_killed_cell_resumes_to_the_uninterrupted_result(tmp_path):
