@@ -235,6 +235,10 @@ def _mean_spread(xs: list[float]) -> str:
     """'mean +- half-range (n)': with 3 seeds the half-range says more than a standard deviation would."""
     if not xs:
         return "-"
+    bad = sum(1 for x in xs if not np.isfinite(x))
+    if bad:  # a diverged run (NaN loss): say so rather than average it
+        ok = [x for x in xs if np.isfinite(x)]
+        return (_mean_spread(ok) if ok else "-") + f" and {bad} NaN (diverged)"
     m = sum(xs) / len(xs)
     return f"{m:.3f} ± {(max(xs) - min(xs)) / 2:.3f} (n={len(xs)})"
 
@@ -262,6 +266,7 @@ def recall_curriculum(lines: list[str], name: str) -> None:
     lrs = sorted({r["train"]["lr"] for r in runs})
     seeds = sorted({r["train"]["seed"] for r in runs})
     minutes = sum(r["seconds"] for r in runs) / 60
+    cells = len(models) * len(lengths) * len(hiddens) * len(lrs) * len(seeds)
     filler = "token 0 between the queries" if b.get("zero_filler") else "random tokens between the queries"
     lines += [f"## 1b. MQAR with a curriculum{f' ({tag})' if tag else ''}", "",
               f"Curriculum: {' / '.join(map(str, b['stage_steps']))} steps at T = {b['stage_lengths']} (those below "
@@ -276,9 +281,9 @@ def recall_curriculum(lines: list[str], name: str) -> None:
               f"{' '.join(map(str, lengths))} --hiddens {' '.join(map(str, hiddens))} --lrs "
               f"{' '.join(f'{x:g}' for x in lrs)} --seeds {' '.join(map(str, seeds))} {_curriculum_flags(b)}"
               f"{f' --tag {tag}' if tag else ''}`"
-              + (" (it trains every combination of the listed values; the cells not in the table below were not run: "
-                 "run that command with one --hiddens and one --lrs value per row to reproduce exactly the rows)"
-                 if len(runs) < len(models) * len(lengths) * len(hiddens) * len(lrs) * len(seeds) else ""), ""]
+              + (f" (it trains every combination of the listed values, {cells} cells; the {len(runs)} in the table "
+                 "ran, the others were not run; with this results file in place the command trains only the missing "
+                 "ones)" if len(runs) < cells else ""), ""]
     if len(seeds) == 1:
         rows = [[r["model"], r["task"]["seq_len"], r["task"]["num_kv_pairs"], r["model_options"]["hidden_dim"],
                  f"{r['train']['lr']:g}", r["train"]["seed"], f"{r['test']['accuracy']:.3f}",
@@ -314,7 +319,7 @@ def recall_curriculum(lines: list[str], name: str) -> None:
         ax.set_ylim(0, 1.02)
         ax.set_title(f"T = {t}", fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-        ax.set_ylabel("MQAR test accuracy (mean, seeds as dots)")
+        ax.set_ylabel("MQAR test accuracy\n(bar: mean; dots: seeds)", fontsize=8)
     fig.tight_layout()
     fig.savefig(FIGS / f"{name}.png", dpi=120)
     plt.close(fig)
