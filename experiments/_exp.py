@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from bsbr.models import build_model
-from bsbr.tasks import get_task
+from bsbr.tasks import curriculum, get_task
 from bsbr.train import TrainConfig, evaluate, train
 
 _spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).resolve().parents[1] / "benchmarks" /
@@ -28,6 +28,40 @@ environment = _bench.environment  # cpu, threads, torch version, commit, date
 
 # BSBR_EXP_RESULTS redirects results (smoke tests write elsewhere than the committed ones)
 RESULTS = Path(os.environ.get("BSBR_EXP_RESULTS", Path(__file__).resolve().parent / "results"))
+# Checkpoints of unfinished cells (gitignored); BSBR_EXP_RUNS redirects them like BSBR_EXP_RESULTS.
+RUNS = Path(os.environ.get("BSBR_EXP_RUNS", Path(__file__).resolve().parents[1] / "runs" / "experiments"))
+
+
+def run_dir(name: str, key: str) -> str:
+    """The checkpoint directory of grid cell ``key`` of results/<name>.json: a killed cell resumes from it."""
+    safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
+    return str(RUNS / name / safe)
+
+
+def check_device(device: str) -> str:
+    """``device`` ("cpu", "cuda", "cuda:N" or "auto"), refused clearly when it names CUDA and there is none."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+                         f"cuda build {torch.version.cuda}); use --device cpu")
+    return device
+
+
+def cpu_flush_denormals() -> None:
+    """Flush denormal floats to zero on CPU (issue 14's scripts call it before training).
+
+    After a few thousand MQAR steps a Standard model's CPU training step was 5x slower (1.55 s against 0.31 s
+    at T = 256, batch 32, hidden 64, one thread; the same checkpoint, timed with and without) because tiny
+    values had become denormal.  Flushing them changes results only below ~1e-38.  The older experiment
+    scripts do not call it, so their recorded runs still reproduce bit for bit."""
+    torch.set_flush_denormal(True)
+
+
+def make_task(task_spec: dict):
+    """A task from a spec {"name", options...}; a "curriculum" entry (list of stage dicts with "steps") makes
+    a :class:`~bsbr.tasks.Curriculum` whose final task is the rest of the spec."""
+    opts = dict(task_spec)
+    name, stages = opts.pop("name"), opts.pop("curriculum", None)
+    return curriculum(name, stages, **opts) if stages else get_task(name, **opts)
 
 
 def load(name: str) -> dict:
@@ -50,14 +84,14 @@ def build(model: str, vocab_size: int, hidden_dim: int = 128, num_layers: int = 
 
 
 def train_run(model: str, model_opts: dict, task_spec: dict, train_opts: dict, test_batches: int | None = None,
-              keep_every: int = 1) -> tuple[dict, torch.nn.Module]:
+              keep_every: int = 1, out_dir: str | None = None) -> tuple[dict, torch.nn.Module]:
     """Train ``model`` on ``task_spec`` and evaluate on the test split; returns (summary, trained model).
 
     The summary holds the settings, parameters, seconds, peak memory, the loss curve (every ``keep_every``
-    steps: step, loss, seconds), the periodic valid evaluations, and final valid / test metrics."""
-    opts = dict(task_spec)
-    task = get_task(opts.pop("name"), **opts)
-    cfg = TrainConfig(**{"progress": True, **train_opts})
+    steps: step, loss, seconds), the periodic valid evaluations, and final valid / test metrics.  With ``out_dir``
+    the run keeps its log and checkpoints there and resumes from them if it was interrupted."""
+    task = make_task(task_spec)
+    cfg = TrainConfig(**{"progress": True, **train_opts, "out_dir": out_dir})
     lm = build(model, task.vocab_size, seed=cfg.seed, **model_opts)
     result = train(lm, task, cfg)
     test = evaluate(lm, task, "test", cfg.batch_size, test_batches)
@@ -67,14 +101,17 @@ def train_run(model: str, model_opts: dict, task_spec: dict, train_opts: dict, t
                "train": {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "out_dir", "device")},
                "parameters": lm.num_parameters(), "seconds": result.seconds, "steps": result.steps,
                "peak_memory_bytes": result.peak_memory_bytes, "memory_kind": result.memory_kind,
-               "tokens_per_second": cfg.batch_size * task.seq_len * result.steps / result.seconds,
+               "tokens_per_second": cfg.batch_size * sum(task.task_at(h["step"] - 1).seq_len for h in result.history)
+               / result.seconds
+               if hasattr(task, "curriculum_steps") else cfg.batch_size * task.seq_len * result.steps / result.seconds,
                "curve": curve, "evals": result.evals, "valid": result.final, "test": test,
                "steps_to_target": result.steps_to_target, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return summary, lm
 
 
-def run_grid(name: str, budget: dict, jobs: list[tuple[str, dict]], fn) -> dict:
-    """Run ``fn(**job)`` for every (key, job) not yet in results/<name>.json, saving after each."""
+def run_grid(name: str, budget: dict, jobs: list[tuple[str, dict]], fn, pass_key: bool = False) -> dict:
+    """Run ``fn(**job)`` (``fn(key=key, **job)`` with ``pass_key``) for every (key, job) not yet in
+    results/<name>.json, saving after each."""
     data = load(name)
     data["budget"] = budget
     for i, (key, job) in enumerate(jobs):
@@ -83,7 +120,7 @@ def run_grid(name: str, budget: dict, jobs: list[tuple[str, dict]], fn) -> dict:
             continue
         print(f"[{i + 1}/{len(jobs)}] {key}", file=sys.stderr)
         t0 = time.perf_counter()
-        data["runs"][key] = fn(**job)
+        data["runs"][key] = fn(key=key, **job) if pass_key else fn(**job)
         data["environment"] = environment()
         save(name, data)
         print(f"[{i + 1}/{len(jobs)}] {key}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -231,8 +231,175 @@ def long_document(lines: list[str]) -> None:
     lines += ["![cache size while streaming](figures/long_document_cache.png)", ""]
 
 
+def _mean_spread(xs: list[float]) -> str:
+    """'mean +- half-range (n)': with 3 seeds the half-range says more than a standard deviation would."""
+    if not xs:
+        return "-"
+    bad = sum(1 for x in xs if not np.isfinite(x))
+    if bad:  # a diverged run (NaN loss): say so rather than average it
+        ok = [x for x in xs if np.isfinite(x)]
+        return (_mean_spread(ok) if ok else "-") + f" and {bad} NaN (diverged)"
+    m = sum(xs) / len(xs)
+    return f"{m:.3f} ± {(max(xs) - min(xs)) / 2:.3f} (n={len(xs)})"
+
+
+def _curriculum_flags(b: dict) -> str:
+    return (f"--stage-lengths {' '.join(map(str, b['stage_lengths']))} "
+            f"--stage-steps {' '.join(map(str, b['stage_steps']))} "
+            f"--steps {b['steps']} --batch-size {b['batch_size']} --vocab-size {b['vocab_size']} "
+            f"--warmup {b['warmup']} --layers {b['layers']} --head-dim {b['head_dim']} --chunk-size {b['chunk_size']}"
+            f"{'' if b.get('zero_filler') else ' --no-zero-filler'}"
+            + (f" --gau-qk-scale-init {b['gau_qk_scale_init']:g}" if b.get("gau_qk_scale_init") is not None else "")
+            + ("" if b.get("flush_denormals") else " --no-flush-denormals"))
+
+
+def recall_curriculum(lines: list[str], name: str) -> None:
+    """Issue 14's MQAR with a curriculum: one row per run for the sweep, mean ± spread over seeds otherwise."""
+    data = _load(name)
+    if not data:
+        return
+    b, runs = data["budget"], list(data["runs"].values())
+    tag = name[len("recall_curriculum_"):] if name != "recall_curriculum" else ""
+    models = sorted({r["model"] for r in runs}, key=lambda m: (m != "BSBR", m))
+    lengths = sorted({r["task"]["seq_len"] for r in runs})
+    hiddens = sorted({r["model_options"]["hidden_dim"] for r in runs})
+    lrs = sorted({r["train"]["lr"] for r in runs})
+    seeds = sorted({r["train"]["seed"] for r in runs})
+    minutes = sum(r["seconds"] for r in runs) / 60
+    cells = len(models) * len(lengths) * len(hiddens) * len(lrs) * len(seeds)
+    filler = "token 0 between the queries" if b.get("zero_filler") else "random tokens between the queries"
+    lines += [f"## 1b. MQAR with a curriculum{f' ({tag})' if tag else ''}", "",
+              f"Curriculum: {' / '.join(map(str, b['stage_steps']))} steps at T = {b['stage_lengths']} (those below "
+              f"the final T; pairs = T/16 throughout), then the final T; {b['steps']} steps in all of batch "
+              f"{b['batch_size']}, "
+              f"warmup {b['warmup']}, cosine decay, AdamW (weight decay 0.1), vocabulary {b['vocab_size']}, {filler}, "
+              f"{b['layers']} layers, heads = hidden / {b['head_dim']}, BSBR chunk {b['chunk_size']}, GAU "
+              f"qk_scale_init {b.get('gau_qk_scale_init')}. Test-split accuracy on the scored values "
+              f"({b['test_batches']} batches of {b['batch_size']}, always at the final T). {len(runs)} runs, "
+              f"{minutes:.0f} CPU minutes of training (one thread each). {_env(data)}", "",
+              f"Command: `{RUN}recall_curriculum.py --models {' '.join(models)} --lengths "
+              f"{' '.join(map(str, lengths))} --hiddens {' '.join(map(str, hiddens))} --lrs "
+              f"{' '.join(f'{x:g}' for x in lrs)} --seeds {' '.join(map(str, seeds))} {_curriculum_flags(b)}"
+              f"{f' --tag {tag}' if tag else ''}`"
+              + (f" (it trains every combination of the listed values, {cells} cells; the {len(runs)} in the table "
+                 "ran, the others were not run; with this results file in place the command trains only the missing "
+                 "ones)" if len(runs) < cells else ""), ""]
+    if len(seeds) == 1:
+        rows = [[r["model"], r["task"]["seq_len"], r["task"]["num_kv_pairs"], r["model_options"]["hidden_dim"],
+                 f"{r['train']['lr']:g}", r["train"]["seed"], f"{r['test']['accuracy']:.3f}",
+                 f"{r['test']['loss']:.3f}",
+                 f"{r['seconds'] / 60:.1f}"] for r in sorted(runs, key=lambda r: (r["model"], r["task"]["seq_len"],
+                                                                               r["model_options"]["hidden_dim"],
+                                                                               r["train"]["lr"]))]
+        lines += [_table(["model", "T", "pairs", "hidden", "lr", "seed", "test accuracy", "test loss", "CPU min"],
+                         rows), ""]
+        return
+    rows, means = [], {}
+    for t in lengths:
+        for m in models:
+            sel = [r for r in runs if r["model"] == m and r["task"]["seq_len"] == t]
+            if not sel:
+                continue
+            acc = [r["test"]["accuracy"] for r in sel]
+            means[(m, t)] = (sum(acc) / len(acc), (max(acc) - min(acc)) / 2)
+            rows.append([m, t, sel[0]["task"]["num_kv_pairs"], _mean_spread(acc),
+                         " / ".join(f"{x:.3f}" for x in acc), _mean_spread([r["test"]["loss"] for r in sel]),
+                         f"{sum(r['seconds'] for r in sel) / 60:.1f}"])
+    lines += ["Mean ± half the range over the seeds (with three seeds the range is the honest spread).", "",
+              _table(["model", "T", "pairs", "test accuracy", "per seed", "test loss", "CPU min (all seeds)"], rows),
+              ""]
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.4), squeeze=False)
+    for ax, t in zip(axes[0], lengths, strict=True):
+        shown = [m for m in models if (m, t) in means]
+        ax.bar(shown, [means[(m, t)][0] for m in shown], yerr=[means[(m, t)][1] for m in shown], capsize=3,
+               color=[_color(m) for m in shown])
+        for i, m in enumerate(shown):
+            accs = [r["test"]["accuracy"] for r in runs if r["model"] == m and r["task"]["seq_len"] == t]
+            ax.plot([i] * len(accs), accs, "k.", ms=4)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"T = {t}", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.set_ylabel("MQAR test accuracy\n(bar: mean; dots: seeds)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(FIGS / f"{name}.png", dpi=120)
+    plt.close(fig)
+    lines += [f"![MQAR with a curriculum](figures/{name}.png)", ""]
+
+
+def passkey_depth(lines: list[str], name: str) -> None:
+    """Issue 14's passkey heat maps: example accuracy per (depth, length), one panel per model."""
+    data = _load(name)
+    if not data:
+        return
+    b, runs = data["budget"], data["runs"]
+    tag = name[len("passkey_depth_"):] if name != "passkey_depth" else ""
+    models = sorted(runs, key=lambda m: (m != "BSBR", m))
+    lengths = sorted({c["length"] for r in runs.values() for c in r["depth_grid"]})
+    depths = sorted({c["depth"] for r in runs.values() for c in r["depth_grid"]})
+    train_min = sum(r["seconds"] for r in runs.values()) / 60
+    test_min = sum(r["test_grid_seconds"] for r in runs.values()) / 60
+    stages = " ".join(map(str, b["stage_lengths"]))
+    lines += [f"## 6. Passkey retrieval by depth and length{f' ({tag})' if tag else ''}", "",
+              f"Each model (hidden {b['hidden']}, {b['layers']} layers, {b['heads']} heads, BSBR chunk "
+              f"{b['chunk_size']}, GAU qk_scale_init {b.get('gau_qk_scale_init')}) trained {b['steps']} steps of "
+              f"batch {b['batch_size']} at lr {b['lr']:g} on byte-level passkey rows with the needle at a random "
+              f"depth ({'loss on every byte' if b.get('train_all_bytes') else 'loss on the 5 digits only'}): "
+              f"{b['stage_steps']} steps at each of T = {b['stage_lengths']} first, then T = {b['train_len']}. "
+              f"Then tested unchanged with the needle at each depth in rows of each length: share of test rows with "
+              f"all 5 digits right ({b['test_rows']} rows a cell, {b['long_test_rows']} at 16,384 and above; "
+              f"chance is 1e-5). Standard and Hopfield are quadratic and skip {b['long_lengths']}. "
+              f"Training {train_min:.0f} CPU minutes, testing {test_min:.0f} (one thread). {_env(data)}", "",
+              f"Command: `{RUN}passkey_depth.py --models {' '.join(models)} --train-len {b['train_len']} "
+              f"--stage-lengths {stages} --stage-steps {b['stage_steps']} --steps {b['steps']} --batch-size "
+              f"{b['batch_size']} --lr {b['lr']:g} --hidden {b['hidden']} --layers {b['layers']} --heads {b['heads']} "
+              f"--chunk-size {b['chunk_size']} --depths {' '.join(f'{d:g}' for d in b['depths'])} --lengths "
+              f"{' '.join(map(str, b['lengths']))} --long-lengths {' '.join(map(str, b['long_lengths']))} "
+              f"--test-rows {b['test_rows']} --long-test-rows {b['long_test_rows']}"
+              f"{' --train-all-bytes' if b.get('train_all_bytes') else ''}"
+              f"{'' if b.get('flush_denormals') else ' --no-flush-denormals'}{f' --tag {tag}' if tag else ''}`",
+              ""]
+    header = ["model", "train-length test acc. (digits)"] + [f"T = {t:,}" for t in lengths]
+    for metric, what in (("example_accuracy", "share of rows with all 5 digits right (chance 1e-5)"),
+                         ("digit_accuracy", "digit accuracy (chance 0.1)")):
+        rows = []
+        for m in models:
+            r = runs[m]
+            cell = {(c["length"], c["depth"]): c for c in r["depth_grid"]}
+            row = [m, f"{r['test']['example_accuracy']:.2f} ({r['test']['accuracy']:.2f})"]
+            for t in lengths:
+                got = [cell[(t, d)][metric] for d in depths if (t, d) in cell]
+                row.append(f"{sum(got) / len(got):.2f}" if got else "not run")
+            rows.append(row)
+        lines += [f"Mean over the {len(depths)} depths of the {what}, per test length; the second column is the "
+                  "random-depth test split at the training length (4 batches of the training batch size; "
+                  "digit accuracy in brackets).", "", _table(header, rows), ""]
+    fig, axes = plt.subplots(2, len(models), figsize=(1.9 * len(models) + 1.5, 6.2), squeeze=False,
+                             gridspec_kw={"hspace": 0.45, "wspace": 0.08})
+    for row_axes, metric, label in zip(axes, ("example_accuracy", "digit_accuracy"),
+                                       ("all digits right", "digit accuracy"), strict=True):
+        for ax, m in zip(row_axes, models, strict=True):
+            cell = {(c["length"], c["depth"]): c[metric] for c in runs[m]["depth_grid"]}
+            grid = np.array([[cell.get((t, d), np.nan) for t in lengths] for d in depths])
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="upper")
+            ax.set_xticks(range(len(lengths)), [f"{t // 1024}k" for t in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths] if ax is row_axes[0] else [], fontsize=7)
+            for i in range(len(depths)):
+                for j in range(len(lengths)):
+                    if np.isfinite(grid[i, j]):
+                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                                color="w" if grid[i, j] < 0.5 else "k")
+            ax.set_title(m, fontsize=9)
+            ax.set_xlabel("test length", fontsize=7)
+        row_axes[0].set_ylabel(f"needle depth\n({label})", fontsize=8)
+        fig.colorbar(im, ax=row_axes.tolist(), shrink=0.8, label=label)
+    fig.savefig(FIGS / f"{name}.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    lines += [f"![passkey accuracy by depth and length](figures/{name}.png)", ""]
+
+
 def _all_runs() -> list[dict]:
-    return [r for path in sorted(RESULTS.glob("*.json")) for r in json.loads(path.read_text())["runs"].values()]
+    # (convert_*.json are written by experiments/convert.py in another layout, reported in docs/convert.md)
+    return [r for path in sorted(RESULTS.glob("*.json")) for r in json.loads(path.read_text()).get("runs", {}).values()]
 
 
 def main() -> None:
@@ -253,11 +420,15 @@ def main() -> None:
              "numbers as what a few hundred steps buy, not as converged results.", ""]
     for path in sorted(RESULTS.glob("recall_vs_length*.json")):
         recall(lines, path.stem)
+    for path in sorted(RESULTS.glob("recall_curriculum*.json"), key=lambda p: p.stem != "recall_curriculum_sweep"):
+        recall_curriculum(lines, path.stem)
     for path in sorted(RESULTS.glob("convergence_*.json")):
         convergence(lines, path.stem)
     ablations(lines)
     ablations(lines, "lm")
     long_document(lines)
+    for path in sorted(RESULTS.glob("passkey_depth*.json")):
+        passkey_depth(lines, path.stem)
     notes = ROOT / "experiments" / "NOTES.md"
     if notes.exists():
         lines += [notes.read_text()]

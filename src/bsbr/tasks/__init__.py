@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 
 from .base import SPLITS, Batch, Task
+from .curriculum import Curriculum, curriculum
 from .listops import ListOps
 from .lm import LanguageModeling
 from .mqar import MQAR
@@ -39,5 +40,5 @@ def get_task(name: str, seq_len: int | None = None, **options) -> Task:
     return cls(**options)
 
 
-__all__ = ["SPLITS", "Batch", "LanguageModeling", "ListOps", "MQAR", "Passkey", "SelectiveCopy", "Task",
-           "get_task", "list_tasks"]
+__all__ = ["SPLITS", "Batch", "Curriculum", "LanguageModeling", "ListOps", "MQAR", "Passkey", "SelectiveCopy", "Task",
+           "curriculum", "get_task", "list_tasks"]

@@ -3,6 +3,8 @@
 A random number of ``digits`` digits is stated once at a chosen ``depth`` (0 = start, 1 = end) inside
 repetitive filler text; the row ends with a question and the number, whose digits are scored.  With
 ``depth=None`` each example draws its depth uniformly; ``score`` then also reports accuracy per depth bucket.
+With ``train_all_bytes`` the train split labels every byte (a language-modelling loss on the filler and the
+needle too, which teaches the copying that retrieval needs); valid and test always score the digits only.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class Passkey(Task):
     vocab_size = 256
 
     def __init__(self, seq_len: int = 1024, seed: int = 0, digits: int = 5, depth: float | None = None,
-                 depth_buckets: int = 5):
+                 depth_buckets: int = 5, train_all_bytes: bool = False):
         super().__init__(seq_len, seed)
         self.digits = _checks.positive_int("digits", digits)
         if depth is not None and (not isinstance(depth, int | float) or not 0 <= depth <= 1):
@@ -33,7 +35,12 @@ class Passkey(Task):
         if seq_len < self._needle_len + self._tail_len + 1:
             raise ValueError(f"seq_len must be at least {self._needle_len + self._tail_len + 1} for passkey with "
                              f"digits={digits}, got {seq_len}")
+        if not isinstance(train_all_bytes, bool):
+            raise TypeError(f"train_all_bytes must be true or false, got {train_all_bytes!r}")
+        self.train_all_bytes = train_all_bytes
         self.options.update(digits=self.digits, depth=self.depth, depth_buckets=self.depth_buckets)
+        if train_all_bytes:  # (only when set, so earlier runs' options and batches stay as they were)
+            self.options["train_all_bytes"] = True
         self.answer_tokens = torch.arange(ord("0"), ord("9") + 1)
 
     @staticmethod
@@ -58,6 +65,14 @@ class Passkey(Task):
             ids[r] = torch.cat([hay[:cut], needle, hay[cut:], tail])
         labels[:, t - self.digits :] = numbers
         return Batch(ids, labels, meta={"depth": depth})
+
+    def batch(self, split: str, batch_size: int, index: int) -> Batch:
+        out = super().batch(split, batch_size, index)
+        if self.train_all_bytes and split == "train":
+            labels = out.input_ids.clone()
+            labels[:, 0] = -100  # nothing predicts the first byte
+            out = Batch(out.input_ids, labels, out.attention_mask, out.meta)
+        return out
 
     def score(self, logits: torch.Tensor, batch: Batch) -> dict:
         """As :meth:`Task.score`, plus "by_depth": example accuracy per depth bucket (list of

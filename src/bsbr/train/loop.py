@@ -204,7 +204,7 @@ def train(lm: torch.nn.Module, task: Task, cfg: TrainConfig, callback=None) -> T
                     dist.all_reduce(loss_value)
                     loss_value /= world
                 dt = time.perf_counter() - t0
-                tokens = cfg.batch_size * task.seq_len
+                tokens = cfg.batch_size * batch.input_ids.shape[1]  # (a curriculum's rows change length)
                 state["step"] = step + 1
                 state["seconds"] = seconds_before + time.perf_counter() - session_start
                 record = {"step": step + 1, "loss": float(loss_value), "lr": lr, "grad_norm": float(norm),

@@ -1,0 +1,104 @@
+"""Experiment 1b: associative recall (MQAR) with a curriculum, every model, several seeds (issue 14).
+
+The same MQAR as experiment 1 (keys from the lower half of the vocabulary, values from the upper half,
+power-law query placement, num_kv_pairs = T / 16), but training starts on shorter rows with fewer pairs and
+grows to the final length: a stage of ``--stage-steps`` steps at each of ``--stage-lengths`` shorter than the
+final T (pairs = length / 16 there too), then the final T for the rest of ``--steps`` (the step count includes
+the stages; valid and test batches are always the final T).  Held-out (test split) accuracy.
+
+    # the sweep that chose the recipe (Standard only, T = 256, one seed)
+    PYTHONPATH=src OMP_NUM_THREADS=1 python experiments/recall_curriculum.py --models Standard --lengths 256 \\
+        --lrs 0.001 0.003 --hiddens 64 128 --seeds 0 --tag sweep
+    # every model with the chosen recipe, 3 seeds
+    PYTHONPATH=src OMP_NUM_THREADS=1 python experiments/recall_curriculum.py --lengths 256 512 --seeds 0 1 2
+
+A cell that is killed resumes from its checkpoint in runs/experiments/<results name>/<cell>/ (gitignored);
+finished cells are skipped.  ``--device cuda`` trains on a GPU (bf16 autocast there, as the loop does); it
+stops with a clear message where CUDA is absent.  At Zoology's scale on a GPU, e.g.:
+
+    python experiments/recall_curriculum.py --device cuda --vocab-size 8192 --lengths 256 512 1024 \\
+        --steps 20000 --stage-steps 2000 --batch-size 64 --hiddens 128 --tag gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+from _exp import check_device, cpu_flush_denormals, run_dir, run_grid, train_run
+
+from bsbr.models import list_models
+
+
+def jobs_for(args) -> list[tuple[str, dict]]:
+    jobs = []
+    for t in args.lengths:
+        steps = args.stage_steps * len(args.stage_lengths) if len(args.stage_steps) == 1 else args.stage_steps
+        if len(steps) != len(args.stage_lengths):
+            raise SystemExit(f"--stage-steps takes one number or one per stage length ({len(args.stage_lengths)}), "
+                             f"got {len(steps)}")
+        stages = [{"steps": n, "seq_len": s, "num_kv_pairs": max(1, s // 16)}
+                  for s, n in zip(args.stage_lengths, steps, strict=True) if s < t]
+        if sum(st["steps"] for st in stages) >= args.steps:
+            raise SystemExit(f"--steps {args.steps} leaves no step at T = {t} after stages of {steps} steps; "
+                             f"raise --steps or lower --stage-steps")
+        # seed outermost: an interrupted grid has every model at the first seeds rather than some models at all
+        for seed, model, hidden, lr in itertools.product(args.seeds, args.models, args.hiddens, args.lrs):
+            opts = {"hidden_dim": hidden, "num_layers": args.layers, "num_heads": max(1, hidden // args.head_dim)}
+            if model == "BSBR":
+                opts["chunk_size"] = args.chunk_size
+            if model == "GAU" and args.gau_qk_scale_init is not None:
+                opts["qk_scale_init"] = args.gau_qk_scale_init
+            task = {"name": "mqar", "seq_len": t, "vocab_size": args.vocab_size, "num_kv_pairs": t // 16,
+                    "random_filler": not args.zero_filler, "seed": 0, "curriculum": stages}
+            train_opts = {"steps": args.steps, "batch_size": args.batch_size, "lr": lr, "warmup_steps": args.warmup,
+                          "eval_every": args.eval_every, "eval_batches": 2, "seed": seed, "weight_decay": 0.1,
+                          "device": args.device, "checkpoint_every": args.checkpoint_every}
+            key = f"{model}|T={t}|h={hidden}|lr={lr:g}|seed={seed}"
+            jobs.append((key, {"model": model, "model_opts": opts, "task_spec": task, "train_opts": train_opts,
+                               "test_batches": args.test_batches}))
+    return jobs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list_models())
+    p.add_argument("--lengths", nargs="+", type=int, default=[256, 512])
+    p.add_argument("--stage-lengths", nargs="+", type=int, default=[64, 128],
+                   help="curriculum stages (each shorter than the final T is used; pairs = length / 16)")
+    p.add_argument("--stage-steps", nargs="+", type=int, default=[1500, 500],
+                   help="steps of each curriculum stage (one number: the same for every stage)")
+    p.add_argument("--steps", type=int, default=2500, help="total steps, stages included")
+    p.add_argument("--lrs", nargs="+", type=float, default=[3e-3])
+    p.add_argument("--hiddens", nargs="+", type=int, default=[64])
+    p.add_argument("--head-dim", type=int, default=32, help="heads = hidden / head_dim")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="model initialisation and data order (the task's own seed stays 0)")
+    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--zero-filler", action=argparse.BooleanOptionalAction, default=True,
+                   help="token 0 between the queries (default) or random tokens (--no-zero-filler)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--chunk-size", type=int, default=32)
+    p.add_argument("--test-batches", type=int, default=8)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--gau-qk-scale-init", type=float, default=0.5,
+                   help="GAU's qk_scale_init (its default 0.02 starts silent and learnt no MQAR; experiments/NOTES.md)")
+    p.add_argument("--flush-denormals", action=argparse.BooleanOptionalAction, default=True,
+                   help="flush denormal floats to zero on CPU (5x faster late in training; see _exp.py)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--tag", default="", help="results go to results/recall_curriculum_<tag>.json")
+    args = p.parse_args()
+    check_device(args.device)
+    if args.flush_denormals:
+        cpu_flush_denormals()
+    budget = vars(args)
+    name = f"recall_curriculum_{args.tag}" if args.tag else "recall_curriculum"
+    run_grid(name, budget, jobs_for(args),
+             lambda key, **job: train_run(**job, keep_every=10, out_dir=run_dir(name, key))[0], pass_key=True)
+
+
+if __name__ == "__main__":
+    main()

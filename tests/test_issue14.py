@@ -1,0 +1,187 @@
+"""Issue 14: the curriculum task, passkey needles at an exact depth, the two new experiment scripts (tiny
+budgets), a killed cell resuming to the same result as an uninterrupted one, and --device cuda refused clearly
+where there is no GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bsbr.tasks import Curriculum, curriculum, get_task
+from bsbr.tasks.passkey import QUESTION, Passkey
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_curriculum_stages_then_final():
+    task = curriculum("mqar", [{"steps": 3, "seq_len": 64, "num_kv_pairs": 4},
+                               {"steps": 2, "seq_len": 128, "num_kv_pairs": 8}],
+                      seq_len=256, num_kv_pairs=16, vocab_size=512)
+    assert isinstance(task, Curriculum) and task.name == "mqar" and task.seq_len == 256
+    assert task.curriculum_steps == 5
+    lengths = [task.batch("train", 2, i).input_ids.shape[1] for i in range(7)]
+    assert lengths == [64, 64, 64, 128, 128, 256, 256]
+    pairs = [int((task.batch("train", 2, i).labels[0] != -100).sum()) for i in (0, 3, 5)]
+    assert pairs == [4, 8, 16]
+    for split in ("valid", "test"):  # always the final task
+        assert torch.equal(task.batch(split, 2, 0).input_ids, get_task("mqar", seq_len=256, num_kv_pairs=16,
+                                                                       vocab_size=512).batch(split, 2, 0).input_ids)
+    assert torch.equal(task.batch("train", 2, 1).input_ids, task.batch("train", 2, 1).input_ids)  # deterministic
+    json.dumps(task.options)  # goes into the run's config.json
+    assert task.options["curriculum"][1] == {"steps": 2, "seq_len": 128, "seed": 0, "vocab_size": 512,
+                                             "num_kv_pairs": 8, "power_a": 0.01, "random_filler": True}
+
+
+def test_curriculum_rejects_bad_stages():
+    with pytest.raises(ValueError, match="every stage must be the final task"):
+        Curriculum([(3, get_task("passkey", seq_len=128))], get_task("mqar", seq_len=64))
+    with pytest.raises(ValueError, match="stage 0 steps"):
+        curriculum("mqar", [{"steps": 0, "seq_len": 64}], seq_len=128)
+    with pytest.raises(ValueError, match="must be a dict with 'steps'"):
+        curriculum("mqar", [{"seq_len": 64}], seq_len=128)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.6, 1.0])
+def test_passkey_needle_sits_at_depth_and_is_scored(depth):
+    task = get_task("passkey", seq_len=400, depth=depth, depth_buckets=1)
+    batch = task.batch("test", 3, 0)
+    haystack = 400 - task._tail_len - task._needle_len
+    for ids, labels in zip(batch.input_ids.tolist(), batch.labels.tolist(), strict=True):
+        text, number = bytes(ids), bytes(y for y in labels if y != -100)
+        start = text.index(Passkey._needle(number))
+        assert start == round(depth * haystack)  # exactly depth of the filler before the needle
+        assert text.endswith(QUESTION + number) and text.count(number) == 2
+    logits = torch.zeros(3, 400, 256)
+    rows, cols = (batch.labels[:, 1:] != -100).nonzero(as_tuple=True)
+    logits[rows, cols, batch.labels[rows, cols + 1]] = 5.0
+    assert task.score(logits, batch)["examples_correct"] == 3
+    wrong = logits.clone()
+    wrong[0, 400 - 3] = 0.0
+    wrong[0, 400 - 3, ord("0") + (int(batch.labels[0, -2]) - ord("0") + 1) % 10] = 5.0  # one digit off in row 0
+    out = task.score(wrong, batch)
+    assert out["examples_correct"] == 2 and out["correct"] == out["total"] - 1
+    assert out["by_depth"][0]["correct"] == 2
+
+
+def _run(script: str, args: list[str], tmp: Path, wait: bool = True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "BSBR_EXP_RESULTS": str(tmp / "results"),
+           "BSBR_EXP_RUNS": str(tmp / "runs"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "experiments" / script), *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+PASSKEY = ["--models", "BSBR", "Standard", "--train-len", "128", "--stage-lengths", "96", "--stage-steps", "2",
+           "--steps", "4", "--batch-size", "2", "--depths", "0", "1", "--lengths", "128", "256",
+           "--long-lengths", "512", "--test-rows", "1", "--long-test-rows", "1"]
+RECALL = ["--models", "Standard", "GAU", "--lengths", "64", "--stage-lengths", "32", "--stage-steps", "2",
+          "--steps", "4", "--hiddens", "32", "--seeds", "0", "1", "--test-batches", "1", "--batch-size", "4"]
+
+
+def test_passkey_script_grid(tmp_path):
+    proc = _run("passkey_depth.py", PASSKEY, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads((tmp_path / "results" / "passkey_depth.json").read_text())["runs"]
+    cells = {m: {(c["length"], c["depth"]) for c in r["depth_grid"]} for m, r in runs.items()}
+    assert cells["BSBR"] == {(t, d) for t in (128, 256, 512) for d in (0.0, 1.0)}
+    assert cells["Standard"] == {(t, d) for t in (128, 256) for d in (0.0, 1.0)}  # quadratic: no long lengths
+    assert runs["BSBR"]["task"]["curriculum"][0]["seq_len"] == 96
+    again = _run("passkey_depth.py", PASSKEY, tmp_path)
+    assert again.stderr.count("done earlier, skipped") == 2
+    lines = _report(tmp_path).passkey_depth_section("passkey_depth")
+    assert "| Standard |" in "\n".join(lines) and "not run" in "\n".join(lines)  # quadratic: no 512 column value
+    assert (tmp_path / "figures" / "passkey_depth.png").stat().st_size > 0
+
+
+def _report(tmp: Path):
+    """experiments/report.py reading tmp/results and drawing into tmp/figures."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("exp_report", ROOT / "experiments" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.RESULTS, mod.FIGS = tmp / "results", tmp / "figures"
+    mod.FIGS.mkdir(exist_ok=True)
+
+    class Sections:
+        def passkey_depth_section(self, name):
+            lines = []
+            mod.passkey_depth(lines, name)
+            return lines
+
+        def recall_section(self, name):
+            lines = []
+            mod.recall_curriculum(lines, name)
+            return lines
+
+    return Sections()
+
+
+def test_recall_curriculum_script_grid(tmp_path):
+    proc = _run("recall_curriculum.py", RECALL, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads((tmp_path / "results" / "recall_curriculum.json").read_text())["runs"]
+    assert sorted(runs) == [f"{m}|T=64|h=32|lr=0.003|seed={s}" for m in ("GAU", "Standard") for s in (0, 1)]
+    r = runs["Standard|T=64|h=32|lr=0.003|seed=1"]
+    assert r["train"]["seed"] == 1 and r["task"]["curriculum"] == [
+        {"steps": 2, "seq_len": 32, "seed": 0, "vocab_size": 256, "num_kv_pairs": 2, "power_a": 0.01,
+         "random_filler": False}]
+    assert runs["GAU|T=64|h=32|lr=0.003|seed=0"]["model_options"]["qk_scale_init"] == 0.5
+    text = "\n".join(_report(tmp_path).recall_section("recall_curriculum"))
+    assert "(n=2)" in text and "--seeds 0 1" in text and "--stage-steps 2" in text
+
+
+def test_killed_cell_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGTERM mid-training: the loop checkpoints; the rerun continues from there and ends where a run that
+    was never stopped ends (same test loss to the bit)."""
+    args = ["--models", "Standard", "--lengths", "64", "--stage-lengths", "32", "--stage-steps", "20",
+            "--steps", "400", "--hiddens", "32", "--seeds", "0", "--test-batches", "1", "--batch-size", "4",
+            "--checkpoint-every", "10"]
+    ref = _run("recall_curriculum.py", args, tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    proc = _run("recall_curriculum.py", args, tmp_path / "cut", wait=False)
+    state = next(iter((tmp_path / "cut" / "runs").glob("*/*/")), None)
+    deadline = time.time() + 120
+    while time.time() < deadline and (state is None or not (state / "checkpoint" / "state.json").exists()):
+        time.sleep(0.05)
+        state = next(iter((tmp_path / "cut" / "runs").glob("*/*/")), None)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be interrupted")
+    step = json.loads((state / "checkpoint" / "state.json").read_text())["step"]
+    assert 0 < step < 400 and not (tmp_path / "cut" / "results" / "recall_curriculum.json").exists()
+    again = _run("recall_curriculum.py", args, tmp_path / "cut")
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = (next(iter(json.loads((tmp_path / d / "results" / "recall_curriculum.json").read_text())["runs"]
+                      .values())) for d in ("ref", "cut"))
+    assert b["steps"] == 400 and [c["step"] for c in b["curve"]] == [c["step"] for c in a["curve"]]
+    assert b["test"]["loss"] == a["test"]["loss"] and b["valid"]["loss"] == a["valid"]["loss"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("script", ["passkey_depth.py", "recall_curriculum.py"])
+def test_device_cuda_refused_without_gpu(tmp_path, script):
+    proc = _run(script, ["--device", "cuda"], tmp_path)
+    assert proc.returncode != 0 and "CUDA is not available" in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_passkey_train_all_bytes_labels_train_rows_only():
+    task = get_task("passkey", seq_len=200, train_all_bytes=True)
+    train = task.batch("train", 2, 0)
+    assert torch.equal(train.labels[:, 1:], train.input_ids[:, 1:]) and bool((train.labels[:, 0] == -100).all())
+    test = task.batch("test", 2, 0)
+    assert int((test.labels != -100).sum()) == 2 * 5  # the digits only
+    assert "train_all_bytes" not in get_task("passkey", seq_len=200).options  # old runs' batches unchanged
+    with pytest.raises(TypeError, match="train_all_bytes"):
+        get_task("passkey", train_all_bytes="yes")
