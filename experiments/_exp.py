@@ -101,12 +101,16 @@ def train_run(model: str, model_opts: dict, task_spec: dict, train_opts: dict, t
                "train": {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "out_dir", "device")},
                "parameters": lm.num_parameters(), "seconds": result.seconds, "steps": result.steps,
                "peak_memory_bytes": result.peak_memory_bytes, "memory_kind": result.memory_kind,
-               "tokens_per_second": cfg.batch_size * sum(task.task_at(h["step"] - 1).seq_len for h in result.history)
-               / result.seconds
-               if hasattr(task, "curriculum_steps") else cfg.batch_size * task.seq_len * result.steps / result.seconds,
+               "tokens_per_second": cfg.batch_size * _row_tokens(task, result.steps) / result.seconds,
                "curve": curve, "evals": result.evals, "valid": result.final, "test": test,
                "steps_to_target": result.steps_to_target, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return summary, lm
+
+
+def _row_tokens(task, steps: int) -> int:
+    """Tokens per batch row summed over ``steps`` train steps (a curriculum's rows change length by stage)."""
+    task_at = getattr(task, "task_at", lambda i: task)
+    return sum(task_at(i).seq_len for i in range(steps))
 
 
 def run_grid(name: str, budget: dict, jobs: list[tuple[str, dict]], fn, pass_key: bool = False) -> dict:

@@ -200,12 +200,9 @@ def heal(model: nn.Module, batch_at: Callable[[int], torch.Tensor], cfg: HealCon
                 layers = [m.transfer_losses[-1] for m in metas]
                 record["loss"] = sum(layers) / len(layers)
                 record["layer_losses"] = layers
-            elif cfg.stage == "distill":
-                loss = distill_loss(model, ids)
-                loss.backward()
-                record["loss"] = loss.item()
             else:
-                loss = model(ids, labels=ids, use_cache=False).loss
+                loss = distill_loss(model, ids) if cfg.stage == "distill" else model(ids, labels=ids,
+                                                                                     use_cache=False).loss
                 loss.backward()
                 record["loss"] = loss.item()
             opt.step()
