@@ -7,6 +7,7 @@ resumes where it stopped.  Run from the repository root: ``PYTHONPATH=src python
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -115,17 +116,38 @@ def _row_tokens(task, steps: int) -> int:
 
 def run_grid(name: str, budget: dict, jobs: list[tuple[str, dict]], fn, pass_key: bool = False) -> dict:
     """Run ``fn(**job)`` (``fn(key=key, **job)`` with ``pass_key``) for every (key, job) not yet in
-    results/<name>.json, saving after each."""
-    data = load(name)
-    data["budget"] = budget
+    results/<name>.json, saving after each.
+
+    Each save re-reads the file and adds this run under a lock, so two processes given disjoint cells (e.g.
+    ``--models`` split between them, one thread each) can fill one results file side by side."""
     for i, (key, job) in enumerate(jobs):
-        if key in data["runs"]:
+        if key in load(name)["runs"]:
             print(f"[{i + 1}/{len(jobs)}] {key}: done earlier, skipped", file=sys.stderr)
             continue
         print(f"[{i + 1}/{len(jobs)}] {key}", file=sys.stderr)
         t0 = time.perf_counter()
-        data["runs"][key] = fn(key=key, **job) if pass_key else fn(**job)
-        data["environment"] = environment()
-        save(name, data)
+        result = fn(key=key, **job) if pass_key else fn(**job)
+        with _locked(name):
+            data = load(name)
+            data["budget"], data["environment"] = budget, environment()
+            data["runs"][key] = result
+            save(name, data)
         print(f"[{i + 1}/{len(jobs)}] {key}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return data
+    return load(name)
+
+
+class _locked:
+    """An exclusive lock on results/<name>.json.lock for a read-modify-write of the results file."""
+
+    def __init__(self, name: str):
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        self.path = RESULTS / f"{name}.json.lock"
+
+    def __enter__(self):
+        self.f = open(self.path, "w")  # noqa: SIM115 - held until __exit__
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()

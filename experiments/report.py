@@ -297,7 +297,8 @@ def recall_curriculum(lines: list[str], name: str) -> None:
     rows, means = [], {}
     for t in lengths:
         for m in models:
-            sel = [r for r in runs if r["model"] == m and r["task"]["seq_len"] == t]
+            sel = sorted((r for r in runs if r["model"] == m and r["task"]["seq_len"] == t),
+                         key=lambda r: r["train"]["seed"])
             if not sel:
                 continue
             acc = [r["test"]["accuracy"] for r in sel]

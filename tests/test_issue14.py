@@ -185,3 +185,32 @@ def test_passkey_train_all_bytes_labels_train_rows_only():
     assert "train_all_bytes" not in get_task("passkey", seq_len=200).options  # old runs' batches unchanged
     with pytest.raises(TypeError, match="train_all_bytes"):
         get_task("passkey", train_all_bytes="yes")
+
+
+def test_run_grid_keeps_cells_another_process_saved(tmp_path, monkeypatch):
+    """Two processes filling one results file: each save re-reads the file, so neither drops the other's cells,
+    and a cell the other one finished meanwhile is skipped rather than trained twice."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        spec = importlib.util.spec_from_file_location("exp_common", ROOT / "experiments" / "_exp.py")
+        exp = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(exp)
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    monkeypatch.setattr(exp, "RESULTS", tmp_path)
+    monkeypatch.setattr(exp, "environment", lambda: {"threads": 1})
+    trained = []
+
+    def fn(key):
+        trained.append(key)
+        if key == "a":  # meanwhile, "another process" finishes cells x and c
+            exp.run_grid("grid", {"who": "other"}, [("x", {}), ("c", {})], lambda key: {"by": "other"}, pass_key=True)
+        return {"by": "this"}
+
+    data = exp.run_grid("grid", {"who": "this"}, [("a", {}), ("b", {}), ("c", {})], fn, pass_key=True)
+    assert trained == ["a", "b"]  # c was done by the other process before this one reached it
+    on_disk = json.loads((tmp_path / "grid.json").read_text())
+    assert on_disk == data and on_disk["runs"] == {"x": {"by": "other"}, "c": {"by": "other"}, "a": {"by": "this"},
+                                                   "b": {"by": "this"}}
