@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -293,6 +294,23 @@ def recall_curriculum(lines: list[str], name: str) -> None:
                                                                                r["train"]["lr"]))]
         lines += [_table(["model", "T", "pairs", "hidden", "lr", "seed", "test accuracy", "test loss", "CPU min"],
                          rows), ""]
+        traced = [r for r in runs if r["evals"]]
+        if traced:  # runs with periodic valid evaluations (--eval-every): accuracy at the final T against step
+            fig, ax = plt.subplots(figsize=(6, 3.4))
+            for r in traced:
+                pts = r["evals"] + [r["valid"]] * (r["valid"].get("step") not in {e["step"] for e in r["evals"]})
+                ax.plot([e["step"] for e in pts], [e["accuracy"] for e in pts], marker=".",
+                        label=f"{r['model']} h={r['model_options']['hidden_dim']} lr={r['train']['lr']:g}")
+            for end in itertools.accumulate(st["steps"] for st in traced[0]["task"]["curriculum"]):
+                ax.axvline(end, color="0.7", lw=0.8, ls=":")
+            ax.set_ylim(0, 1.02)
+            ax.set_xlabel("training step (dotted: end of a curriculum stage)", fontsize=8)
+            ax.set_ylabel(f"valid accuracy at T = {traced[0]['task']['seq_len']}", fontsize=8)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(FIGS / f"{name}.png", dpi=120)
+            plt.close(fig)
+            lines += [f"![MQAR valid accuracy during training](figures/{name}.png)", ""]
         return
     rows, means = [], {}
     for t in lengths:

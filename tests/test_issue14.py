@@ -214,3 +214,15 @@ def test_run_grid_keeps_cells_another_process_saved(tmp_path, monkeypatch):
     on_disk = json.loads((tmp_path / "grid.json").read_text())
     assert on_disk == data and on_disk["runs"] == {"x": {"by": "other"}, "c": {"by": "other"}, "a": {"by": "this"},
                                                    "b": {"by": "this"}}
+
+
+def test_recall_sweep_with_evals_draws_its_curve(tmp_path):
+    i = RECALL.index("--seeds")
+    args = RECALL[: i + 2] + RECALL[i + 3:] + ["--eval-every", "2", "--tag", "probe"]  # seed 0 only
+    proc = _run("recall_curriculum.py", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads((tmp_path / "results" / "recall_curriculum_probe.json").read_text())["runs"]
+    assert all([e["step"] for e in r["evals"]] == [2] and r["valid"]["step"] == 4 for r in runs.values())
+    text = "\n".join(_report(tmp_path).recall_section("recall_curriculum_probe"))
+    assert "| seed |" in text and "figures/recall_curriculum_probe.png" in text
+    assert (tmp_path / "figures" / "recall_curriculum_probe.png").stat().st_size > 0
