@@ -12,6 +12,10 @@ the stages; valid and test batches are always the final T).  Held-out (test spli
     # every model with the chosen recipe, 3 seeds
     PYTHONPATH=src OMP_NUM_THREADS=1 python experiments/recall_curriculum.py --lengths 256 512 --seeds 0 1 2
 
+On a 2-core CPU the grid can run as two one-thread processes given disjoint ``--models`` (the T = 512 grid of
+record ran as ``--models GAU Standard BSBR`` beside ``--models Linear SlidingWindow DeltaNet Hopfield``); each
+process adds its cells to the one results file under a lock.
+
 A cell that is killed resumes from its checkpoint in runs/experiments/<results name>/<cell>/ (gitignored);
 finished cells are skipped.  ``--device cuda`` trains on a GPU (bf16 autocast there, as the loop does); it
 stops with a clear message where CUDA is absent.  At Zoology's scale on a GPU, e.g.:
