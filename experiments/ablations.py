@@ -50,10 +50,13 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--speed-len", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--answers-in-input", action="store_true",
+                   help="MQAR only: write each answer into the input after its query (MQAR before 2026-12-04, which "
+                        "the committed MQAR ablation used; bsbr/tasks/mqar.py)")
     args = p.parse_args()
     if args.task == "mqar":
         task = {"name": "mqar", "seq_len": args.seq_len, "vocab_size": 256, "num_kv_pairs": args.seq_len // 16,
-                "seed": args.seed}
+                "seed": args.seed, "answers_in_input": args.answers_in_input}
     else:
         task = {"name": "lm", "seq_len": args.seq_len, "corpus": "prose"}
     variants = [({"chunk_size": c}, f"chunk={c}") for c in args.chunks]

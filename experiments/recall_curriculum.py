@@ -54,7 +54,8 @@ def jobs_for(args) -> list[tuple[str, dict]]:
             if model == "GAU" and args.gau_qk_scale_init is not None:
                 opts["qk_scale_init"] = args.gau_qk_scale_init
             task = {"name": "mqar", "seq_len": t, "vocab_size": args.vocab_size, "num_kv_pairs": t // 16,
-                    "random_filler": not args.zero_filler, "seed": 0, "curriculum": stages}
+                    "random_filler": not args.zero_filler, "answers_in_input": args.answers_in_input, "seed": 0,
+                    "curriculum": stages}
             train_opts = {"steps": args.steps, "batch_size": args.batch_size, "lr": lr, "warmup_steps": args.warmup,
                           "eval_every": args.eval_every, "eval_batches": 2, "seed": seed, "weight_decay": 0.1,
                           "device": args.device, "checkpoint_every": args.checkpoint_every}
@@ -82,6 +83,9 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=256)
     p.add_argument("--zero-filler", action=argparse.BooleanOptionalAction, default=True,
                    help="token 0 between the queries (default) or random tokens (--no-zero-filler)")
+    p.add_argument("--answers-in-input", action="store_true",
+                   help="write each answer into the input after its query too (MQAR before 2026-12-04; lets a model "
+                        "answer by elimination without looking keys up: bsbr/tasks/mqar.py)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=0)

@@ -30,6 +30,9 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--test-batches", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--answers-in-input", action="store_true",
+                   help="write each answer into the input after its query (MQAR before 2026-12-04, which every "
+                        "committed results file of this script used; bsbr/tasks/mqar.py)")
     p.add_argument("--tag", default="", help="results go to results/recall_vs_length_<tag>.json (another budget)")
     p.add_argument("--gau-qk-scale-init", type=float, default=None,
                    help="GAU's qk_scale_init (std of its Q/K scales at initialisation; default: the layer's 0.02)")
@@ -43,7 +46,7 @@ def main() -> None:
                 if model == "GAU" and args.gau_qk_scale_init is not None:
                     opts = {"qk_scale_init": args.gau_qk_scale_init}
                 task = {"name": "mqar", "seq_len": t, "vocab_size": args.vocab_size, "num_kv_pairs": t // 16,
-                        "seed": args.seed}
+                        "seed": args.seed, "answers_in_input": args.answers_in_input}
                 train_opts = {"steps": args.steps, "batch_size": args.batch_size, "lr": lr,
                               "warmup_steps": args.steps // 10, "eval_every": 0, "eval_batches": 4,
                               "seed": args.seed, "weight_decay": 0.1}

@@ -68,7 +68,7 @@ def recall(lines: list[str], name: str = "recall_vs_length") -> None:
               f"--models {' '.join(models)} --lengths {' '.join(map(str, b['lengths']))} --lrs "
               f"{' '.join(f'{x:g}' for x in b['lrs'])} --steps {b['steps']} --batch-size {b['batch_size']} "
               f"--vocab-size {b['vocab_size']} --chunk-size {b['chunk_size']}"
-              f"{gau_flag}{f' --tag {tag}' if tag else ''}`",
+              f"{gau_flag}{_answers_flag(data['runs'].values())}{f' --tag {tag}' if tag else ''}`",
               ""]
     rows = []
     for m in models:
@@ -99,6 +99,13 @@ def recall(lines: list[str], name: str = "recall_vs_length") -> None:
     fig.savefig(FIGS / f"{name}.png", dpi=120)
     plt.close(fig)
     lines += [f"![MQAR accuracy vs length](figures/{name}.png)", ""]
+
+
+def _answers_flag(runs) -> str:
+    """The flag " --answers-in-input" when the MQAR runs predate 2026-12-04 (their task options lack the key or set it):
+    the scripts' default task hides the answers since then, so the command must ask for the older task."""
+    tasks = [r["task"] for r in runs if r["task"].get("name", "mqar") == "mqar"]
+    return " --answers-in-input" if tasks and all(t.get("answers_in_input", True) for t in tasks) else ""
 
 
 def _color(model: str) -> str:
@@ -178,7 +185,7 @@ def ablations(lines: list[str], task: str = "mqar") -> None:
               f"--task {task} --seq-len {b['seq_len']} --chunks {' '.join(map(str, b['chunks']))} --compress "
               f"{' '.join(map(str, b['compress']))} --steps {b['steps']} --batch-size {b['batch_size']} "
               f"--lr {b['lr']:g}" + (f" --state-norms {' '.join(b['state_norms'])}" if b.get("state_norms") else "")
-              + "`",
+              + (_answers_flag(data["runs"].values()) if task == "mqar" else "") + "`",
               "", "Test loss in nats per scored token (per byte for the LM).", ""]
     rows = []
     for r in data["runs"].values():
@@ -266,6 +273,8 @@ def recall_curriculum(lines: list[str], name: str) -> None:
     hiddens = sorted({r["model_options"]["hidden_dim"] for r in runs})
     lrs = sorted({r["train"]["lr"] for r in runs})
     seeds = sorted({r["train"]["seed"] for r in runs})
+    chunks = sorted({r["model_options"]["chunk_size"] for r in runs if r["model"] == "BSBR"}) or [b["chunk_size"]]
+    b = {**b, "chunk_size": chunks[0]}  # the chunk the BSBR runs used (the budget keeps the last writer's)
     minutes = sum(r["seconds"] for r in runs) / 60
     cells = len(models) * len(lengths) * len(hiddens) * len(lrs) * len(seeds)
     filler = "token 0 between the queries" if b.get("zero_filler") else "random tokens between the queries"
@@ -281,7 +290,7 @@ def recall_curriculum(lines: list[str], name: str) -> None:
               f"Command: `{RUN}recall_curriculum.py --models {' '.join(models)} --lengths "
               f"{' '.join(map(str, lengths))} --hiddens {' '.join(map(str, hiddens))} --lrs "
               f"{' '.join(f'{x:g}' for x in lrs)} --seeds {' '.join(map(str, seeds))} {_curriculum_flags(b)}"
-              f"{f' --tag {tag}' if tag else ''}`"
+              f"{_answers_flag(runs)}{f' --tag {tag}' if tag else ''}`"
               + (f" (it trains every combination of the listed values, {cells} cells; the {len(runs)} in the table "
                  "ran, the others were not run; with this results file in place the command trains only the missing "
                  "ones)" if len(runs) < cells else ""), ""]

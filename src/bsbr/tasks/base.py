@@ -96,8 +96,7 @@ class Task:
         _checks.one_of("split", split, SPLITS)
         _checks.positive_int("batch_size", batch_size)
         _checks.non_negative_int("index", index)
-        g = torch.Generator().manual_seed(derive_seed(self.name, sorted(self.options.items()), split, batch_size,
-                                                      index))
+        g = torch.Generator().manual_seed(derive_seed(self.name, self._seed_items(), split, batch_size, index))
         kept: list[Batch] = []
         have = 0
         share = SPLIT_SHARES[split]
@@ -112,6 +111,10 @@ class Task:
             if have == batch_size:
                 return _concat(kept)
         raise RuntimeError(f"task {self.name}: could not draw {batch_size} {split} examples (too few distinct ones?)")
+
+    def _seed_items(self) -> list:
+        """What the batches' random seed is derived from (with split, batch size and index): the options."""
+        return sorted(self.options.items())
 
     def _generate(self, n: int, generator: torch.Generator) -> Batch:
         raise NotImplementedError

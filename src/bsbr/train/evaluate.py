@@ -21,7 +21,8 @@ def merge_scores(parts: list[dict]) -> dict:
 
     Returns {"loss" (mean nll per scored token, nats), "perplexity", "bits_per_token" (bits per byte for
     byte-level tasks), "accuracy", "correct", "total", "example_accuracy", ...} plus, when the task reports
-    them, "loss_by_position" / "perplexity_by_position" with "position_edges" and "by_depth"."""
+    them, "loss_by_position" / "perplexity_by_position" with "position_edges", "by_depth" (passkey) and
+    "by_distance" / "by_remaining" (MQAR)."""
     out: dict = {k: sum(p[k] for p in parts) for k in _SUMMED if k in parts[0]}
     total = out.get("total", 0)
     out["loss"] = out["nll_sum"] / total if total else float("nan")
@@ -37,14 +38,16 @@ def merge_scores(parts: list[dict]) -> dict:
         out["loss_by_position"] = [a / b if b else float("nan") for a, b in zip(nll, cnt, strict=True)]
         out["perplexity_by_position"] = [math.exp(x) if x == x and x < 700 else float("nan")
                                          for x in out["loss_by_position"]]
-    if "by_depth" in parts[0]:
-        rows = []
-        for i, first in enumerate(parts[0]["by_depth"]):
-            c = sum(p["by_depth"][i]["correct"] for p in parts)
-            n = sum(p["by_depth"][i]["total"] for p in parts)
-            rows.append({"depth_lo": first["depth_lo"], "depth_hi": first["depth_hi"], "correct": c, "total": n,
-                         "accuracy": c / n if n else float("nan")})
-        out["by_depth"] = rows
+    for name, lo, hi in (("by_depth", "depth_lo", "depth_hi"), ("by_distance", "distance_lo", "distance_hi"),
+                         ("by_remaining", "remaining_lo", "remaining_hi")):
+        if name in parts[0]:
+            rows = []
+            for i, first in enumerate(parts[0][name]):
+                c = sum(p[name][i]["correct"] for p in parts)
+                n = sum(p[name][i]["total"] for p in parts)
+                rows.append({lo: first[lo], hi: first[hi], "correct": c, "total": n,
+                             "accuracy": c / n if n else float("nan")})
+            out[name] = rows
     return out
 
 
