@@ -257,8 +257,39 @@ def _curriculum_flags(b: dict) -> str:
             f"--steps {b['steps']} --batch-size {b['batch_size']} --vocab-size {b['vocab_size']} "
             f"--warmup {b['warmup']} --layers {b['layers']} --head-dim {b['head_dim']} --chunk-size {b['chunk_size']}"
             f"{'' if b.get('zero_filler') else ' --no-zero-filler'}"
+            + (f" --eval-every {b['eval_every']}" if b.get("eval_every") else "")
             + (f" --gau-qk-scale-init {b['gau_qk_scale_init']:g}" if b.get("gau_qk_scale_init") is not None else "")
             + ("" if b.get("flush_denormals") else " --no-flush-denormals"))
+
+
+def _breakdowns(runs: list[dict], group) -> list[str]:
+    """Tables of MQAR test accuracy by pairs remaining (with what answering by elimination scores) and by
+    query-to-key distance, one row per group of runs (``group(run)`` -> label; accuracy pooled over the group)."""
+    out = []
+    with_fields = [r for r in runs if "by_remaining" in r["test"]]
+    if not with_fields:
+        return out
+    for field, what in (("remaining", "pairs not yet queried at the query (this one included)"),
+                        ("distance", "tokens from the query back to its key")):
+        lengths = sorted({r["task"]["seq_len"] for r in with_fields})
+        for t in lengths:
+            sel = [r for r in with_fields if r["task"]["seq_len"] == t]
+            edges = [(x[f"{field}_lo"], x[f"{field}_hi"]) for x in sel[0]["test"][f"by_{field}"]]
+            head = [f"{lo + 1}" if hi == lo + 1 else f"{lo + 1}-{hi}" for lo, hi in edges]
+            rows = []
+            for label in dict.fromkeys(group(r) for r in sel):
+                part = [r for r in sel if group(r) == label]
+                cells = []
+                for i in range(len(edges)):
+                    c = sum(r["test"][f"by_{field}"][i]["correct"] for r in part)
+                    n = sum(r["test"][f"by_{field}"][i]["total"] for r in part)
+                    cells.append(f"{c / n:.2f}" if n else "-")
+                rows.append([label, *cells])
+            if field == "remaining":  # one query per row at each count r, answered by elimination with p = 1/r
+                rows.append(["*elimination (1/remaining)*",
+                             *[f"{sum(1 / r for r in range(lo + 1, hi + 1)) / (hi - lo):.2f}" for lo, hi in edges]])
+            out += [f"Test accuracy by {what}, T = {t}:", "", _table(["", *head], rows), ""]
+    return out
 
 
 def recall_curriculum(lines: list[str], name: str) -> None:
@@ -278,11 +309,17 @@ def recall_curriculum(lines: list[str], name: str) -> None:
     minutes = sum(r["seconds"] for r in runs) / 60
     cells = len(models) * len(lengths) * len(hiddens) * len(lrs) * len(seeds)
     filler = "token 0 between the queries" if b.get("zero_filler") else "random tokens between the queries"
+    used = any(r["task"].get("curriculum") for r in runs)
+    stages = (f"Curriculum: {' / '.join(map(str, b['stage_steps']))} steps at T = {b['stage_lengths']} (those below "
+              f"the final T; pairs = T/16 throughout), then the final T" if used else
+              "No curriculum stage (every stage length is at least the final T): the final T throughout")
+    answers = ("each answer also written into the input after its query (the task before 2026-12-04)"
+               if _answers_flag(runs) else "answers as labels only")
     lines += [f"## 1b. MQAR with a curriculum{f' ({tag})' if tag else ''}", "",
-              f"Curriculum: {' / '.join(map(str, b['stage_steps']))} steps at T = {b['stage_lengths']} (those below "
-              f"the final T; pairs = T/16 throughout), then the final T; {b['steps']} steps in all of batch "
+              f"{stages}; {b['steps']} steps in all of batch "
               f"{b['batch_size']}, "
               f"warmup {b['warmup']}, cosine decay, AdamW (weight decay 0.1), vocabulary {b['vocab_size']}, {filler}, "
+              f"{answers}, "
               f"{b['layers']} layers, heads = hidden / {b['head_dim']}, BSBR chunk {b['chunk_size']}, GAU "
               f"qk_scale_init {b.get('gau_qk_scale_init')}. Test-split accuracy on the scored values "
               f"({b['test_batches']} batches of {b['batch_size']}, always at the final T). {len(runs)} runs, "
@@ -303,6 +340,8 @@ def recall_curriculum(lines: list[str], name: str) -> None:
                                                                                r["train"]["lr"]))]
         lines += [_table(["model", "T", "pairs", "hidden", "lr", "seed", "test accuracy", "test loss", "CPU min"],
                          rows), ""]
+        lines += _breakdowns(runs, lambda r: f"{r['model']} h={r['model_options']['hidden_dim']} "
+                                             f"lr={r['train']['lr']:g}")
         traced = [r for r in runs if r["evals"]]
         if traced:  # runs with periodic valid evaluations (--eval-every): accuracy at the final T against step
             fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -310,7 +349,7 @@ def recall_curriculum(lines: list[str], name: str) -> None:
                 pts = r["evals"] + [r["valid"]] * (r["valid"].get("step") not in {e["step"] for e in r["evals"]})
                 ax.plot([e["step"] for e in pts], [e["accuracy"] for e in pts], marker=".",
                         label=f"{r['model']} h={r['model_options']['hidden_dim']} lr={r['train']['lr']:g}")
-            for end in itertools.accumulate(st["steps"] for st in traced[0]["task"]["curriculum"]):
+            for end in itertools.accumulate(st["steps"] for st in traced[0]["task"].get("curriculum", [])):
                 ax.axvline(end, color="0.7", lw=0.8, ls=":")
             ax.set_ylim(0, 1.02)
             ax.set_xlabel("training step (dotted: end of a curriculum stage)", fontsize=8)
@@ -352,6 +391,9 @@ def recall_curriculum(lines: list[str], name: str) -> None:
     fig.savefig(FIGS / f"{name}.png", dpi=120)
     plt.close(fig)
     lines += [f"![MQAR with a curriculum](figures/{name}.png)", ""]
+    n_seeds = {(m, t): sum(r["model"] == m and r["task"]["seq_len"] == t for r in runs)
+               for m in models for t in lengths}
+    lines += _breakdowns(runs, lambda r: f"{r['model']} ({n_seeds[(r['model'], r['task']['seq_len'])]} seeds pooled)")
 
 
 def passkey_depth(lines: list[str], name: str) -> None:

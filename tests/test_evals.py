@@ -183,3 +183,15 @@ def test_cli_fixes_malloc_unless_told_not_to(monkeypatch, tmp_path):
     assert calls == []
     assert main(["scaling", *small, "--out", str(tmp_path / "b")]) == 0
     assert calls == ["fixed"]
+
+
+@pytest.mark.parametrize("flag,shown", [([], False), (["--mqar-answers-in-input"], True)])
+def test_cli_compare_accuracy_task_with_or_without_answers_in_input(tmp_path, flag, shown):
+    """The committed compare-accuracy report predates labels-only MQAR; the flag asks for that task again."""
+    from bsbr.cli import main
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--lengths", "32", "--models", "Standard", "--hidden-dim", "32", "--num-heads", "2",
+                 "--repeats", "1", "--metrics", "accuracy", "--accuracy-steps", "1", *flag, "--out", str(out)]) == 0
+    options = json.loads((out / "results.json").read_text())["settings"]["accuracy_task_options"]
+    assert options.get("answers_in_input", False) is shown and options["vocab_size"] == 256

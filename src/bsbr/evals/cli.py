@@ -50,8 +50,9 @@ def _kwargs(args) -> dict:
 
 def _compare(args) -> int:
     _prepare(args)
+    options = {"vocab_size": 256, "answers_in_input": True} if args.mqar_answers_in_input else None
     results = compare_models(args.lengths, args.models, args.metrics, accuracy_steps=args.accuracy_steps,
-                             **_kwargs(args))
+                             accuracy_task_options=options, **_kwargs(args))
     print(f"report written to {write_report(results, args.out)}")
     return 0
 
@@ -91,6 +92,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("compare", help="time and memory of every registered model vs length; writes a report")
     _common(p, DEFAULT_LENGTHS, ["inference_time", "memory_usage"], ["inference_time", "memory_usage", "accuracy"])
     p.add_argument("--accuracy-steps", type=int, default=100, help="training steps per cell for --metrics accuracy")
+    p.add_argument("--mqar-answers-in-input", action="store_true",
+                   help="--metrics accuracy on MQAR as it was before 2026-12-04: each answer also in the input, "
+                        "which lets a model answer by elimination (docs/tasks-and-training.md)")
     p.set_defaults(func=_compare)
     p = subparsers.add_parser("scaling", help="time, activation memory and FLOPs vs length with fits")
     _common(p, DEFAULT_LENGTHS, ["time", "memory", "flops"], ["time", "memory", "flops"])
