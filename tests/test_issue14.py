@@ -37,7 +37,8 @@ def test_curriculum_stages_then_final():
     assert torch.equal(task.batch("train", 2, 1).input_ids, task.batch("train", 2, 1).input_ids)  # deterministic
     json.dumps(task.options)  # goes into the run's config.json
     assert task.options["curriculum"][1] == {"steps": 2, "seq_len": 128, "seed": 0, "vocab_size": 512,
-                                             "num_kv_pairs": 8, "power_a": 0.01, "random_filler": True}
+                                             "num_kv_pairs": 8, "power_a": 0.01, "random_filler": True,
+                                             "answers_in_input": False}
 
 
 def test_curriculum_rejects_bad_stages():
@@ -134,7 +135,7 @@ def test_recall_curriculum_script_grid(tmp_path):
     r = runs["Standard|T=64|h=32|lr=0.003|seed=1"]
     assert r["train"]["seed"] == 1 and r["task"]["curriculum"] == [
         {"steps": 2, "seq_len": 32, "seed": 0, "vocab_size": 256, "num_kv_pairs": 2, "power_a": 0.01,
-         "random_filler": False}]
+         "random_filler": False, "answers_in_input": False}]
     assert runs["GAU|T=64|h=32|lr=0.003|seed=0"]["model_options"]["qk_scale_init"] == 0.5
     text = "\n".join(_report(tmp_path).recall_section("recall_curriculum"))
     assert "(n=2)" in text and "--seeds 0 1" in text and "--stage-steps 2" in text
