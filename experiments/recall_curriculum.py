@@ -4,16 +4,19 @@ The same MQAR as experiment 1 (keys from the lower half of the vocabulary, value
 power-law query placement, num_kv_pairs = T / 16), but training starts on shorter rows with fewer pairs and
 grows to the final length: a stage of ``--stage-steps`` steps at each of ``--stage-lengths`` shorter than the
 final T (pairs = length / 16 there too), then the final T for the rest of ``--steps`` (the step count includes
-the stages; valid and test batches are always the final T).  Held-out (test split) accuracy.
+the stages; valid and test batches are always the final T).  Held-out (test split) accuracy, also by pairs
+remaining and by query-to-key distance (``MQAR.score``).  The answers are labels only, as in Zoology;
+``--answers-in-input`` runs the task as it was before 2026-12-04 (each answer also in the input), on which the
+models learnt to answer by elimination rather than by looking keys up (experiments/NOTES.md).
 
-    # the sweep that chose the recipe (Standard only, T = 256, one seed)
+    # the sweep that chose the recipe (Standard only, T = 256, one seed; on the earlier task)
     PYTHONPATH=src OMP_NUM_THREADS=1 python experiments/recall_curriculum.py --models Standard --lengths 256 \\
-        --lrs 0.001 0.003 --hiddens 64 128 --seeds 0 --tag sweep
+        --lrs 0.001 0.003 --hiddens 64 128 --seeds 0 --answers-in-input --tag sweep
     # every model with the chosen recipe, 3 seeds
     PYTHONPATH=src OMP_NUM_THREADS=1 python experiments/recall_curriculum.py --lengths 256 512 --seeds 0 1 2
 
-On a 2-core CPU the grid can run as two one-thread processes given disjoint ``--models`` (the T = 512 grid of
-record ran as ``--models GAU Standard BSBR`` beside ``--models Linear SlidingWindow DeltaNet Hopfield``); each
+On a 2-core CPU the grid can run as two one-thread processes given disjoint ``--models`` (the grid of record
+ran as ``--models GAU Standard BSBR`` beside ``--models Linear SlidingWindow DeltaNet Hopfield``); each
 process adds its cells to the one results file under a lock.
 
 A cell that is killed resumes from its checkpoint in runs/experiments/<results name>/<cell>/ (gitignored);

@@ -63,7 +63,9 @@ def recall(lines: list[str], name: str = "recall_vs_length") -> None:
               f"Budget: {b['steps']} steps of batch {b['batch_size']}, vocabulary {b['vocab_size']}, "
               f"num_kv_pairs = T/16, hidden 128, 2 layers, 4 heads, BSBR chunk {b['chunk_size']}, learning rates "
               f"{b['lrs']} (best valid accuracy kept), seed {b['seed']}. Test-split accuracy on the scored values "
-              f"({b['test_batches']} batches of {b['batch_size']}).{gau} {_env(data)}", "",
+              f"({b['test_batches']} batches of {b['batch_size']}).{gau}"
+              + (" Each answer also written into the input after its query (MQAR before 2026-12-04)."
+                 if _answers_flag(data["runs"].values()) else "") + f" {_env(data)}", "",
               f"Command: `{RUN}recall_vs_length.py "
               f"--models {' '.join(models)} --lengths {' '.join(map(str, b['lengths']))} --lrs "
               f"{' '.join(f'{x:g}' for x in b['lrs'])} --steps {b['steps']} --batch-size {b['batch_size']} "
@@ -487,10 +489,21 @@ def main() -> None:
              f"the issue asks for took {minutes - extra:.0f} of them, about half that in wall-clock when two "
              f"single-thread runs share the cores, and the MQAR sections with a tag in their title "
              f"({extra:.0f} minutes) are other budgets run to see where recall starts to be learnt. Read the "
-             "numbers as what a few hundred steps buy, not as converged results.", ""]
+             "numbers as what a few hundred steps buy, not as converged results.", "",
+             "**MQAR changed on 2026-12-04.** Until then this library's MQAR also wrote each answer into the input "
+             "after its query, so a model could answer a query with \"a pair value not yet given as an answer\" "
+             "without looking the key up (1/remaining per query, H_N / N over a row); see the notes at the end. "
+             "Every MQAR run recorded before that date (sections 1 and 4, and the 1b sections whose text says "
+             "\"each answer also written into the input\") used that task, and its command carries "
+             "`--answers-in-input`; the other 1b sections use today's task, answers as labels only, as in Zoology.",
+             ""]
     for path in sorted(RESULTS.glob("recall_vs_length*.json")):
         recall(lines, path.stem)
-    for path in sorted(RESULTS.glob("recall_curriculum*.json"), key=lambda p: p.stem != "recall_curriculum_sweep"):
+    def order(path):  # today's task first (the grid, then its probes), then the runs with answers in the input
+        earlier = bool(_answers_flag(json.loads(path.read_text())["runs"].values()))
+        return earlier, path.stem != "recall_curriculum", "sweep" not in path.stem, path.stem
+
+    for path in sorted(RESULTS.glob("recall_curriculum*.json"), key=order):
         recall_curriculum(lines, path.stem)
     for path in sorted(RESULTS.glob("convergence_*.json")):
         convergence(lines, path.stem)
