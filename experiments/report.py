@@ -101,6 +101,7 @@ def recall(lines: list[str], name: str = "recall_vs_length") -> None:
     fig.savefig(FIGS / f"{name}.png", dpi=120)
     plt.close(fig)
     lines += [f"![MQAR accuracy vs length](figures/{name}.png)", ""]
+    lines += _breakdowns(list(best.values()), lambda r: f"{r['model']} (lr {r['train']['lr']:g})")
 
 
 def _answers_flag(runs) -> str:

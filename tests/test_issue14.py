@@ -139,6 +139,8 @@ def test_recall_curriculum_script_grid(tmp_path):
     assert runs["GAU|T=64|h=32|lr=0.003|seed=0"]["model_options"]["qk_scale_init"] == 0.5
     text = "\n".join(_report(tmp_path).recall_section("recall_curriculum"))
     assert "(n=2)" in text and "--seeds 0 1" in text and "--stage-steps 2" in text
+    assert "| Standard (2 seeds pooled) |" in text and "*elimination (1/remaining)*" in text
+    assert "--answers-in-input" not in text and "answers as labels only" in text
 
 
 def test_killed_cell_resumes_to_the_uninterrupted_result(tmp_path):
@@ -226,6 +228,7 @@ def test_recall_sweep_with_evals_draws_its_curve(tmp_path):
     assert all([e["step"] for e in r["evals"]] == [2] and r["valid"]["step"] == 4 for r in runs.values())
     text = "\n".join(_report(tmp_path).recall_section("recall_curriculum_probe"))
     assert "| seed |" in text and "figures/recall_curriculum_probe.png" in text
+    assert "Test accuracy by tokens from the query back to its key, T = 64:" in text
     assert (tmp_path / "figures" / "recall_curriculum_probe.png").stat().st_size > 0
 
 
@@ -289,3 +292,16 @@ def test_mqar_answers_are_labels_only_unless_asked():
     assert shown.options["answers_in_input"] is True and "answers_in_input" in get_task("mqar").options
     with pytest.raises(ValueError, match="answers_in_input must be True or False, got 'yes'"):
         get_task("mqar", answers_in_input="yes")
+
+
+def test_report_commands_ask_for_the_earlier_task_where_runs_used_it(tmp_path):
+    """Runs recorded before answers_in_input existed (no key) or with it set reproduce only with the flag."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("exp_report", ROOT / "experiments" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    old, shown, hidden = ({"name": "mqar", "seq_len": 64}, {"name": "mqar", "answers_in_input": True},
+                          {"name": "mqar", "answers_in_input": False})
+    assert mod._answers_flag([{"task": old}, {"task": shown}]) == " --answers-in-input"
+    assert mod._answers_flag([{"task": hidden}]) == "" and mod._answers_flag([{"task": {"name": "lm"}}]) == ""
