@@ -494,9 +494,10 @@ def main() -> None:
              "**MQAR changed on 2026-12-04.** Until then this library's MQAR also wrote each answer into the input "
              "after its query, so a model could answer a query with \"a pair value not yet given as an answer\" "
              "without looking the key up (1/remaining per query, H_N / N over a row); see the notes at the end. "
-             "Every MQAR run recorded before that date (sections 1 and 4, and the 1b sections whose text says "
-             "\"each answer also written into the input\") used that task, and its command carries "
-             "`--answers-in-input`; the other 1b sections use today's task, answers as labels only, as in Zoology.",
+             "Every MQAR run recorded before that date (section 4, and the sections 1 and 1b whose text says "
+             "that each answer is also written into the input) used that task, and its command carries "
+             "`--answers-in-input`; the others (section 1 small_labels_only, the 1b grid and its labels_only "
+             "probes) use today's task, answers as labels only, as in Zoology.",
              ""]
     for path in sorted(RESULTS.glob("recall_vs_length*.json")):
         recall(lines, path.stem)
