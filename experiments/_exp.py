@@ -7,6 +7,7 @@ resumes where it stopped.  Run from the repository root: ``PYTHONPATH=src python
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import json
@@ -136,18 +137,13 @@ def run_grid(name: str, budget: dict, jobs: list[tuple[str, dict]], fn, pass_key
     return load(name)
 
 
-class _locked:
-    """An exclusive lock on results/<name>.json.lock for a read-modify-write of the results file."""
-
-    def __init__(self, name: str):
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        self.path = RESULTS / f"{name}.json.lock"
-
-    def __enter__(self):
-        self.f = open(self.path, "w")  # noqa: SIM115 - held until __exit__
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
+@contextlib.contextmanager
+def _locked(name: str):
+    """An exclusive lock on results/<name>.json.lock, held for a read-modify-write of the results file."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f"{name}.json.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

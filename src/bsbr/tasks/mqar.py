@@ -73,8 +73,7 @@ class MQAR(Task):
         self.num_kv_pairs, self.power_a, self.random_filler = n, float(power_a), bool(random_filler)
         self.answers_in_input = answers_in_input
         self.options.update(vocab_size=vocab_size, num_kv_pairs=n, power_a=self.power_a,
-                            random_filler=self.random_filler)
-        self.options["answers_in_input"] = answers_in_input
+                            random_filler=self.random_filler, answers_in_input=answers_in_input)
         slots = (seq_len - 2 * n) // 2
         i = torch.arange(1, slots + 1, dtype=torch.float64)
         self._slot_weights = i ** (self.power_a - 1)  # unnormalised p(slot i) ~ i^(a-1)
