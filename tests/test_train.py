@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,8 +85,20 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, how):
     assert resumed.final["loss"] == full.final["loss"]
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "event" not in r] == list(range(1, 13))
-    with pytest.raises(ValueError, match="holds a different run"):
+    with pytest.raises(ValueError, match=r"holds a different run \(saved vs this run: .*train\.steps: 12 -> 13\)"):
         train(tiny_lm(task), task, quick(steps=13, out_dir=str(tmp_path)))
+
+
+def test_resume_refusal_names_an_option_the_saved_run_lacks(tmp_path):
+    """A run directory written before a task option existed is refused with that option named."""
+    task = get_task("mqar", seq_len=32, vocab_size=16, num_kv_pairs=2)  # as MQAR runs were before 2026-12-04
+    cfg = quick(steps=2, out_dir=str(tmp_path))
+    train(tiny_lm(task), task, cfg)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["task"].pop("answers_in_input") is False
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=re.escape("(saved vs this run: task.answers_in_input: (absent) -> False)")):
+        train(tiny_lm(task), task, cfg)
 
 
 def test_lr_schedule():
