@@ -2,7 +2,7 @@
 
 A results file ``results/<experiment>.json`` holds {"environment", "budget", "runs": {key: summary}}; it is
 rewritten after every run, and a run whose key is already there is skipped, so an interrupted experiment
-resumes where it stopped.  Run from the repository root: ``PYTHONPATH=src python experiments/<script>.py``.
+resumes where it stopped (a key recorded with other settings stops the grid instead: run it under another --tag).  Run from the repository root: ``PYTHONPATH=src python experiments/<script>.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from bsbr._files import json_differences
 from bsbr.models import build_model
 from bsbr.tasks import curriculum, get_task
 from bsbr.train import TrainConfig, evaluate, train
@@ -120,9 +121,17 @@ def run_grid(name: str, budget: dict, jobs: list[tuple[str, dict]], fn, pass_key
     results/<name>.json, saving after each.
 
     Each save re-reads the file and adds this run under a lock, so two processes given disjoint cells (e.g.
-    ``--models`` split between them, one thread each) can fill one results file side by side."""
+    ``--models`` split between them, one thread each) can fill one results file side by side.  The file also
+    records each cell's job ("jobs"); a cell whose key is there but whose job differs (another --steps, batch
+    size, curriculum...) stops the grid with the differences rather than being skipped as done."""
     for i, (key, job) in enumerate(jobs):
-        if key in load(name)["runs"]:
+        done = load(name)
+        if key in done["runs"]:
+            earlier = done.get("jobs", {}).get(key)  # files written before 2026-12-04 do not record it
+            if earlier is not None and (diff := json_differences(earlier, _settings(job))):
+                raise SystemExit(f"results/{name}.json already holds cell {key!r}, trained with other settings "
+                                 f"(recorded -> now: {'; '.join(diff)}); give this grid its own --tag rather than "
+                                 f"skipping the cell as done")
             print(f"[{i + 1}/{len(jobs)}] {key}: done earlier, skipped", file=sys.stderr)
             continue
         print(f"[{i + 1}/{len(jobs)}] {key}", file=sys.stderr)
@@ -132,9 +141,18 @@ def run_grid(name: str, budget: dict, jobs: list[tuple[str, dict]], fn, pass_key
             data = load(name)
             data["budget"], data["environment"] = budget, environment()
             data["runs"][key] = result
+            data.setdefault("jobs", {})[key] = _settings(job)
             save(name, data)
         print(f"[{i + 1}/{len(jobs)}] {key}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return load(name)
+
+
+def _settings(job: dict) -> dict:
+    """What a grid cell was trained with, as JSON: the job minus settings that do not change its numbers."""
+    out = json.loads(json.dumps(job, default=str))
+    if isinstance(out.get("train_opts"), dict):
+        out["train_opts"].pop("checkpoint_every", None)
+    return out
 
 
 @contextlib.contextmanager

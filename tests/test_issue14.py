@@ -190,9 +190,8 @@ def test_passkey_train_all_bytes_labels_train_rows_only():
         get_task("passkey", train_all_bytes="yes")
 
 
-def test_run_grid_keeps_cells_another_process_saved(tmp_path, monkeypatch):
-    """Two processes filling one results file: each save re-reads the file, so neither drops the other's cells,
-    and a cell the other one finished meanwhile is skipped rather than trained twice."""
+def _exp_module(tmp_path, monkeypatch):
+    """experiments/_exp.py, loaded fresh, writing its results under ``tmp_path``."""
     import importlib.util
 
     sys.path.insert(0, str(ROOT / "experiments"))
@@ -204,6 +203,13 @@ def test_run_grid_keeps_cells_another_process_saved(tmp_path, monkeypatch):
         sys.path.remove(str(ROOT / "experiments"))
     monkeypatch.setattr(exp, "RESULTS", tmp_path)
     monkeypatch.setattr(exp, "environment", lambda: {"threads": 1})
+    return exp
+
+
+def test_run_grid_keeps_cells_another_process_saved(tmp_path, monkeypatch):
+    """Two processes filling one results file: each save re-reads the file, so neither drops the other's cells,
+    and a cell the other one finished meanwhile is skipped rather than trained twice."""
+    exp = _exp_module(tmp_path, monkeypatch)
     trained = []
 
     def fn(key):
@@ -217,6 +223,23 @@ def test_run_grid_keeps_cells_another_process_saved(tmp_path, monkeypatch):
     on_disk = json.loads((tmp_path / "grid.json").read_text())
     assert on_disk == data and on_disk["runs"] == {"x": {"by": "other"}, "c": {"by": "other"}, "a": {"by": "this"},
                                                    "b": {"by": "this"}}
+
+
+def test_run_grid_refuses_a_done_cell_trained_with_other_settings(tmp_path, monkeypatch):
+    """A key already in the file but recorded with another job stops the grid, naming the difference, instead of
+    being skipped as done; the same job is skipped, and a change of checkpoint_every alone does not count."""
+    exp = _exp_module(tmp_path, monkeypatch)
+    job = {"model": "Standard", "train_opts": {"steps": 10, "batch_size": 32, "checkpoint_every": 5}}
+    exp.run_grid("grid", {}, [("a", job)], lambda **j: {"ok": 1})
+    trained = []
+    same = {**job, "train_opts": {**job["train_opts"], "checkpoint_every": 50}}
+    exp.run_grid("grid", {}, [("a", same)], lambda **j: trained.append(j))
+    assert trained == []
+    other = {**job, "train_opts": {**job["train_opts"], "batch_size": 128}}
+    with pytest.raises(SystemExit, match=r"cell 'a', trained with other settings \(recorded -> now: "
+                                         r"train_opts\.batch_size: 32 -> 128\); give this grid its own --tag"):
+        exp.run_grid("grid", {}, [("a", other)], lambda **j: trained.append(j))
+    assert trained == [] and json.loads((tmp_path / "grid.json").read_text())["runs"] == {"a": {"ok": 1}}
 
 
 def test_recall_sweep_with_evals_draws_its_curve(tmp_path):

@@ -71,6 +71,22 @@ def show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_ABSENT = object()
+
+
+def json_differences(old: object, new: object, path: str = "") -> list[str]:
+    """Where two JSON values differ, as "dotted.path: old -> new" strings; objects are compared key by key, so
+    an option only one side has reads e.g. "task.answers_in_input: (absent) -> False"."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += json_differences(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{path}.{k}" if path else str(k))
+        return out
+    if old == new:
+        return []
+    return [f"{path or '(top level)'}: " + " -> ".join("(absent)" if v is _ABSENT else repr(v) for v in (old, new))]
+
+
 def field_name(*keys: str | int) -> str:
     """``('BSBR', 'time', 2)`` -> ``'BSBR'.'time'[2]``."""
     out = ""

@@ -272,24 +272,6 @@ def _evaluate_and_check(lm, task, cfg, device, bf16, state, evals, log) -> None:
         state["stopped"] = "early_stop"
 
 
-_ABSENT = object()
-
-
-def _differences(saved, wanted, path: str = "") -> list[str]:
-    """Where two JSON values differ, as "dotted.path: saved -> wanted" strings (dicts compared key by key, so an
-    option a newer version added reads e.g. "task.answers_in_input: (absent) -> False")."""
-    if isinstance(saved, dict) and isinstance(wanted, dict):
-        out = []
-        for k in sorted(set(saved) | set(wanted), key=str):
-            out += _differences(saved.get(k, _ABSENT), wanted.get(k, _ABSENT), f"{path}.{k}" if path else str(k))
-        return out
-    if saved == wanted:
-        return []
-    def show(v):
-        return "(absent)" if v is _ABSENT else repr(v)
-    return [f"{path or 'config'}: {show(saved)} -> {show(wanted)}"]
-
-
 def _prepare_out_dir(out: Path, lm, optimizer, description: dict, device, state: dict, rank: int):
     """Create ``out`` or resume from its checkpoint; returns (state, history, evals) so far.
 
@@ -307,7 +289,7 @@ def _prepare_out_dir(out: Path, lm, optimizer, description: dict, device, state:
             F.fail(cfg_path, (), saved, "an object with the run's 'model', 'task' and 'train'")
         wanted = json.loads(json.dumps(description))
         if saved != wanted:
-            diff = "; ".join(_differences(saved, wanted))
+            diff = "; ".join(F.json_differences(saved, wanted))
             raise ValueError(f"out_dir {str(out)!r} holds a different run (saved vs this run: {diff}); use a new "
                              f"out_dir")
         ckpt = _checkpoint_dir(out)
