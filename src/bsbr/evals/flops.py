@@ -92,6 +92,7 @@ def _deltanet(a, T):
 
 def _gau(a, T):
     D, g, s, e = a.hidden_dim, a.group_size, a.qk_dim, a.expansion_dim
+    g = min(g, T)  # a sequence within one group is one tile of T tokens, not padded up to g (ops.gau.gau_mixed)
     _, Tp = _ceil_to(T, g)
     return {"projections": 2 * T * D * (2 * e + s) + 2 * T * e * D,
             "intra_group": 2 * Tp * g * s + 2 * Tp * g * e,  # relu^2 scores, their product with V

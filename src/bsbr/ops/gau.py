@@ -25,10 +25,13 @@ def gau_mixed(qq, kq, lq, lk, v, group: int, start: int = 0, state: torch.Tensor
     B, T, s = qq.shape
     g = group
     N = -(-T // g)
-    pad = N * g - T
-    qq, kq, lq, lk, v = (F.pad(t, (0, 0, 0, pad)).view(B, N, g, -1) for t in (qq, kq, lq, lk, v))
+    # tile width: g, or T when the segment fits in one group (a short sequence is not padded up to g: at T = 64,
+    # g = 256 padding made every product 4x, 16x for the g x g scores).  The scale stays 1 / g either way.
+    w = g if N > 1 else T
+    pad = N * w - T
+    qq, kq, lq, lk, v = (F.pad(t, (0, 0, 0, pad)).view(B, N, w, -1) for t in (qq, kq, lq, lk, v))
     scores = (qq @ kq.transpose(-1, -2)) * s**-0.5
-    causal = torch.ones(g, g, dtype=torch.bool, device=qq.device).tril()
+    causal = torch.ones(w, w, dtype=torch.bool, device=qq.device).tril()
     local = (F.relu(scores).square() / g).masked_fill(~causal, 0.0) @ v
     kv = lk.transpose(-1, -2) @ v  # [B, N, s, e]
     before, total = exclusive_prefix(kv[:, None], None if state is None else state[:, None])
