@@ -295,6 +295,30 @@ def _breakdowns(runs: list[dict], group) -> list[str]:
     return out
 
 
+def _curves(runs: list[dict], name: str, label, by_model: bool = False) -> list[str]:
+    """Figure of valid accuracy at the final T against step for the runs with periodic evaluations (--eval-every),
+    one line per run (``label(run)``; with ``by_model`` coloured by model, dashed by seed); returns the report
+    lines that show it (none without such runs)."""
+    traced = [r for r in runs if r["evals"]]
+    if not traced:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for r in traced:
+        pts = r["evals"] + [r["valid"]] * (r["valid"].get("step") not in {e["step"] for e in r["evals"]})
+        style = {"color": _color(r["model"]), "ls": ["-", "--", ":", "-."][r["train"]["seed"] % 4]} if by_model else {}
+        ax.plot([e["step"] for e in pts], [e["accuracy"] for e in pts], marker=".", lw=1, label=label(r), **style)
+    for end in itertools.accumulate(st["steps"] for st in traced[0]["task"].get("curriculum", [])):
+        ax.axvline(end, color="0.7", lw=0.8, ls=":")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("training step (dotted: end of a curriculum stage)", fontsize=8)
+    ax.set_ylabel(f"valid accuracy at T = {traced[0]['task']['seq_len']}", fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(FIGS / f"{name}_curves.png", dpi=120)
+    plt.close(fig)
+    return [f"![MQAR valid accuracy during training](figures/{name}_curves.png)", ""]
+
+
 def recall_curriculum(lines: list[str], name: str) -> None:
     """Issue 14's MQAR with a curriculum: one row per run for the sweep, mean ± spread over seeds otherwise."""
     data = _load(name)
@@ -345,47 +369,40 @@ def recall_curriculum(lines: list[str], name: str) -> None:
                          rows), ""]
         lines += _breakdowns(runs, lambda r: f"{r['model']} h={r['model_options']['hidden_dim']} "
                                              f"lr={r['train']['lr']:g}")
-        traced = [r for r in runs if r["evals"]]
-        if traced:  # runs with periodic valid evaluations (--eval-every): accuracy at the final T against step
-            fig, ax = plt.subplots(figsize=(6, 3.4))
-            for r in traced:
-                pts = r["evals"] + [r["valid"]] * (r["valid"].get("step") not in {e["step"] for e in r["evals"]})
-                ax.plot([e["step"] for e in pts], [e["accuracy"] for e in pts], marker=".",
-                        label=f"{r['model']} h={r['model_options']['hidden_dim']} lr={r['train']['lr']:g}")
-            for end in itertools.accumulate(st["steps"] for st in traced[0]["task"].get("curriculum", [])):
-                ax.axvline(end, color="0.7", lw=0.8, ls=":")
-            ax.set_ylim(0, 1.02)
-            ax.set_xlabel("training step (dotted: end of a curriculum stage)", fontsize=8)
-            ax.set_ylabel(f"valid accuracy at T = {traced[0]['task']['seq_len']}", fontsize=8)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            fig.savefig(FIGS / f"{name}.png", dpi=120)
-            plt.close(fig)
-            lines += [f"![MQAR valid accuracy during training](figures/{name}.png)", ""]
+        lines += _curves(runs, name, lambda r: f"{r['model']} h={r['model_options']['hidden_dim']} "
+                                               f"lr={r['train']['lr']:g}")
         return
+    # one group per configuration (model, T, hidden, lr): only seeds are pooled, never two settings
+    configs = sorted({(r["model"], r["task"]["seq_len"], r["model_options"]["hidden_dim"], r["train"]["lr"])
+                      for r in runs}, key=lambda c: (c[1], c[0] != "BSBR", c[0], c[2], c[3]))
+    several = len(hiddens) > 1 or len(lrs) > 1
+
+    def label(c):
+        return c[0] + (f" h={c[2]} lr={c[3]:g}" if several else "")
+
+    def members(c):
+        return sorted((r for r in runs if (r["model"], r["task"]["seq_len"], r["model_options"]["hidden_dim"],
+                                           r["train"]["lr"]) == c), key=lambda r: r["train"]["seed"])
+
     rows, means = [], {}
-    for t in lengths:
-        for m in models:
-            sel = sorted((r for r in runs if r["model"] == m and r["task"]["seq_len"] == t),
-                         key=lambda r: r["train"]["seed"])
-            if not sel:
-                continue
-            acc = [r["test"]["accuracy"] for r in sel]
-            means[(m, t)] = (sum(acc) / len(acc), (max(acc) - min(acc)) / 2)
-            rows.append([m, t, sel[0]["task"]["num_kv_pairs"], _mean_spread(acc),
-                         " / ".join(f"{x:.3f}" for x in acc), _mean_spread([r["test"]["loss"] for r in sel]),
-                         f"{sum(r['seconds'] for r in sel) / 60:.1f}"])
-    lines += ["Mean ± half the range over the seeds (with three seeds the range is the honest spread).", "",
-              _table(["model", "T", "pairs", "test accuracy", "per seed", "test loss", "CPU min (all seeds)"], rows),
-              ""]
+    for c in configs:
+        sel = members(c)
+        acc = [r["test"]["accuracy"] for r in sel]
+        means[c] = (sum(acc) / len(acc), (max(acc) - min(acc)) / 2, acc)
+        rows.append([label(c), c[1], sel[0]["task"]["num_kv_pairs"], " ".join(str(r["train"]["seed"]) for r in sel),
+                     _mean_spread(acc), " / ".join(f"{x:.3f}" for x in acc),
+                     _mean_spread([r["test"]["loss"] for r in sel]), f"{sum(r['seconds'] for r in sel) / 60:.1f}"])
+    lines += ["Mean ± half the range over the seeds run (with three seeds the range is the honest spread; a row "
+              "with one seed is one run, not a mean).", "",
+              _table(["model", "T", "pairs", "seeds", "test accuracy", "per seed", "test loss",
+                      "CPU min (all seeds)"], rows), ""]
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.4), squeeze=False)
     for ax, t in zip(axes[0], lengths, strict=True):
-        shown = [m for m in models if (m, t) in means]
-        ax.bar(shown, [means[(m, t)][0] for m in shown], yerr=[means[(m, t)][1] for m in shown], capsize=3,
-               color=[_color(m) for m in shown])
-        for i, m in enumerate(shown):
-            accs = [r["test"]["accuracy"] for r in runs if r["model"] == m and r["task"]["seq_len"] == t]
-            ax.plot([i] * len(accs), accs, "k.", ms=4)
+        shown = [c for c in configs if c[1] == t]
+        ax.bar([label(c) for c in shown], [means[c][0] for c in shown], yerr=[means[c][1] for c in shown],
+               capsize=3, color=[_color(c[0]) for c in shown])
+        for i, c in enumerate(shown):
+            ax.plot([i] * len(means[c][2]), means[c][2], "k.", ms=4)
         ax.set_ylim(0, 1.02)
         ax.set_title(f"T = {t}", fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
@@ -394,9 +411,17 @@ def recall_curriculum(lines: list[str], name: str) -> None:
     fig.savefig(FIGS / f"{name}.png", dpi=120)
     plt.close(fig)
     lines += [f"![MQAR with a curriculum](figures/{name}.png)", ""]
-    n_seeds = {(m, t): sum(r["model"] == m and r["task"]["seq_len"] == t for r in runs)
-               for m in models for t in lengths}
-    lines += _breakdowns(runs, lambda r: f"{r['model']} ({n_seeds[(r['model'], r['task']['seq_len'])]} seeds pooled)")
+    def config(r):
+        return r["model"], r["task"]["seq_len"], r["model_options"]["hidden_dim"], r["train"]["lr"]
+
+    lines += _curves(runs, name, lambda r: f"{label(config(r))} seed {r['train']['seed']}", by_model=True)
+    n_seeds = {c: len(members(c)) for c in configs}
+
+    def pooled(r):
+        c = config(r)
+        return f"{label(c)} ({n_seeds[c]} seed{'s' * (n_seeds[c] > 1)} pooled)"
+
+    lines += _breakdowns(sorted(runs, key=lambda r: configs.index(config(r))), pooled)
 
 
 def passkey_depth(lines: list[str], name: str) -> None:

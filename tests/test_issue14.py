@@ -328,3 +328,34 @@ def test_report_commands_ask_for_the_earlier_task_where_runs_used_it(tmp_path):
                           {"name": "mqar", "answers_in_input": False})
     assert mod._answers_flag([{"task": old}, {"task": shown}]) == " --answers-in-input"
     assert mod._answers_flag([{"task": hidden}]) == "" and mod._answers_flag([{"task": {"name": "lm"}}]) == ""
+
+
+def test_report_pools_seeds_but_never_two_settings(tmp_path, monkeypatch):
+    """A results file with Standard at two learning rates (one seed and two seeds) and BSBR at one: the report's
+    mean +- spread rows pool only seeds of one configuration (lr 1e-3's single run is not averaged into lr 3e-3)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("exp_report", ROOT / "experiments" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+
+    def run(model, lr, seed, acc):
+        return {"model": model, "model_options": {"hidden_dim": 64, "chunk_size": 32}, "seconds": 60.0, "evals": [],
+                "task": {"seq_len": 256, "num_kv_pairs": 16, "curriculum": []},
+                "train": {"lr": lr, "seed": seed}, "test": {"accuracy": acc, "loss": 1.0}}
+
+    runs = [run("Standard", 1e-3, 0, 0.10), run("Standard", 3e-3, 0, 0.90), run("Standard", 3e-3, 1, 0.80),
+            run("BSBR", 3e-3, 0, 0.40)]
+    budget = {"stage_steps": [1], "stage_lengths": [64], "steps": 2, "batch_size": 8, "warmup": 0, "vocab_size": 256,
+              "layers": 2, "head_dim": 32, "chunk_size": 32, "test_batches": 1, "zero_filler": True}
+    data = {"budget": budget, "runs": {str(i): r for i, r in enumerate(runs)}}
+    monkeypatch.setattr(report, "_load", lambda name: data)
+    monkeypatch.setattr(report, "FIGS", tmp_path)
+    lines = []
+    report.recall_curriculum(lines, "recall_curriculum_t")
+    rows = {line.split(" | ")[0].strip("| "): line for line in "\n".join(lines).splitlines()
+            if line.startswith("| ") and " | 256 | 16 | " in line}
+    assert set(rows) == {"BSBR h=64 lr=0.003", "Standard h=64 lr=0.001", "Standard h=64 lr=0.003"}
+    assert "0.900 / 0.800" in rows["Standard h=64 lr=0.003"] and "| 0 1 |" in rows["Standard h=64 lr=0.003"]
+    assert "0.850" in rows["Standard h=64 lr=0.003"] and "0.100" in rows["Standard h=64 lr=0.001"]
+    assert (tmp_path / "recall_curriculum_t.png").is_file()
