@@ -69,3 +69,13 @@ def test_bench_module_smoke():
     text = bench_module.markdown(res)
     assert "module / (projections + op)" in text and "SDPA module / BSBR module" in text
     assert {"module", "projections", "op", "fused_projections", "sdpa_module"} <= set(res["module"]["times"])
+
+
+def test_bench_gau_tiles_padded_and_tiled_agree():
+    """bench_gau_tiles.py's two forms (one T x T tile; zero padding to g, what gau_mixed computed before
+    2026-12-04) give the same output, checked inside ``measure`` before timing, for T below, at and above g."""
+    import bench_gau_tiles
+
+    for T in (5, 16, 21):
+        row = bench_gau_tiles.measure(T, group=16, batch=2, s=4, e=6, rounds=1)
+        assert row["T"] == T and row["tiled_min_s"] > 0 and row["padded_min_s"] > 0
