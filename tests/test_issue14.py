@@ -250,9 +250,9 @@ def test_recall_sweep_with_evals_draws_its_curve(tmp_path):
     runs = json.loads((tmp_path / "results" / "recall_curriculum_probe.json").read_text())["runs"]
     assert all([e["step"] for e in r["evals"]] == [2] and r["valid"]["step"] == 4 for r in runs.values())
     text = "\n".join(_report(tmp_path).recall_section("recall_curriculum_probe"))
-    assert "| seed |" in text and "figures/recall_curriculum_probe.png" in text
+    assert "| seed |" in text and "figures/recall_curriculum_probe_curves.png" in text
     assert "Test accuracy by tokens from the query back to its key, T = 64:" in text
-    assert (tmp_path / "figures" / "recall_curriculum_probe.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "recall_curriculum_probe_curves.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("seq_len,random_filler", [(64, False), (256, True)])
