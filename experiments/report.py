@@ -303,16 +303,17 @@ def _curves(runs: list[dict], name: str, label, by_model: bool = False) -> list[
     if not traced:
         return []
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    def setting(r):
+        return r["model_options"]["hidden_dim"], r["train"]["lr"]
+
     settings = {}  # per model, its (hidden, lr) settings in order: the marker tells them apart
-    for r in sorted(traced, key=lambda r: (r["model_options"]["hidden_dim"], r["train"]["lr"])):
-        known = settings.setdefault(r["model"], [])
-        if (r["model_options"]["hidden_dim"], r["train"]["lr"]) not in known:
-            known.append((r["model_options"]["hidden_dim"], r["train"]["lr"]))
+    for r in traced:
+        settings.setdefault(r["model"], set()).add(setting(r))
     for r in traced:
         pts = r["evals"] + [r["valid"]] * (r["valid"].get("step") not in {e["step"] for e in r["evals"]})
         style = {"marker": "."}
         if by_model:
-            which = settings[r["model"]].index((r["model_options"]["hidden_dim"], r["train"]["lr"]))
+            which = sorted(settings[r["model"]]).index(setting(r))
             style = {"color": _color(r["model"]), "ls": ["-", "--", ":", "-."][r["train"]["seed"] % 4],
                      "marker": [".", "x", "^", "s"][which % 4]}
         ax.plot([e["step"] for e in pts], [e["accuracy"] for e in pts], lw=1, label=label(r), **style)
@@ -382,16 +383,17 @@ def recall_curriculum(lines: list[str], name: str) -> None:
                                                f"lr={r['train']['lr']:g}")
         return
     # one group per configuration (model, T, hidden, lr): only seeds are pooled, never two settings
-    configs = sorted({(r["model"], r["task"]["seq_len"], r["model_options"]["hidden_dim"], r["train"]["lr"])
-                      for r in runs}, key=lambda c: (c[1], c[0] != "BSBR", c[0], c[2], c[3]))
+    def config(r):
+        return r["model"], r["task"]["seq_len"], r["model_options"]["hidden_dim"], r["train"]["lr"]
+
+    configs = sorted({config(r) for r in runs}, key=lambda c: (c[1], c[0] != "BSBR", c[0], c[2], c[3]))
     several = len(hiddens) > 1 or len(lrs) > 1
 
     def label(c):
         return c[0] + (f" h={c[2]} lr={c[3]:g}" if several else "")
 
     def members(c):
-        return sorted((r for r in runs if (r["model"], r["task"]["seq_len"], r["model_options"]["hidden_dim"],
-                                           r["train"]["lr"]) == c), key=lambda r: r["train"]["seed"])
+        return sorted((r for r in runs if config(r) == c), key=lambda r: r["train"]["seed"])
 
     rows, means = [], {}
     for c in configs:
@@ -420,15 +422,10 @@ def recall_curriculum(lines: list[str], name: str) -> None:
     fig.savefig(FIGS / f"{name}.png", dpi=120)
     plt.close(fig)
     lines += [f"![MQAR with a curriculum](figures/{name}.png)", ""]
-    def config(r):
-        return r["model"], r["task"]["seq_len"], r["model_options"]["hidden_dim"], r["train"]["lr"]
-
     lines += _curves(runs, name, lambda r: f"{label(config(r))} seed {r['train']['seed']}", by_model=True)
-    n_seeds = {c: len(members(c)) for c in configs}
-
     def pooled(r):
-        c = config(r)
-        return f"{label(c)} ({n_seeds[c]} seed{'s' * (n_seeds[c] > 1)} pooled)"
+        n = len(means[config(r)][2])
+        return f"{label(config(r))} ({n} seed{'s' * (n > 1)} pooled)"
 
     lines += _breakdowns(sorted(runs, key=lambda r: configs.index(config(r))), pooled)
 
