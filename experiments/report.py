@@ -265,6 +265,36 @@ def _curriculum_flags(b: dict) -> str:
             + ("" if b.get("flush_denormals") else " --no-flush-denormals"))
 
 
+def _curriculum_commands(runs: list[dict], b: dict, tag: str) -> list[str]:
+    """The commands behind a curriculum file's runs. A full grid of (hidden, lr) settings gets one command; otherwise
+    one command per setting, since one command listing every setting would train combinations nobody ran. Each names
+    only its runs' models, lengths and seeds, and says how many of the cells it would train are in the file."""
+    def setting(r):
+        return r["model_options"]["hidden_dim"], r["train"]["lr"]
+
+    pairs = sorted({setting(r) for r in runs})
+    hiddens, lrs = sorted({h for h, _ in pairs}), sorted({lr for _, lr in pairs})
+    cases = {(r["model"], r["task"]["seq_len"], r["train"]["seed"]) for r in runs}
+    if len(pairs) == len(hiddens) * len(lrs) and len(cases) * len(pairs) == len(runs):
+        groups = [(hiddens, lrs, runs)]  # every case ran at every setting: one command
+    else:
+        groups = [([h], [lr], [r for r in runs if setting(r) == (h, lr)]) for h, lr in pairs]
+    out = []
+    for hs, ls, sel in groups:
+        models = sorted({r["model"] for r in sel}, key=lambda m: (m != "BSBR", m))
+        lengths = sorted({r["task"]["seq_len"] for r in sel})
+        seeds = sorted({r["train"]["seed"] for r in sel})
+        cells = len(models) * len(lengths) * len(seeds) * len(hs) * len(ls)
+        cmd = (f"`{RUN}recall_curriculum.py --models {' '.join(models)} --lengths {' '.join(map(str, lengths))} "
+               f"--hiddens {' '.join(map(str, hs))} --lrs {' '.join(f'{x:g}' for x in ls)} "
+               f"--seeds {' '.join(map(str, seeds))} {_curriculum_flags(b)}{_answers_flag(sel)}"
+               f"{f' --tag {tag}' if tag else ''}`")
+        what = (f" ({len(sel)} of the {cells} cells it trains are in the file; with the file in place it trains only "
+                "the missing ones)" if len(sel) < cells else "")
+        out.append(("Command: " if len(groups) == 1 else f"- hidden {hs[0]}, lr {ls[0]:g}: ") + cmd + what)
+    return out if len(groups) == 1 else ["Commands, one per setting:", ""] + out
+
+
 def _breakdowns(runs: list[dict], group) -> list[str]:
     """Tables of MQAR test accuracy by pairs remaining (with what answering by elimination scores) and by
     query-to-key distance, one row per group of runs (``group(run)`` -> label; accuracy pooled over the group)."""
@@ -336,7 +366,6 @@ def recall_curriculum(lines: list[str], name: str) -> None:
         return
     b, runs = data["budget"], list(data["runs"].values())
     tag = name[len("recall_curriculum_"):] if name != "recall_curriculum" else ""
-    models = sorted({r["model"] for r in runs}, key=lambda m: (m != "BSBR", m))
     lengths = sorted({r["task"]["seq_len"] for r in runs})
     hiddens = sorted({r["model_options"]["hidden_dim"] for r in runs})
     lrs = sorted({r["train"]["lr"] for r in runs})
@@ -344,7 +373,6 @@ def recall_curriculum(lines: list[str], name: str) -> None:
     chunks = sorted({r["model_options"]["chunk_size"] for r in runs if r["model"] == "BSBR"}) or [b["chunk_size"]]
     b = {**b, "chunk_size": chunks[0]}  # the chunk the BSBR runs used (the budget keeps the last writer's)
     minutes = sum(r["seconds"] for r in runs) / 60
-    cells = len(models) * len(lengths) * len(hiddens) * len(lrs) * len(seeds)
     filler = "token 0 between the queries" if b.get("zero_filler") else "random tokens between the queries"
     used = any(r["task"].get("curriculum") for r in runs)
     stages = (f"Curriculum: {' / '.join(map(str, b['stage_steps']))} steps at T = {b['stage_lengths']} (those below "
@@ -361,13 +389,7 @@ def recall_curriculum(lines: list[str], name: str) -> None:
               f"qk_scale_init {b.get('gau_qk_scale_init')}. Test-split accuracy on the scored values "
               f"({b['test_batches']} batches of {b['batch_size']}, always at the final T). {len(runs)} runs, "
               f"{minutes:.0f} CPU minutes of training (one thread each). {_env(data)}", "",
-              f"Command: `{RUN}recall_curriculum.py --models {' '.join(models)} --lengths "
-              f"{' '.join(map(str, lengths))} --hiddens {' '.join(map(str, hiddens))} --lrs "
-              f"{' '.join(f'{x:g}' for x in lrs)} --seeds {' '.join(map(str, seeds))} {_curriculum_flags(b)}"
-              f"{_answers_flag(runs)}{f' --tag {tag}' if tag else ''}`"
-              + (f" (it trains every combination of the listed values, {cells} cells; the {len(runs)} in the table "
-                 "ran, the others were not run; with this results file in place the command trains only the missing "
-                 "ones)" if len(runs) < cells else ""), ""]
+              ] + _curriculum_commands(runs, b, tag) + [""]
     if len(seeds) == 1:
         rows = [[r["model"], r["task"]["seq_len"], r["task"]["num_kv_pairs"], r["model_options"]["hidden_dim"],
                  f"{r['train']['lr']:g}", r["train"]["seed"], f"{r['test']['accuracy']:.3f}",

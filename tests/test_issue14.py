@@ -359,3 +359,11 @@ def test_report_pools_seeds_but_never_two_settings(tmp_path, monkeypatch):
     assert "0.900 / 0.800" in rows["Standard h=64 lr=0.003"] and "| 0 1 |" in rows["Standard h=64 lr=0.003"]
     assert "0.850" in rows["Standard h=64 lr=0.003"] and "0.100" in rows["Standard h=64 lr=0.001"]
     assert (tmp_path / "recall_curriculum_t.png").is_file()
+    # one command per setting, each naming only what ran with it: lr 1e-3 was Standard seed 0 alone
+    cmds = [line for line in lines if line.startswith("- hidden ")]
+    assert len(cmds) == 2, cmds
+    slow = next(c for c in cmds if c.startswith("- hidden 64, lr 0.001:"))
+    assert "--models Standard --lengths 256 --hiddens 64 --lrs 0.001 --seeds 0 " in slow and "cells" not in slow
+    fast = next(c for c in cmds if c.startswith("- hidden 64, lr 0.003:"))
+    assert "--models BSBR Standard " in fast and "--lrs 0.003 --seeds 0 1 " in fast and "--tag t`" in fast
+    assert "(3 of the 4 cells it trains are in the file;" in fast
