@@ -295,6 +295,34 @@ def _curriculum_commands(runs: list[dict], b: dict, tag: str) -> list[str]:
     return out if len(groups) == 1 else ["Commands, one per setting:", ""] + out
 
 
+def _stage_losses(runs: list[dict], label) -> list[str]:
+    """Per run, its training loss at the end of each curriculum stage (mean of the curve's points in the stage's last
+    100 steps) beside a guess among the row's values (ln pairs), and the first logged step of the first stage
+    whose loss was below 0.5 nats: where a run stopped learning, not only whether it answered at the final T."""
+    staged = [r for r in runs if r["task"].get("curriculum") and r.get("curve")]
+    if not staged:
+        return []
+    shape = [(st["seq_len"], st["num_kv_pairs"]) for st in staged[0]["task"]["curriculum"]]
+    shape.append((staged[0]["task"]["seq_len"], staged[0]["task"]["num_kv_pairs"]))
+    rows = []
+    for r in staged:
+        stages = [*r["task"]["curriculum"], {"steps": r["steps"] - sum(st["steps"] for st in r["task"]["curriculum"])}]
+        if [(st["seq_len"], st["num_kv_pairs"]) for st in r["task"]["curriculum"]] != shape[:-1]:
+            continue  # another curriculum: not comparable column by column
+        ends = list(itertools.accumulate(st["steps"] for st in stages))
+        losses = []
+        for end in ends:
+            tail = [p["loss"] for p in r["curve"] if end - 100 < p["step"] <= end]
+            losses.append(f"{sum(tail) / len(tail):.2f}" if tail else "-")
+        first = next((p["step"] for p in r["curve"] if p["step"] <= ends[0] and p["loss"] < 0.5), None)
+        rows.append([label(r), r["train"]["seed"], *losses, first if first is not None else "never",
+                     f"{r['test']['accuracy']:.3f}"])
+    heads = [f"loss at end of T = {t} (guess {np.log(n):.2f})" for t, n in shape]
+    return ["Training loss at the end of each curriculum stage (mean of the last 100 steps; a guess among the row's "
+            "values scores ln pairs) and the first logged step of the first stage with loss below 0.5:", "",
+            _table(["run", "seed", *heads, f"first logged step < 0.5 at T = {shape[0][0]}", "test accuracy"], rows), ""]
+
+
 def _breakdowns(runs: list[dict], group) -> list[str]:
     """Tables of MQAR test accuracy by pairs remaining (with what answering by elimination scores) and by
     query-to-key distance, one row per group of runs (``group(run)`` -> label; accuracy pooled over the group)."""
@@ -449,6 +477,8 @@ def recall_curriculum(lines: list[str], name: str) -> None:
         n = len(means[config(r)][2])
         return f"{label(config(r))} ({n} seed{'s' * (n > 1)} pooled)"
 
+    lines += _stage_losses(sorted(runs, key=lambda r: (configs.index(config(r)), r["train"]["seed"])),
+                           lambda r: label(config(r)))
     lines += _breakdowns(sorted(runs, key=lambda r: configs.index(config(r))), pooled)
 
 

@@ -367,3 +367,31 @@ def test_report_pools_seeds_but_never_two_settings(tmp_path, monkeypatch):
     fast = next(c for c in cmds if c.startswith("- hidden 64, lr 0.003:"))
     assert "--models BSBR Standard " in fast and "--lrs 0.003 --seeds 0 1 " in fast and "--tag t`" in fast
     assert "(3 of the 4 cells it trains are in the file;" in fast
+
+
+def test_report_stage_losses_show_where_a_run_stopped_learning():
+    """The stage table averages the curve over each stage's last 100 steps and finds the first logged step of the
+    first stage below 0.5 nats; a run that never got there says "never", and a run of another curriculum is left out."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("exp_report", ROOT / "experiments" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    stage = {"steps": 200, "seq_len": 64, "num_kv_pairs": 4}
+
+    def run(seed, loss_at, stages=(stage,)):
+        return {"model": "Standard", "steps": 300, "train": {"seed": seed}, "test": {"accuracy": 0.5},
+                "task": {"seq_len": 256, "num_kv_pairs": 16, "curriculum": list(stages)},
+                "curve": [{"step": k, "loss": loss_at(k)} for k in range(10, 301, 10)]}
+
+    learns = run(0, lambda k: 2.0 if k < 150 else 0.25)  # falls below 0.5 at step 150, in the first stage
+    stuck = run(1, lambda k: 1.5 if k <= 200 else 3.0)
+    other = run(2, lambda k: 0.1, stages=({**stage, "seq_len": 32},))
+    lines = report._stage_losses([learns, stuck, other], lambda r: r["model"])
+    rows = [line for line in "\n".join(lines).splitlines() if line.startswith("| Standard")]
+    assert len(rows) == 2, lines
+    # stage 1 = steps 1-200: its last 100 steps are logged at 110..200 (four at 2.0, six at 0.25 -> 0.95)
+    assert rows[0] == "| Standard | 0 | 0.95 | 0.25 | 150 | 0.500 |"
+    assert rows[1] == "| Standard | 1 | 1.50 | 3.00 | never | 0.500 |"
+    assert "| loss at end of T = 64 (guess 1.39) | loss at end of T = 256 (guess 2.77) |" in "\n".join(lines)
+    assert report._stage_losses([{**learns, "task": {**learns["task"], "curriculum": []}}], str) == []
