@@ -395,3 +395,48 @@ def test_report_stage_losses_show_where_a_run_stopped_learning():
     assert rows[1] == "| Standard | 1 | 1.50 | 3.00 | never | 0.500 |"
     assert "| loss at end of T = 64 (guess 1.39) | loss at end of T = 256 (guess 2.77) |" in "\n".join(lines)
     assert report._stage_losses([{**learns, "task": {**learns["task"], "curriculum": []}}], str) == []
+
+
+def test_gau_rows_reads_init_and_trained_attention(tmp_path):
+    """gau_rows.py on a tiny GAU cell of recall_curriculum.py: its "init" rows are those of a model freshly built
+    with the run's seed, its "final" rows those of the checkpoint (not the same), and no run is a clear error."""
+    import importlib.util
+
+    args = ["--models", "GAU", "--lengths", "64", "--stage-lengths", "32", "--stage-steps", "2", "--steps", "6",
+            "--hiddens", "32", "--seeds", "1", "--test-batches", "1", "--batch-size", "4", "--lrs", "0.05",
+            "--no-zero-filler", "--tag", "g"]
+    assert _run("recall_curriculum.py", args, tmp_path).returncode == 0
+    none = _run("gau_rows.py", ["--tag", "nothing"], tmp_path)
+    assert none.returncode == 2 and "no GAU run with a checkpoint" in none.stderr
+    proc = _run("gau_rows.py", ["--tag", "g", "--rows", "3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "results" / "gau_rows_g.json").read_text())
+    (run,) = got["runs"]
+    assert run["seed"] == 1 and run["test_accuracy"] is not None and len(run["init"]) == 2  # two layers
+    assert run["init"] != run["final"]
+    for x in run["init"] + run["final"]:
+        assert 0.0 <= x["share_positive"] <= 1.0 and 0.0 <= x["row_sum_median"] <= x["row_sum_max"]
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        spec = importlib.util.spec_from_file_location("gau_rows", ROOT / "experiments" / "gau_rows.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    from bsbr.models import build_model
+
+    torch.manual_seed(1)  # the seed build_run uses: the run's initial weights
+    lm = build_model("GAU", vocab_size=256, causal_lm=True, hidden_dim=32, num_layers=2, num_heads=1, ff_dim=128,
+                     dropout=0.0, qk_scale_init=0.5)
+    ids = get_task("mqar", seq_len=64, num_kv_pairs=4, vocab_size=256, random_filler=True).batch("test", 3, 0)
+    fresh = mod.row_stats(lm.eval(), ids.input_ids)
+    assert len(fresh) == 2 and all(a == pytest.approx(b, rel=1e-5) for a, b in zip(fresh, run["init"], strict=True))
+    with torch.no_grad():  # scales and offsets at zero: every score is 0, relu^2 of it too: a silent attention
+        for m in lm.modules():
+            if hasattr(m, "gamma"):
+                m.gamma.zero_()
+                m.beta.zero_()
+    silent = mod.row_stats(lm, ids.input_ids)
+    assert len(silent) == 2 and all(x == {"row_sum_median": 0.0, "row_sum_max": 0.0, "share_positive": 0.0}
+                                    for x in silent)
