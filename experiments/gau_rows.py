@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = {key.replace("|", "_"): run["test"]["accuracy"] for key, run in cells.items()}
     found = [probe(Path(r), args.seq_len, args.rows, accuracy.get(Path(r).name)) for r in runs]
     out = RESULTS / f"gau_rows{f'_{args.tag}' if args.tag else ''}.json"
-    out.write_text(json.dumps({"seq_len": args.seq_len, "rows": args.rows, "runs": found}, indent=1) + "\n")
+    out.write_text(json.dumps({"seq_len": args.seq_len, "rows": args.rows, "probes": found}, indent=1) + "\n")
     print("seed | test acc | when  | per layer: median row sum / max row sum / share of causal weights > 0")
     for r in found:
         for which in ("init", "final"):

@@ -411,7 +411,7 @@ def test_gau_rows_reads_init_and_trained_attention(tmp_path):
     proc = _run("gau_rows.py", ["--tag", "g", "--rows", "3"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((tmp_path / "results" / "gau_rows_g.json").read_text())
-    (run,) = got["runs"]
+    (run,) = got["probes"]
     assert run["seed"] == 1 and run["test_accuracy"] is not None and len(run["init"]) == 2  # two layers
     assert run["init"] != run["final"]
     for x in run["init"] + run["final"]:
