@@ -103,13 +103,23 @@ def test_passkey_script_grid(tmp_path):
     assert (tmp_path / "figures" / "passkey_depth.png").stat().st_size > 0
 
 
-def _report(tmp: Path):
-    """experiments/report.py reading tmp/results and drawing into tmp/figures."""
+def _load_experiment(script: str):
+    """experiments/<script>, loaded fresh as a module (experiments/ on sys.path while it loads, for ``_exp``)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("exp_report", ROOT / "experiments" / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        spec = importlib.util.spec_from_file_location(f"exp_{script[:-3]}", ROOT / "experiments" / script)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    return mod
+
+
+def _report(tmp: Path):
+    """experiments/report.py reading tmp/results and drawing into tmp/figures."""
+    mod = _load_experiment("report.py")
     mod.RESULTS, mod.FIGS = tmp / "results", tmp / "figures"
     mod.FIGS.mkdir(exist_ok=True)
 
@@ -192,15 +202,7 @@ def test_passkey_train_all_bytes_labels_train_rows_only():
 
 def _exp_module(tmp_path, monkeypatch):
     """experiments/_exp.py, loaded fresh, writing its results under ``tmp_path``."""
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        spec = importlib.util.spec_from_file_location("exp_common", ROOT / "experiments" / "_exp.py")
-        exp = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(exp)
-    finally:
-        sys.path.remove(str(ROOT / "experiments"))
+    exp = _load_experiment("_exp.py")
     monkeypatch.setattr(exp, "RESULTS", tmp_path)
     monkeypatch.setattr(exp, "environment", lambda: {"threads": 1})
     return exp
@@ -319,11 +321,7 @@ def test_mqar_answers_are_labels_only_unless_asked():
 
 def test_report_commands_ask_for_the_earlier_task_where_runs_used_it(tmp_path):
     """Runs recorded before answers_in_input existed (no key) or with it set reproduce only with the flag."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("exp_report", ROOT / "experiments" / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load_experiment("report.py")
     old, shown, hidden = ({"name": "mqar", "seq_len": 64}, {"name": "mqar", "answers_in_input": True},
                           {"name": "mqar", "answers_in_input": False})
     assert mod._answers_flag([{"task": old}, {"task": shown}]) == " --answers-in-input"
@@ -333,11 +331,7 @@ def test_report_commands_ask_for_the_earlier_task_where_runs_used_it(tmp_path):
 def test_report_pools_seeds_but_never_two_settings(tmp_path, monkeypatch):
     """A results file with Standard at two learning rates (one seed and two seeds) and BSBR at one: the report's
     mean +- spread rows pool only seeds of one configuration (lr 1e-3's single run is not averaged into lr 3e-3)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("exp_report", ROOT / "experiments" / "report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = _load_experiment("report.py")
 
     def run(model, lr, seed, acc):
         return {"model": model, "model_options": {"hidden_dim": 64, "chunk_size": 32}, "seconds": 60.0, "evals": [],
@@ -372,11 +366,7 @@ def test_report_pools_seeds_but_never_two_settings(tmp_path, monkeypatch):
 def test_report_stage_losses_show_where_a_run_stopped_learning():
     """The stage table averages the curve over each stage's last 100 steps and finds the first logged step of the
     first stage below 0.5 nats; a run that never got there says "never", and a run of another curriculum is left out."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("exp_report", ROOT / "experiments" / "report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = _load_experiment("report.py")
     stage = {"steps": 200, "seq_len": 64, "num_kv_pairs": 4}
 
     def run(seed, loss_at, stages=(stage,)):
@@ -400,7 +390,6 @@ def test_report_stage_losses_show_where_a_run_stopped_learning():
 def test_gau_rows_reads_init_and_trained_attention(tmp_path):
     """gau_rows.py on a tiny GAU cell of recall_curriculum.py: its "init" rows are those of a model freshly built
     with the run's seed, its "final" rows those of the checkpoint (not the same), and no run is a clear error."""
-    import importlib.util
 
     args = ["--models", "GAU", "--lengths", "64", "--stage-lengths", "32", "--stage-steps", "2", "--steps", "6",
             "--hiddens", "32", "--seeds", "1", "--test-batches", "1", "--batch-size", "4", "--lrs", "0.05",
@@ -417,13 +406,7 @@ def test_gau_rows_reads_init_and_trained_attention(tmp_path):
     for x in run["init"] + run["final"]:
         assert 0.0 <= x["share_positive"] <= 1.0 and 0.0 <= x["row_sum_median"] <= x["row_sum_max"]
 
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        spec = importlib.util.spec_from_file_location("gau_rows", ROOT / "experiments" / "gau_rows.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "experiments"))
+    mod = _load_experiment("gau_rows.py")
     from bsbr.models import build_model
 
     torch.manual_seed(1)  # the seed build_run uses: the run's initial weights
