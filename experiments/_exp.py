@@ -2,7 +2,8 @@
 
 A results file ``results/<experiment>.json`` holds {"environment", "budget", "runs": {key: summary}}; it is
 rewritten after every run, and a run whose key is already there is skipped, so an interrupted experiment
-resumes where it stopped (a key recorded with other settings stops the grid instead: run it under another --tag).  Run from the repository root: ``PYTHONPATH=src python experiments/<script>.py``.
+resumes where it stopped (a key recorded with other settings stops the grid instead: run it under another --tag).
+Run from the repository root: ``PYTHONPATH=src python experiments/<script>.py``.
 """
 
 from __future__ import annotations

@@ -1,49 +1,24 @@
 """Build docs/experiments.md and its figures from experiments/results/*.json (reads only the JSON).
 
     PYTHONPATH=src python experiments/report.py
+
+Sections 1, 2-3, 4, 5 and 6 are here; section 1b (MQAR with a curriculum) is in _report_mqar.py, and what the
+sections share (paths, tables, colours, the MQAR breakdowns) in _report_common.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bsbr.models import list_models  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "experiments" / "results"
-DOCS = ROOT / "docs"
-FIGS = DOCS / "figures"
-MiB = 2**20
-RUN = "PYTHONPATH=src OMP_NUM_THREADS=1 flock /tmp/bsbr-cpu.lock python experiments/"
-
-
-def _load(name: str) -> dict | None:
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _env(data: dict) -> str:
-    e = data.get("environment", {})
-    return (f"Measured on {e.get('cpu', '?')}, {e.get('threads', '?')} torch thread(s), torch {e.get('torch', '?')}, "
-            f"commit {e.get('commit', '?')}, {e.get('date', '?')}.")
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(out)
+import _report_common as common
+import matplotlib.pyplot as plt
+import numpy as np
+from _report_common import RUN, MiB, answers_flag, breakdowns, env, model_color, table
+from _report_mqar import recall_curriculum
 
 
 def recall(lines: list[str], name: str = "recall_vs_length") -> None:
-    data = _load(name)
+    data = common.load(name)
     if not data:
         return
     b = data["budget"]
@@ -65,12 +40,12 @@ def recall(lines: list[str], name: str = "recall_vs_length") -> None:
               f"{b['lrs']} (best valid accuracy kept), seed {b['seed']}. Test-split accuracy on the scored values "
               f"({b['test_batches']} batches of {b['batch_size']}).{gau}"
               + (" Each answer also written into the input after its query (MQAR before 2026-12-04)."
-                 if _answers_flag(data["runs"].values()) else "") + f" {_env(data)}", "",
+                 if answers_flag(data["runs"].values()) else "") + f" {env(data)}", "",
               f"Command: `{RUN}recall_vs_length.py "
               f"--models {' '.join(models)} --lengths {' '.join(map(str, b['lengths']))} --lrs "
               f"{' '.join(f'{x:g}' for x in b['lrs'])} --steps {b['steps']} --batch-size {b['batch_size']} "
               f"--vocab-size {b['vocab_size']} --chunk-size {b['chunk_size']}"
-              f"{gau_flag}{_answers_flag(data['runs'].values())}{f' --tag {tag}' if tag else ''}`",
+              f"{gau_flag}{answers_flag(data['runs'].values())}{f' --tag {tag}' if tag else ''}`",
               ""]
     rows = []
     for m in models:
@@ -79,12 +54,12 @@ def recall(lines: list[str], name: str = "recall_vs_length") -> None:
             if r:
                 rows.append([m, t, r["task"]["num_kv_pairs"], f"{r['train']['lr']:g}", f"{r['test']['accuracy']:.3f}",
                              f"{r['test']['loss']:.3f}", f"{r['seconds']:.0f}", f"{r['peak_memory_bytes'] / MiB:.0f}"])
-    lines += [_table(["model", "T", "pairs", "lr", "test accuracy", "test loss", "train s", "peak RSS MiB"], rows), ""]
+    lines += [table(["model", "T", "pairs", "lr", "test accuracy", "test loss", "train s", "peak RSS MiB"], rows), ""]
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     if len(lengths) == 1:  # one length: a bar per model
         t = lengths[0]
         shown = [m for m in models if (m, t) in best]
-        ax.bar(shown, [best[(m, t)]["test"]["accuracy"] for m in shown], color=[_color(m) for m in shown])
+        ax.bar(shown, [best[(m, t)]["test"]["accuracy"] for m in shown], color=[model_color(m) for m in shown])
         ax.axhline(1 / best[(shown[0], t)]["task"]["num_kv_pairs"], color="gray", ls="--", lw=1,
                    label="1 / pairs (a value of the row, at random)")
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
@@ -92,29 +67,16 @@ def recall(lines: list[str], name: str = "recall_vs_length") -> None:
     else:
         for m in models:
             pts = [(t, best[(m, t)]["test"]["accuracy"]) for t in lengths if (m, t) in best]
-            ax.plot(*zip(*pts, strict=True), marker="o", color=_color(m), label=m)
+            ax.plot(*zip(*pts, strict=True), marker="o", color=model_color(m), label=m)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length T")
     ax.set_ylabel("MQAR test accuracy")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(FIGS / f"{name}.png", dpi=120)
+    fig.savefig(common.FIGS / f"{name}.png", dpi=120)
     plt.close(fig)
     lines += [f"![MQAR accuracy vs length](figures/{name}.png)", ""]
-    lines += _breakdowns(list(best.values()), lambda r: f"{r['model']} (lr {r['train']['lr']:g})")
-
-
-def _answers_flag(runs) -> str:
-    """The flag " --answers-in-input" when the MQAR runs predate 2026-12-04 (their task options lack the key or set it):
-    the scripts' default task hides the answers since then, so the command must ask for the older task."""
-    tasks = [r["task"] for r in runs if r["task"].get("name", "mqar") == "mqar"]
-    return " --answers-in-input" if tasks and all(t.get("answers_in_input", True) for t in tasks) else ""
-
-
-def _color(model: str) -> str:
-    """One colour per registered model, the same in every figure."""
-    names = list_models()
-    return plt.get_cmap("tab10")(names.index(model) % 10 if model in names else 9)
+    lines += breakdowns(list(best.values()), lambda r: f"{r['model']} (lr {r['train']['lr']:g})")
 
 
 def _smooth(values: list[float], window: int = 10) -> np.ndarray:
@@ -126,7 +88,7 @@ def _smooth(values: list[float], window: int = 10) -> np.ndarray:
 
 
 def convergence(lines: list[str], name: str = "convergence_prose") -> None:
-    data = _load(name)
+    data = common.load(name)
     if not data:
         return
     b = data["budget"]
@@ -138,7 +100,7 @@ def convergence(lines: list[str], name: str = "convergence_prose") -> None:
               f"(warmup {max(1, b['steps'] // 10)}, cosine), hidden 128, 2 layers, 4 heads, BSBR chunk "
               f"{b['chunk_size']}, seed {b['seed']}; valid loss every {b['eval_every']} steps on 4 batches; the final "
               f"numbers cover the whole valid and test splits of `pydoc_data.topics`. Target valid loss for "
-              f"'steps to target': {b['target_loss']} nats/byte. {_env(data)}", "",
+              f"'steps to target': {b['target_loss']} nats/byte. {env(data)}", "",
               f"Command: `{RUN}convergence.py "
               f"--models {' '.join(r['model'] for r in runs)} --lengths {' '.join(map(str, b['lengths']))} "
               f"--steps {b['steps']} --batch-size {b['batch_size']} --eval-every {b['eval_every']} "
@@ -147,16 +109,16 @@ def convergence(lines: list[str], name: str = "convergence_prose") -> None:
              f"{r['test']['bits_per_token']:.3f}", f"{r['test']['perplexity']:.2f}",
              r["steps_to_target"] or "not reached", f"{r['seconds']:.0f}", f"{r['tokens_per_second']:.0f}",
              f"{r['peak_memory_bytes'] / MiB:.0f}"] for r in runs]
-    lines += [_table(["model", "T", "params", "valid bits/byte", "test bits/byte", "test ppl (per byte)",
+    lines += [table(["model", "T", "params", "valid bits/byte", "test bits/byte", "test ppl (per byte)",
                       "steps to target", "train s", "train tok/s", "peak RSS MiB"], rows), ""]
     edges = runs[0]["test"].get("position_edges")
     if edges:
         rows = [[r["model"]] + [f"{x / 0.6931471805599453:.3f}" for x in r["test"]["loss_by_position"]] for r in runs]
         lines += ["Test bits per byte by position in the window (does the model use long context?):", "",
-                  _table(["model"] + [f"{a}-{b_}" for a, b_ in zip(edges[:-1], edges[1:], strict=True)], rows), ""]
+                  table(["model"] + [f"{a}-{b_}" for a, b_ in zip(edges[:-1], edges[1:], strict=True)], rows), ""]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for r in runs:
-        c, ev, color = r["curve"], r["evals"], _color(r["model"])
+        c, ev, color = r["curve"], r["evals"], model_color(r["model"])
         steps, secs, loss = ([p[k] for p in c] for k in ("step", "seconds", "loss"))
         axes[0].plot(steps, _smooth(loss), color=color, label=r["model"])
         axes[1].plot([e["step"] for e in ev], [e["loss"] for e in ev], "o-", ms=3, color=color, label=r["model"])
@@ -169,13 +131,13 @@ def convergence(lines: list[str], name: str = "convergence_prose") -> None:
         ax.set_title(title, fontsize=9)
     axes[2].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
-    fig.savefig(FIGS / f"{name}.png", dpi=120)
+    fig.savefig(common.FIGS / f"{name}.png", dpi=120)
     plt.close(fig)
     lines += [f"![loss vs step and time](figures/{name}.png)", ""]
 
 
 def ablations(lines: list[str], task: str = "mqar") -> None:
-    data = _load(f"ablations_{task}")
+    data = common.load(f"ablations_{task}")
     if not data:
         return
     b = data["budget"]
@@ -183,12 +145,12 @@ def ablations(lines: list[str], task: str = "mqar") -> None:
               f"Budget per variant: {b['steps']} steps of batch {b['batch_size']}, lr {b['lr']:g}, "
               f"hidden 128, 2 layers, seed {b['seed']}. Inference columns: one [1, {b['speed_len']}] forward "
               f"pass of the trained model (median of 3) and the streaming cache's bytes after "
-              f"{b['speed_len']} tokens. {_env(data)}", "",
+              f"{b['speed_len']} tokens. {env(data)}", "",
               f"Command: `{RUN}ablations.py "
               f"--task {task} --seq-len {b['seq_len']} --chunks {' '.join(map(str, b['chunks']))} --compress "
               f"{' '.join(map(str, b['compress']))} --steps {b['steps']} --batch-size {b['batch_size']} "
               f"--lr {b['lr']:g}" + (f" --state-norms {' '.join(b['state_norms'])}" if b.get("state_norms") else "")
-              + (_answers_flag(data["runs"].values()) if task == "mqar" else "") + "`",
+              + (answers_flag(data["runs"].values()) if task == "mqar" else "") + "`",
               "", "Test loss in nats per scored token (per byte for the LM).", ""]
     rows = []
     for r in data["runs"].values():
@@ -197,17 +159,17 @@ def ablations(lines: list[str], task: str = "mqar") -> None:
                      f"{r['test']['accuracy']:.3f}",
                      f"{r['test']['loss']:.3f}", f"{r['tokens_per_second']:.0f}",
                      f"{r['inference']['tokens_per_second']:.0f}", f"{r['inference']['cache_bytes'] / MiB:.2f}"])
-    lines += [_table(["chunk", "compression", "state_norm", "test accuracy", "test loss", "train tok/s",
+    lines += [table(["chunk", "compression", "state_norm", "test accuracy", "test loss", "train tok/s",
                       "inference tok/s", f"cache MiB @ {b['speed_len']}"], rows), ""]
 
 
 def long_document(lines: list[str]) -> None:
-    data = _load("long_document")
+    data = common.load("long_document")
     if not data:
         return
     b = data["budget"]
     lines += ["## 5. Long document: streaming a trained BSBR model through its cache", "",
-              f"Newest run: {_env(data)}", ""]
+              f"Newest run: {env(data)}", ""]
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for r in data["runs"].values():
         s = r["stream"]
@@ -231,260 +193,20 @@ def long_document(lines: list[str]) -> None:
                   f"{s['window']} {s['windowed_bits_per_byte']:.3f}.", ""]
         rows = [[f"{x['from']:,}-{x['to']:,}", f"{x['bits_per_byte']:.3f}", f"{x['windowed_bits_per_byte']:.3f}",
                  f"{x['bits_per_byte'] - x['windowed_bits_per_byte']:+.3f}"] for x in s["by_position"]]
-        lines += [_table(["positions", "streamed bits/byte", f"windows of {s['window']}", "difference"], rows), ""]
+        lines += [table(["positions", "streamed bits/byte", f"windows of {s['window']}", "difference"], rows), ""]
         ax.plot([c["tokens"] for c in s["cache_bytes"]], [c["bytes"] / MiB for c in s["cache_bytes"]], label=label)
     ax.set_xlabel("tokens streamed")
     ax.set_ylabel("cache MiB (live bytes)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(FIGS / "long_document_cache.png", dpi=120)
+    fig.savefig(common.FIGS / "long_document_cache.png", dpi=120)
     plt.close(fig)
     lines += ["![cache size while streaming](figures/long_document_cache.png)", ""]
 
 
-def _mean_spread(xs: list[float]) -> str:
-    """'mean +- half-range (n)': with 3 seeds the half-range says more than a standard deviation would."""
-    if not xs:
-        return "-"
-    bad = sum(1 for x in xs if not np.isfinite(x))
-    if bad:  # a diverged run (NaN loss): say so rather than average it
-        ok = [x for x in xs if np.isfinite(x)]
-        return (_mean_spread(ok) if ok else "-") + f" and {bad} NaN (diverged)"
-    m = sum(xs) / len(xs)
-    return f"{m:.3f} ± {(max(xs) - min(xs)) / 2:.3f} (n={len(xs)})"
-
-
-def _curriculum_flags(b: dict) -> str:
-    return (f"--stage-lengths {' '.join(map(str, b['stage_lengths']))} "
-            f"--stage-steps {' '.join(map(str, b['stage_steps']))} "
-            f"--steps {b['steps']} --batch-size {b['batch_size']} --vocab-size {b['vocab_size']} "
-            f"--warmup {b['warmup']} --layers {b['layers']} --head-dim {b['head_dim']} --chunk-size {b['chunk_size']}"
-            f"{'' if b.get('zero_filler') else ' --no-zero-filler'}"
-            + (f" --eval-every {b['eval_every']}" if b.get("eval_every") else "")
-            + (f" --gau-qk-scale-init {b['gau_qk_scale_init']:g}" if b.get("gau_qk_scale_init") is not None else "")
-            + ("" if b.get("flush_denormals") else " --no-flush-denormals"))
-
-
-def _curriculum_commands(runs: list[dict], b: dict, tag: str) -> list[str]:
-    """The commands behind a curriculum file's runs. A full grid of (hidden, lr) settings gets one command; otherwise
-    one command per setting, since one command listing every setting would train combinations nobody ran. Each names
-    only its runs' models, lengths and seeds, and says how many of the cells it would train are in the file."""
-    def setting(r):
-        return r["model_options"]["hidden_dim"], r["train"]["lr"]
-
-    pairs = sorted({setting(r) for r in runs})
-    hiddens, lrs = sorted({h for h, _ in pairs}), sorted({lr for _, lr in pairs})
-    cases = {(r["model"], r["task"]["seq_len"], r["train"]["seed"]) for r in runs}
-    if len(pairs) == len(hiddens) * len(lrs) and len(cases) * len(pairs) == len(runs):
-        groups = [(hiddens, lrs, runs)]  # every case ran at every setting: one command
-    else:
-        groups = [([h], [lr], [r for r in runs if setting(r) == (h, lr)]) for h, lr in pairs]
-    out = []
-    for hs, ls, sel in groups:
-        models = sorted({r["model"] for r in sel}, key=lambda m: (m != "BSBR", m))
-        lengths = sorted({r["task"]["seq_len"] for r in sel})
-        seeds = sorted({r["train"]["seed"] for r in sel})
-        cells = len(models) * len(lengths) * len(seeds) * len(hs) * len(ls)
-        cmd = (f"`{RUN}recall_curriculum.py --models {' '.join(models)} --lengths {' '.join(map(str, lengths))} "
-               f"--hiddens {' '.join(map(str, hs))} --lrs {' '.join(f'{x:g}' for x in ls)} "
-               f"--seeds {' '.join(map(str, seeds))} {_curriculum_flags(b)}{_answers_flag(sel)}"
-               f"{f' --tag {tag}' if tag else ''}`")
-        what = (f" ({len(sel)} of the {cells} cells it trains are in the file; with the file in place it trains only "
-                "the missing ones)" if len(sel) < cells else "")
-        out.append(("Command: " if len(groups) == 1 else f"- hidden {hs[0]}, lr {ls[0]:g}: ") + cmd + what)
-    return out if len(groups) == 1 else ["Commands, one per setting:", ""] + out
-
-
-def _stage_losses(runs: list[dict], label) -> list[str]:
-    """Per run, its training loss at the end of each curriculum stage (mean of the curve's points in the stage's last
-    100 steps) beside a guess among the row's values (ln pairs), and the first logged step of the first stage
-    whose loss was below 0.5 nats: where a run stopped learning, not only whether it answered at the final T."""
-    staged = [r for r in runs if r["task"].get("curriculum") and r.get("curve")]
-    if not staged:
-        return []
-    shape = [(st["seq_len"], st["num_kv_pairs"]) for st in staged[0]["task"]["curriculum"]]
-    shape.append((staged[0]["task"]["seq_len"], staged[0]["task"]["num_kv_pairs"]))
-    rows = []
-    for r in staged:
-        stages = [*r["task"]["curriculum"], {"steps": r["steps"] - sum(st["steps"] for st in r["task"]["curriculum"])}]
-        if [(st["seq_len"], st["num_kv_pairs"]) for st in r["task"]["curriculum"]] != shape[:-1]:
-            continue  # another curriculum: not comparable column by column
-        ends = list(itertools.accumulate(st["steps"] for st in stages))
-        losses = []
-        for end in ends:
-            tail = [p["loss"] for p in r["curve"] if end - 100 < p["step"] <= end]
-            losses.append(f"{sum(tail) / len(tail):.2f}" if tail else "-")
-        first = next((p["step"] for p in r["curve"] if p["step"] <= ends[0] and p["loss"] < 0.5), None)
-        rows.append([label(r), r["train"]["seed"], *losses, first if first is not None else "never",
-                     f"{r['test']['accuracy']:.3f}"])
-    heads = [f"loss at end of T = {t} (guess {np.log(n):.2f})" for t, n in shape]
-    return ["Training loss at the end of each curriculum stage (mean of the last 100 steps; a guess among the row's "
-            "values scores ln pairs) and the first logged step of the first stage with loss below 0.5:", "",
-            _table(["run", "seed", *heads, f"first logged step < 0.5 at T = {shape[0][0]}", "test accuracy"], rows), ""]
-
-
-def _breakdowns(runs: list[dict], group) -> list[str]:
-    """Tables of MQAR test accuracy by pairs remaining (with what answering by elimination scores) and by
-    query-to-key distance, one row per group of runs (``group(run)`` -> label; accuracy pooled over the group)."""
-    out = []
-    with_fields = [r for r in runs if "by_remaining" in r["test"]]
-    if not with_fields:
-        return out
-    for field, what in (("remaining", "pairs not yet queried at the query (this one included)"),
-                        ("distance", "tokens from the query back to its key")):
-        lengths = sorted({r["task"]["seq_len"] for r in with_fields})
-        for t in lengths:
-            sel = [r for r in with_fields if r["task"]["seq_len"] == t]
-            edges = [(x[f"{field}_lo"], x[f"{field}_hi"]) for x in sel[0]["test"][f"by_{field}"]]
-            head = [f"{lo + 1}" if hi == lo + 1 else f"{lo + 1}-{hi}" for lo, hi in edges]
-            rows = []
-            for label in dict.fromkeys(group(r) for r in sel):
-                part = [r for r in sel if group(r) == label]
-                cells = []
-                for i in range(len(edges)):
-                    c = sum(r["test"][f"by_{field}"][i]["correct"] for r in part)
-                    n = sum(r["test"][f"by_{field}"][i]["total"] for r in part)
-                    cells.append(f"{c / n:.2f}" if n else "-")
-                rows.append([label, *cells])
-            if field == "remaining":  # one query per row at each count r, answered by elimination with p = 1/r
-                rows.append(["*elimination (1/remaining)*",
-                             *[f"{sum(1 / r for r in range(lo + 1, hi + 1)) / (hi - lo):.2f}" for lo, hi in edges]])
-            out += [f"Test accuracy by {what}, T = {t}:", "", _table(["", *head], rows), ""]
-    return out
-
-
-def _curves(runs: list[dict], name: str, label, by_model: bool = False) -> list[str]:
-    """Figure of valid accuracy at the final T against step for the runs with periodic evaluations (--eval-every),
-    one line per run (``label(run)``; with ``by_model`` coloured by model, dashed by seed); returns the report
-    lines that show it (none without such runs)."""
-    traced = [r for r in runs if r["evals"]]
-    if not traced:
-        return []
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    def setting(r):
-        return r["model_options"]["hidden_dim"], r["train"]["lr"]
-
-    settings = {}  # per model, its (hidden, lr) settings in order: the marker tells them apart
-    for r in traced:
-        settings.setdefault(r["model"], set()).add(setting(r))
-    for r in traced:
-        pts = r["evals"] + [r["valid"]] * (r["valid"].get("step") not in {e["step"] for e in r["evals"]})
-        style = {"marker": "."}
-        if by_model:
-            which = sorted(settings[r["model"]]).index(setting(r))
-            style = {"color": _color(r["model"]), "ls": ["-", "--", ":", "-."][r["train"]["seed"] % 4],
-                     "marker": [".", "x", "^", "s"][which % 4]}
-        ax.plot([e["step"] for e in pts], [e["accuracy"] for e in pts], lw=1, label=label(r), **style)
-    for end in itertools.accumulate(st["steps"] for st in traced[0]["task"].get("curriculum", [])):
-        ax.axvline(end, color="0.7", lw=0.8, ls=":")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("training step (dotted: end of a curriculum stage)", fontsize=8)
-    ax.set_ylabel(f"valid accuracy at T = {traced[0]['task']['seq_len']}", fontsize=8)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(FIGS / f"{name}_curves.png", dpi=120)
-    plt.close(fig)
-    return [f"![MQAR valid accuracy during training](figures/{name}_curves.png)", ""]
-
-
-def recall_curriculum(lines: list[str], name: str) -> None:
-    """Issue 14's MQAR with a curriculum: one row per run for the sweep, mean ± spread over seeds otherwise."""
-    data = _load(name)
-    if not data:
-        return
-    b, runs = data["budget"], list(data["runs"].values())
-    tag = name[len("recall_curriculum_"):] if name != "recall_curriculum" else ""
-    lengths = sorted({r["task"]["seq_len"] for r in runs})
-    hiddens = sorted({r["model_options"]["hidden_dim"] for r in runs})
-    lrs = sorted({r["train"]["lr"] for r in runs})
-    seeds = sorted({r["train"]["seed"] for r in runs})
-    chunks = sorted({r["model_options"]["chunk_size"] for r in runs if r["model"] == "BSBR"}) or [b["chunk_size"]]
-    b = {**b, "chunk_size": chunks[0]}  # the chunk the BSBR runs used (the budget keeps the last writer's)
-    minutes = sum(r["seconds"] for r in runs) / 60
-    filler = "token 0 between the queries" if b.get("zero_filler") else "random tokens between the queries"
-    used = any(r["task"].get("curriculum") for r in runs)
-    stages = (f"Curriculum: {' / '.join(map(str, b['stage_steps']))} steps at T = {b['stage_lengths']} (those below "
-              f"the final T; pairs = T/16 throughout), then the final T" if used else
-              "No curriculum stage (every stage length is at least the final T): the final T throughout")
-    answers = ("each answer also written into the input after its query (the task before 2026-12-04)"
-               if _answers_flag(runs) else "answers as labels only")
-    lines += [f"## 1b. MQAR with a curriculum{f' ({tag})' if tag else ''}", "",
-              f"{stages}; {b['steps']} steps in all of batch "
-              f"{b['batch_size']}, "
-              f"warmup {b['warmup']}, cosine decay, AdamW (weight decay 0.1), vocabulary {b['vocab_size']}, {filler}, "
-              f"{answers}, "
-              f"{b['layers']} layers, heads = hidden / {b['head_dim']}, BSBR chunk {b['chunk_size']}, GAU "
-              f"qk_scale_init {b.get('gau_qk_scale_init')}. Test-split accuracy on the scored values "
-              f"({b['test_batches']} batches of {b['batch_size']}, always at the final T). {len(runs)} runs, "
-              f"{minutes:.0f} CPU minutes of training (one thread each). {_env(data)}", "",
-              ] + _curriculum_commands(runs, b, tag) + [""]
-    if len(seeds) == 1:
-        rows = [[r["model"], r["task"]["seq_len"], r["task"]["num_kv_pairs"], r["model_options"]["hidden_dim"],
-                 f"{r['train']['lr']:g}", r["train"]["seed"], f"{r['test']['accuracy']:.3f}",
-                 f"{r['test']['loss']:.3f}",
-                 f"{r['seconds'] / 60:.1f}"] for r in sorted(runs, key=lambda r: (r["model"], r["task"]["seq_len"],
-                                                                               r["model_options"]["hidden_dim"],
-                                                                               r["train"]["lr"]))]
-        lines += [_table(["model", "T", "pairs", "hidden", "lr", "seed", "test accuracy", "test loss", "CPU min"],
-                         rows), ""]
-        lines += _breakdowns(runs, lambda r: f"{r['model']} h={r['model_options']['hidden_dim']} "
-                                             f"lr={r['train']['lr']:g}")
-        lines += _curves(runs, name, lambda r: f"{r['model']} h={r['model_options']['hidden_dim']} "
-                                               f"lr={r['train']['lr']:g}")
-        return
-    # one group per configuration (model, T, hidden, lr): only seeds are pooled, never two settings
-    def config(r):
-        return r["model"], r["task"]["seq_len"], r["model_options"]["hidden_dim"], r["train"]["lr"]
-
-    configs = sorted({config(r) for r in runs}, key=lambda c: (c[1], c[0] != "BSBR", c[0], c[2], c[3]))
-    several = len(hiddens) > 1 or len(lrs) > 1
-
-    def label(c):
-        return c[0] + (f" h={c[2]} lr={c[3]:g}" if several else "")
-
-    def members(c):
-        return sorted((r for r in runs if config(r) == c), key=lambda r: r["train"]["seed"])
-
-    rows, means = [], {}
-    for c in configs:
-        sel = members(c)
-        acc = [r["test"]["accuracy"] for r in sel]
-        means[c] = (sum(acc) / len(acc), (max(acc) - min(acc)) / 2, acc)
-        rows.append([label(c), c[1], sel[0]["task"]["num_kv_pairs"], " ".join(str(r["train"]["seed"]) for r in sel),
-                     _mean_spread(acc), " / ".join(f"{x:.3f}" for x in acc),
-                     _mean_spread([r["test"]["loss"] for r in sel]), f"{sum(r['seconds'] for r in sel) / 60:.1f}"])
-    lines += ["Mean ± half the range over the seeds run (with three seeds the range is the honest spread; a row "
-              "with one seed is one run, not a mean).", "",
-              _table(["model", "T", "pairs", "seeds", "test accuracy", "per seed", "test loss",
-                      "CPU min (all seeds)"], rows), ""]
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.4), squeeze=False)
-    for ax, t in zip(axes[0], lengths, strict=True):
-        shown = [c for c in configs if c[1] == t]
-        ax.bar([label(c) for c in shown], [means[c][0] for c in shown], yerr=[means[c][1] for c in shown],
-               capsize=3, color=[_color(c[0]) for c in shown])
-        for i, c in enumerate(shown):
-            ax.plot([i] * len(means[c][2]), means[c][2], "k.", ms=4)
-        ax.set_ylim(0, 1.02)
-        ax.set_title(f"T = {t}", fontsize=9)
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-        ax.set_ylabel("MQAR test accuracy\n(bar: mean; dots: seeds)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(FIGS / f"{name}.png", dpi=120)
-    plt.close(fig)
-    lines += [f"![MQAR with a curriculum](figures/{name}.png)", ""]
-    lines += _curves(runs, name, lambda r: f"{label(config(r))} seed {r['train']['seed']}", by_model=True)
-    def pooled(r):
-        n = len(means[config(r)][2])
-        return f"{label(config(r))} ({n} seed{'s' * (n > 1)} pooled)"
-
-    lines += _stage_losses(sorted(runs, key=lambda r: (configs.index(config(r)), r["train"]["seed"])),
-                           lambda r: label(config(r)))
-    lines += _breakdowns(sorted(runs, key=lambda r: configs.index(config(r))), pooled)
-
-
 def passkey_depth(lines: list[str], name: str) -> None:
     """Issue 14's passkey heat maps: example accuracy per (depth, length), one panel per model."""
-    data = _load(name)
+    data = common.load(name)
     if not data:
         return
     b, runs = data["budget"], data["runs"]
@@ -504,7 +226,7 @@ def passkey_depth(lines: list[str], name: str) -> None:
               f"Then tested unchanged with the needle at each depth in rows of each length: share of test rows with "
               f"all 5 digits right ({b['test_rows']} rows a cell, {b['long_test_rows']} at 16,384 and above; "
               f"chance is 1e-5). Standard and Hopfield are quadratic and skip {b['long_lengths']}. "
-              f"Training {train_min:.0f} CPU minutes, testing {test_min:.0f} (one thread). {_env(data)}", "",
+              f"Training {train_min:.0f} CPU minutes, testing {test_min:.0f} (one thread). {env(data)}", "",
               f"Command: `{RUN}passkey_depth.py --models {' '.join(models)} --train-len {b['train_len']} "
               f"--stage-lengths {stages} --stage-steps {b['stage_steps']} --steps {b['steps']} --batch-size "
               f"{b['batch_size']} --lr {b['lr']:g} --hidden {b['hidden']} --layers {b['layers']} --heads {b['heads']} "
@@ -528,7 +250,7 @@ def passkey_depth(lines: list[str], name: str) -> None:
             rows.append(row)
         lines += [f"Mean over the {len(depths)} depths of the {what}, per test length; the second column is the "
                   "random-depth test split at the training length (4 batches of the training batch size; "
-                  "digit accuracy in brackets).", "", _table(header, rows), ""]
+                  "digit accuracy in brackets).", "", table(header, rows), ""]
     fig, axes = plt.subplots(2, len(models), figsize=(1.9 * len(models) + 1.5, 6.2), squeeze=False,
                              gridspec_kw={"hspace": 0.45, "wspace": 0.08})
     for row_axes, metric, label in zip(axes, ("example_accuracy", "digit_accuracy"),
@@ -548,22 +270,23 @@ def passkey_depth(lines: list[str], name: str) -> None:
             ax.set_xlabel("test length", fontsize=7)
         row_axes[0].set_ylabel(f"needle depth\n({label})", fontsize=8)
         fig.colorbar(im, ax=row_axes.tolist(), shrink=0.8, label=label)
-    fig.savefig(FIGS / f"{name}.png", dpi=120, bbox_inches="tight")
+    fig.savefig(common.FIGS / f"{name}.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     lines += [f"![passkey accuracy by depth and length](figures/{name}.png)", ""]
 
 
 def _all_runs() -> list[dict]:
     # (convert_*.json are written by experiments/convert.py in another layout, reported in docs/convert.md)
-    return [r for path in sorted(RESULTS.glob("*.json")) for r in json.loads(path.read_text()).get("runs", {}).values()]
+    return [r for path in sorted(common.RESULTS.glob("*.json"))
+            for r in json.loads(path.read_text()).get("runs", {}).values()]
 
 
 def main() -> None:
-    FIGS.mkdir(parents=True, exist_ok=True)
+    common.FIGS.mkdir(parents=True, exist_ok=True)
     runs = _all_runs()
     minutes = sum(r.get("seconds", 0.0) for r in runs) / 60
     def tagged_minutes(pattern):
-        return sum(r.get("seconds", 0.0) for path in RESULTS.glob(pattern)
+        return sum(r.get("seconds", 0.0) for path in common.RESULTS.glob(pattern)
                    for r in json.loads(path.read_text())["runs"].values()) / 60
 
     probes, recipes = tagged_minutes("recall_vs_length_*.json"), tagged_minutes("recall_curriculum_*.json")
@@ -585,26 +308,26 @@ def main() -> None:
              "`--answers-in-input`; the others (section 1 small_labels_only, the 1b grid and its labels_only "
              "probes) use today's task, answers as labels only, as in Zoology.",
              ""]
-    for path in sorted(RESULTS.glob("recall_vs_length*.json")):
+    for path in sorted(common.RESULTS.glob("recall_vs_length*.json")):
         recall(lines, path.stem)
     def order(path):  # today's task first (the grid, then its probes), then the runs with answers in the input
-        earlier = bool(_answers_flag(json.loads(path.read_text())["runs"].values()))
+        earlier = bool(answers_flag(json.loads(path.read_text())["runs"].values()))
         return earlier, path.stem != "recall_curriculum", "sweep" not in path.stem, path.stem
 
-    for path in sorted(RESULTS.glob("recall_curriculum*.json"), key=order):
+    for path in sorted(common.RESULTS.glob("recall_curriculum*.json"), key=order):
         recall_curriculum(lines, path.stem)
-    for path in sorted(RESULTS.glob("convergence_*.json")):
+    for path in sorted(common.RESULTS.glob("convergence_*.json")):
         convergence(lines, path.stem)
     ablations(lines)
     ablations(lines, "lm")
     long_document(lines)
-    for path in sorted(RESULTS.glob("passkey_depth*.json")):
+    for path in sorted(common.RESULTS.glob("passkey_depth*.json")):
         passkey_depth(lines, path.stem)
-    notes = ROOT / "experiments" / "NOTES.md"
+    notes = common.ROOT / "experiments" / "NOTES.md"
     if notes.exists():
         lines += [notes.read_text()]
-    (DOCS / "experiments.md").write_text("\n".join(lines).rstrip() + "\n")
-    print(f"wrote {DOCS / 'experiments.md'}")
+    (common.DOCS / "experiments.md").write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {common.DOCS / 'experiments.md'}")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ RECALL = ["--models", "Standard", "GAU", "--lengths", "64", "--stage-lengths", "
           "--steps", "4", "--hiddens", "32", "--seeds", "0", "1", "--test-batches", "1", "--batch-size", "4"]
 
 
-def test_passkey_script_grid(tmp_path):
+def test_passkey_script_grid(tmp_path, monkeypatch):
     proc = _run("passkey_depth.py", PASSKEY, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads((tmp_path / "results" / "passkey_depth.json").read_text())["runs"]
@@ -98,7 +98,7 @@ def test_passkey_script_grid(tmp_path):
     assert runs["BSBR"]["task"]["curriculum"][0]["seq_len"] == 96
     again = _run("passkey_depth.py", PASSKEY, tmp_path)
     assert again.stderr.count("done earlier, skipped") == 2
-    lines = _report(tmp_path).passkey_depth_section("passkey_depth")
+    lines = _report(tmp_path, monkeypatch).passkey_depth_section("passkey_depth")
     assert "| Standard |" in "\n".join(lines) and "not run" in "\n".join(lines)  # quadratic: no 512 column value
     assert (tmp_path / "figures" / "passkey_depth.png").stat().st_size > 0
 
@@ -117,11 +117,12 @@ def _load_experiment(script: str):
     return mod
 
 
-def _report(tmp: Path):
+def _report(tmp: Path, monkeypatch):
     """experiments/report.py reading tmp/results and drawing into tmp/figures."""
     mod = _load_experiment("report.py")
-    mod.RESULTS, mod.FIGS = tmp / "results", tmp / "figures"
-    mod.FIGS.mkdir(exist_ok=True)
+    monkeypatch.setattr(mod.common, "RESULTS", tmp / "results")
+    monkeypatch.setattr(mod.common, "FIGS", tmp / "figures")
+    mod.common.FIGS.mkdir(exist_ok=True)
 
     class Sections:
         def passkey_depth_section(self, name):
@@ -137,7 +138,7 @@ def _report(tmp: Path):
     return Sections()
 
 
-def test_recall_curriculum_script_grid(tmp_path):
+def test_recall_curriculum_script_grid(tmp_path, monkeypatch):
     proc = _run("recall_curriculum.py", RECALL, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads((tmp_path / "results" / "recall_curriculum.json").read_text())["runs"]
@@ -147,7 +148,7 @@ def test_recall_curriculum_script_grid(tmp_path):
         {"steps": 2, "seq_len": 32, "seed": 0, "vocab_size": 256, "num_kv_pairs": 2, "power_a": 0.01,
          "random_filler": False, "answers_in_input": False}]
     assert runs["GAU|T=64|h=32|lr=0.003|seed=0"]["model_options"]["qk_scale_init"] == 0.5
-    text = "\n".join(_report(tmp_path).recall_section("recall_curriculum"))
+    text = "\n".join(_report(tmp_path, monkeypatch).recall_section("recall_curriculum"))
     assert "(n=2)" in text and "--seeds 0 1" in text and "--stage-steps 2" in text
     assert "| Standard (2 seeds pooled) |" in text and "*elimination (1/remaining)*" in text
     assert "--answers-in-input" not in text and "answers as labels only" in text
@@ -244,14 +245,14 @@ def test_run_grid_refuses_a_done_cell_trained_with_other_settings(tmp_path, monk
     assert trained == [] and json.loads((tmp_path / "grid.json").read_text())["runs"] == {"a": {"ok": 1}}
 
 
-def test_recall_sweep_with_evals_draws_its_curve(tmp_path):
+def test_recall_sweep_with_evals_draws_its_curve(tmp_path, monkeypatch):
     i = RECALL.index("--seeds")
     args = RECALL[: i + 2] + RECALL[i + 3:] + ["--eval-every", "2", "--tag", "probe"]  # seed 0 only
     proc = _run("recall_curriculum.py", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads((tmp_path / "results" / "recall_curriculum_probe.json").read_text())["runs"]
     assert all([e["step"] for e in r["evals"]] == [2] and r["valid"]["step"] == 4 for r in runs.values())
-    text = "\n".join(_report(tmp_path).recall_section("recall_curriculum_probe"))
+    text = "\n".join(_report(tmp_path, monkeypatch).recall_section("recall_curriculum_probe"))
     assert "| seed |" in text and "figures/recall_curriculum_probe_curves.png" in text
     assert "Test accuracy by tokens from the query back to its key, T = 64:" in text
     assert (tmp_path / "figures" / "recall_curriculum_probe_curves.png").stat().st_size > 0
@@ -321,17 +322,17 @@ def test_mqar_answers_are_labels_only_unless_asked():
 
 def test_report_commands_ask_for_the_earlier_task_where_runs_used_it(tmp_path):
     """Runs recorded before answers_in_input existed (no key) or with it set reproduce only with the flag."""
-    mod = _load_experiment("report.py")
+    mod = _load_experiment("_report_common.py")
     old, shown, hidden = ({"name": "mqar", "seq_len": 64}, {"name": "mqar", "answers_in_input": True},
                           {"name": "mqar", "answers_in_input": False})
-    assert mod._answers_flag([{"task": old}, {"task": shown}]) == " --answers-in-input"
-    assert mod._answers_flag([{"task": hidden}]) == "" and mod._answers_flag([{"task": {"name": "lm"}}]) == ""
+    assert mod.answers_flag([{"task": old}, {"task": shown}]) == " --answers-in-input"
+    assert mod.answers_flag([{"task": hidden}]) == "" and mod.answers_flag([{"task": {"name": "lm"}}]) == ""
 
 
 def test_report_pools_seeds_but_never_two_settings(tmp_path, monkeypatch):
     """A results file with Standard at two learning rates (one seed and two seeds) and BSBR at one: the report's
     mean +- spread rows pool only seeds of one configuration (lr 1e-3's single run is not averaged into lr 3e-3)."""
-    report = _load_experiment("report.py")
+    report = _load_experiment("_report_mqar.py")
 
     def run(model, lr, seed, acc):
         return {"model": model, "model_options": {"hidden_dim": 64, "chunk_size": 32}, "seconds": 60.0, "evals": [],
@@ -343,8 +344,8 @@ def test_report_pools_seeds_but_never_two_settings(tmp_path, monkeypatch):
     budget = {"stage_steps": [1], "stage_lengths": [64], "steps": 2, "batch_size": 8, "warmup": 0, "vocab_size": 256,
               "layers": 2, "head_dim": 32, "chunk_size": 32, "test_batches": 1, "zero_filler": True}
     data = {"budget": budget, "runs": {str(i): r for i, r in enumerate(runs)}}
-    monkeypatch.setattr(report, "_load", lambda name: data)
-    monkeypatch.setattr(report, "FIGS", tmp_path)
+    monkeypatch.setattr(report.common, "load", lambda name: data)
+    monkeypatch.setattr(report.common, "FIGS", tmp_path)
     lines = []
     report.recall_curriculum(lines, "recall_curriculum_t")
     rows = {line.split(" | ")[0].strip("| "): line for line in "\n".join(lines).splitlines()
@@ -366,7 +367,7 @@ def test_report_pools_seeds_but_never_two_settings(tmp_path, monkeypatch):
 def test_report_stage_losses_show_where_a_run_stopped_learning():
     """The stage table averages the curve over each stage's last 100 steps and finds the first logged step of the
     first stage below 0.5 nats; a run that never got there says "never", and a run of another curriculum is left out."""
-    report = _load_experiment("report.py")
+    report = _load_experiment("_report_mqar.py")
     stage = {"steps": 200, "seq_len": 64, "num_kv_pairs": 4}
 
     def run(seed, loss_at, stages=(stage,)):

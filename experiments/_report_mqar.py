@@ -1,0 +1,222 @@
+"""Section 1b of docs/experiments.md, MQAR with a curriculum (issue 14): one section per results file
+``recall_curriculum*.json`` with its table (mean ± half-range over seeds, or one row per run), the commands that
+reproduce it, bar and curve figures, the loss at the end of each curriculum stage and the breakdowns."""
+
+from __future__ import annotations
+
+import itertools
+
+import _report_common as common
+import matplotlib.pyplot as plt
+import numpy as np
+from _report_common import RUN, answers_flag, breakdowns, env, model_color, table
+
+
+def _mean_spread(xs: list[float]) -> str:
+    """'mean +- half-range (n)': with 3 seeds the half-range says more than a standard deviation would."""
+    if not xs:
+        return "-"
+    bad = sum(1 for x in xs if not np.isfinite(x))
+    if bad:  # a diverged run (NaN loss): say so rather than average it
+        ok = [x for x in xs if np.isfinite(x)]
+        return (_mean_spread(ok) if ok else "-") + f" and {bad} NaN (diverged)"
+    m = sum(xs) / len(xs)
+    return f"{m:.3f} ± {(max(xs) - min(xs)) / 2:.3f} (n={len(xs)})"
+
+
+def _curriculum_flags(b: dict) -> str:
+    return (f"--stage-lengths {' '.join(map(str, b['stage_lengths']))} "
+            f"--stage-steps {' '.join(map(str, b['stage_steps']))} "
+            f"--steps {b['steps']} --batch-size {b['batch_size']} --vocab-size {b['vocab_size']} "
+            f"--warmup {b['warmup']} --layers {b['layers']} --head-dim {b['head_dim']} --chunk-size {b['chunk_size']}"
+            f"{'' if b.get('zero_filler') else ' --no-zero-filler'}"
+            + (f" --eval-every {b['eval_every']}" if b.get("eval_every") else "")
+            + (f" --gau-qk-scale-init {b['gau_qk_scale_init']:g}" if b.get("gau_qk_scale_init") is not None else "")
+            + ("" if b.get("flush_denormals") else " --no-flush-denormals"))
+
+
+def _curriculum_commands(runs: list[dict], b: dict, tag: str) -> list[str]:
+    """The commands behind a curriculum file's runs. A full grid of (hidden, lr) settings gets one command; otherwise
+    one command per setting, since one command listing every setting would train combinations nobody ran. Each names
+    only its runs' models, lengths and seeds, and says how many of the cells it would train are in the file."""
+    def setting(r):
+        return r["model_options"]["hidden_dim"], r["train"]["lr"]
+
+    pairs = sorted({setting(r) for r in runs})
+    hiddens, lrs = sorted({h for h, _ in pairs}), sorted({lr for _, lr in pairs})
+    cases = {(r["model"], r["task"]["seq_len"], r["train"]["seed"]) for r in runs}
+    if len(pairs) == len(hiddens) * len(lrs) and len(cases) * len(pairs) == len(runs):
+        groups = [(hiddens, lrs, runs)]  # every case ran at every setting: one command
+    else:
+        groups = [([h], [lr], [r for r in runs if setting(r) == (h, lr)]) for h, lr in pairs]
+    out = []
+    for hs, ls, sel in groups:
+        models = sorted({r["model"] for r in sel}, key=lambda m: (m != "BSBR", m))
+        lengths = sorted({r["task"]["seq_len"] for r in sel})
+        seeds = sorted({r["train"]["seed"] for r in sel})
+        cells = len(models) * len(lengths) * len(seeds) * len(hs) * len(ls)
+        cmd = (f"`{RUN}recall_curriculum.py --models {' '.join(models)} --lengths {' '.join(map(str, lengths))} "
+               f"--hiddens {' '.join(map(str, hs))} --lrs {' '.join(f'{x:g}' for x in ls)} "
+               f"--seeds {' '.join(map(str, seeds))} {_curriculum_flags(b)}{answers_flag(sel)}"
+               f"{f' --tag {tag}' if tag else ''}`")
+        what = (f" ({len(sel)} of the {cells} cells it trains are in the file; with the file in place it trains only "
+                "the missing ones)" if len(sel) < cells else "")
+        out.append(("Command: " if len(groups) == 1 else f"- hidden {hs[0]}, lr {ls[0]:g}: ") + cmd + what)
+    return out if len(groups) == 1 else ["Commands, one per setting:", ""] + out
+
+
+def _stage_losses(runs: list[dict], label) -> list[str]:
+    """Per run, its training loss at the end of each curriculum stage (mean of the curve's points in the stage's last
+    100 steps) beside a guess among the row's values (ln pairs), and the first logged step of the first stage
+    whose loss was below 0.5 nats: where a run stopped learning, not only whether it answered at the final T."""
+    staged = [r for r in runs if r["task"].get("curriculum") and r.get("curve")]
+    if not staged:
+        return []
+    shape = [(st["seq_len"], st["num_kv_pairs"]) for st in staged[0]["task"]["curriculum"]]
+    shape.append((staged[0]["task"]["seq_len"], staged[0]["task"]["num_kv_pairs"]))
+    rows = []
+    for r in staged:
+        stages = [*r["task"]["curriculum"], {"steps": r["steps"] - sum(st["steps"] for st in r["task"]["curriculum"])}]
+        if [(st["seq_len"], st["num_kv_pairs"]) for st in r["task"]["curriculum"]] != shape[:-1]:
+            continue  # another curriculum: not comparable column by column
+        ends = list(itertools.accumulate(st["steps"] for st in stages))
+        losses = []
+        for end in ends:
+            tail = [p["loss"] for p in r["curve"] if end - 100 < p["step"] <= end]
+            losses.append(f"{sum(tail) / len(tail):.2f}" if tail else "-")
+        first = next((p["step"] for p in r["curve"] if p["step"] <= ends[0] and p["loss"] < 0.5), None)
+        rows.append([label(r), r["train"]["seed"], *losses, first if first is not None else "never",
+                     f"{r['test']['accuracy']:.3f}"])
+    heads = [f"loss at end of T = {t} (guess {np.log(n):.2f})" for t, n in shape]
+    return ["Training loss at the end of each curriculum stage (mean of the last 100 steps; a guess among the row's "
+            "values scores ln pairs) and the first logged step of the first stage with loss below 0.5:", "",
+            table(["run", "seed", *heads, f"first logged step < 0.5 at T = {shape[0][0]}", "test accuracy"], rows), ""]
+
+
+def _curves(runs: list[dict], name: str, label, by_model: bool = False) -> list[str]:
+    """Figure of valid accuracy at the final T against step for the runs with periodic evaluations (--eval-every),
+    one line per run (``label(run)``; with ``by_model`` coloured by model, dashed by seed); returns the report
+    lines that show it (none without such runs)."""
+    traced = [r for r in runs if r["evals"]]
+    if not traced:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    def setting(r):
+        return r["model_options"]["hidden_dim"], r["train"]["lr"]
+
+    settings = {}  # per model, its (hidden, lr) settings in order: the marker tells them apart
+    for r in traced:
+        settings.setdefault(r["model"], set()).add(setting(r))
+    for r in traced:
+        pts = r["evals"] + [r["valid"]] * (r["valid"].get("step") not in {e["step"] for e in r["evals"]})
+        style = {"marker": "."}
+        if by_model:
+            which = sorted(settings[r["model"]]).index(setting(r))
+            style = {"color": model_color(r["model"]), "ls": ["-", "--", ":", "-."][r["train"]["seed"] % 4],
+                     "marker": [".", "x", "^", "s"][which % 4]}
+        ax.plot([e["step"] for e in pts], [e["accuracy"] for e in pts], lw=1, label=label(r), **style)
+    for end in itertools.accumulate(st["steps"] for st in traced[0]["task"].get("curriculum", [])):
+        ax.axvline(end, color="0.7", lw=0.8, ls=":")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("training step (dotted: end of a curriculum stage)", fontsize=8)
+    ax.set_ylabel(f"valid accuracy at T = {traced[0]['task']['seq_len']}", fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(common.FIGS / f"{name}_curves.png", dpi=120)
+    plt.close(fig)
+    return [f"![MQAR valid accuracy during training](figures/{name}_curves.png)", ""]
+
+
+def recall_curriculum(lines: list[str], name: str) -> None:
+    """Issue 14's MQAR with a curriculum: one row per run for the sweep, mean ± spread over seeds otherwise."""
+    data = common.load(name)
+    if not data:
+        return
+    b, runs = data["budget"], list(data["runs"].values())
+    tag = name[len("recall_curriculum_"):] if name != "recall_curriculum" else ""
+    lengths = sorted({r["task"]["seq_len"] for r in runs})
+    hiddens = sorted({r["model_options"]["hidden_dim"] for r in runs})
+    lrs = sorted({r["train"]["lr"] for r in runs})
+    seeds = sorted({r["train"]["seed"] for r in runs})
+    chunks = sorted({r["model_options"]["chunk_size"] for r in runs if r["model"] == "BSBR"}) or [b["chunk_size"]]
+    b = {**b, "chunk_size": chunks[0]}  # the chunk the BSBR runs used (the budget keeps the last writer's)
+    minutes = sum(r["seconds"] for r in runs) / 60
+    filler = "token 0 between the queries" if b.get("zero_filler") else "random tokens between the queries"
+    used = any(r["task"].get("curriculum") for r in runs)
+    stages = (f"Curriculum: {' / '.join(map(str, b['stage_steps']))} steps at T = {b['stage_lengths']} (those below "
+              f"the final T; pairs = T/16 throughout), then the final T" if used else
+              "No curriculum stage (every stage length is at least the final T): the final T throughout")
+    answers = ("each answer also written into the input after its query (the task before 2026-12-04)"
+               if answers_flag(runs) else "answers as labels only")
+    lines += [f"## 1b. MQAR with a curriculum{f' ({tag})' if tag else ''}", "",
+              f"{stages}; {b['steps']} steps in all of batch "
+              f"{b['batch_size']}, "
+              f"warmup {b['warmup']}, cosine decay, AdamW (weight decay 0.1), vocabulary {b['vocab_size']}, {filler}, "
+              f"{answers}, "
+              f"{b['layers']} layers, heads = hidden / {b['head_dim']}, BSBR chunk {b['chunk_size']}, GAU "
+              f"qk_scale_init {b.get('gau_qk_scale_init')}. Test-split accuracy on the scored values "
+              f"({b['test_batches']} batches of {b['batch_size']}, always at the final T). {len(runs)} runs, "
+              f"{minutes:.0f} CPU minutes of training (one thread each). {env(data)}", "",
+              ] + _curriculum_commands(runs, b, tag) + [""]
+    if len(seeds) == 1:
+        rows = [[r["model"], r["task"]["seq_len"], r["task"]["num_kv_pairs"], r["model_options"]["hidden_dim"],
+                 f"{r['train']['lr']:g}", r["train"]["seed"], f"{r['test']['accuracy']:.3f}",
+                 f"{r['test']['loss']:.3f}",
+                 f"{r['seconds'] / 60:.1f}"] for r in sorted(runs, key=lambda r: (r["model"], r["task"]["seq_len"],
+                                                                               r["model_options"]["hidden_dim"],
+                                                                               r["train"]["lr"]))]
+        lines += [table(["model", "T", "pairs", "hidden", "lr", "seed", "test accuracy", "test loss", "CPU min"],
+                         rows), ""]
+        lines += breakdowns(runs, lambda r: f"{r['model']} h={r['model_options']['hidden_dim']} "
+                                             f"lr={r['train']['lr']:g}")
+        lines += _curves(runs, name, lambda r: f"{r['model']} h={r['model_options']['hidden_dim']} "
+                                               f"lr={r['train']['lr']:g}")
+        return
+    # one group per configuration (model, T, hidden, lr): only seeds are pooled, never two settings
+    def config(r):
+        return r["model"], r["task"]["seq_len"], r["model_options"]["hidden_dim"], r["train"]["lr"]
+
+    configs = sorted({config(r) for r in runs}, key=lambda c: (c[1], c[0] != "BSBR", c[0], c[2], c[3]))
+    several = len(hiddens) > 1 or len(lrs) > 1
+
+    def label(c):
+        return c[0] + (f" h={c[2]} lr={c[3]:g}" if several else "")
+
+    def members(c):
+        return sorted((r for r in runs if config(r) == c), key=lambda r: r["train"]["seed"])
+
+    rows, means = [], {}
+    for c in configs:
+        sel = members(c)
+        acc = [r["test"]["accuracy"] for r in sel]
+        means[c] = (sum(acc) / len(acc), (max(acc) - min(acc)) / 2, acc)
+        rows.append([label(c), c[1], sel[0]["task"]["num_kv_pairs"], " ".join(str(r["train"]["seed"]) for r in sel),
+                     _mean_spread(acc), " / ".join(f"{x:.3f}" for x in acc),
+                     _mean_spread([r["test"]["loss"] for r in sel]), f"{sum(r['seconds'] for r in sel) / 60:.1f}"])
+    lines += ["Mean ± half the range over the seeds run (with three seeds the range is the honest spread; a row "
+              "with one seed is one run, not a mean).", "",
+              table(["model", "T", "pairs", "seeds", "test accuracy", "per seed", "test loss",
+                      "CPU min (all seeds)"], rows), ""]
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.4), squeeze=False)
+    for ax, t in zip(axes[0], lengths, strict=True):
+        shown = [c for c in configs if c[1] == t]
+        ax.bar([label(c) for c in shown], [means[c][0] for c in shown], yerr=[means[c][1] for c in shown],
+               capsize=3, color=[model_color(c[0]) for c in shown])
+        for i, c in enumerate(shown):
+            ax.plot([i] * len(means[c][2]), means[c][2], "k.", ms=4)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"T = {t}", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.set_ylabel("MQAR test accuracy\n(bar: mean; dots: seeds)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(common.FIGS / f"{name}.png", dpi=120)
+    plt.close(fig)
+    lines += [f"![MQAR with a curriculum](figures/{name}.png)", ""]
+    lines += _curves(runs, name, lambda r: f"{label(config(r))} seed {r['train']['seed']}", by_model=True)
+    def pooled(r):
+        n = len(means[config(r)][2])
+        return f"{label(config(r))} ({n} seed{'s' * (n > 1)} pooled)"
+
+    lines += _stage_losses(sorted(runs, key=lambda r: (configs.index(config(r)), r["train"]["seed"])),
+                           lambda r: label(config(r)))
+    lines += breakdowns(sorted(runs, key=lambda r: configs.index(config(r))), pooled)
