@@ -68,59 +68,68 @@ def _curriculum_commands(runs: list[dict], b: dict, tag: str) -> list[str]:
 def _stage_losses(runs: list[dict], label) -> list[str]:
     """Per run, its training loss at the end of each curriculum stage (mean of the curve's points in the stage's last
     100 steps) beside a guess among the row's values (ln pairs), and the first logged step of the first stage
-    whose loss was below 0.5 nats: where a run stopped learning, not only whether it answered at the final T."""
+    whose loss was below 0.5 nats: where a run stopped learning, not only whether it answered at the final T.
+    One table per final T; runs of another curriculum than the first run's are left out (not comparable column by
+    column)."""
     staged = [r for r in runs if r["task"].get("curriculum") and r.get("curve")]
     if not staged:
         return []
-    shape = [(st["seq_len"], st["num_kv_pairs"]) for st in staged[0]["task"]["curriculum"]]
-    shape.append((staged[0]["task"]["seq_len"], staged[0]["task"]["num_kv_pairs"]))
-    rows = []
+    stage_shape = [(st["seq_len"], st["num_kv_pairs"]) for st in staged[0]["task"]["curriculum"]]
+    by_final: dict[tuple[int, int], list[list]] = {}
     for r in staged:
+        if [(st["seq_len"], st["num_kv_pairs"]) for st in r["task"]["curriculum"]] != stage_shape:
+            continue
         stages = [*r["task"]["curriculum"], {"steps": r["steps"] - sum(st["steps"] for st in r["task"]["curriculum"])}]
-        if [(st["seq_len"], st["num_kv_pairs"]) for st in r["task"]["curriculum"]] != shape[:-1]:
-            continue  # another curriculum: not comparable column by column
         ends = list(itertools.accumulate(st["steps"] for st in stages))
         losses = []
         for end in ends:
             tail = [p["loss"] for p in r["curve"] if end - 100 < p["step"] <= end]
             losses.append(f"{sum(tail) / len(tail):.2f}" if tail else "-")
         first = next((p["step"] for p in r["curve"] if p["step"] <= ends[0] and p["loss"] < 0.5), None)
-        rows.append([label(r), r["train"]["seed"], *losses, first if first is not None else "never",
-                     f"{r['test']['accuracy']:.3f}"])
-    heads = [f"loss at end of T = {t} (guess {np.log(n):.2f})" for t, n in shape]
-    return ["Training loss at the end of each curriculum stage (mean of the last 100 steps; a guess among the row's "
-            "values scores ln pairs) and the first logged step of the first stage with loss below 0.5:", "",
-            table(["run", "seed", *heads, f"first logged step < 0.5 at T = {shape[0][0]}", "test accuracy"], rows), ""]
+        by_final.setdefault((r["task"]["seq_len"], r["task"]["num_kv_pairs"]), []).append(
+            [label(r), r["train"]["seed"], *losses, first if first is not None else "never",
+             f"{r['test']['accuracy']:.3f}"])
+    out = ["Training loss at the end of each curriculum stage (mean of the last 100 steps; a guess among the row's "
+           "values scores ln pairs) and the first logged step of the first stage with loss below 0.5:", ""]
+    for final, rows in sorted(by_final.items()):
+        heads = [f"loss at end of T = {t} (guess {np.log(n):.2f})" for t, n in [*stage_shape, final]]
+        out += [table(["run", "seed", *heads, f"first logged step < 0.5 at T = {stage_shape[0][0]}", "test accuracy"],
+                      rows), ""]
+    return out
 
 
 def _curves(runs: list[dict], name: str, label, by_model: bool = False) -> list[str]:
     """Figure of valid accuracy at the final T against step for the runs with periodic evaluations (--eval-every),
-    one line per run (``label(run)``; with ``by_model`` coloured by model, dashed by seed); returns the report
-    lines that show it (none without such runs)."""
+    one panel per final T and one line per run (``label(run)``; with ``by_model`` coloured by model, dashed by
+    seed); returns the report lines that show it (none without such runs)."""
     traced = [r for r in runs if r["evals"]]
     if not traced:
         return []
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    lengths = sorted({r["task"]["seq_len"] for r in traced})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6.4 * len(lengths), 3.6), squeeze=False)
+
     def setting(r):
         return r["model_options"]["hidden_dim"], r["train"]["lr"]
 
     settings = {}  # per model, its (hidden, lr) settings in order: the marker tells them apart
     for r in traced:
         settings.setdefault(r["model"], set()).add(setting(r))
-    for r in traced:
-        pts = r["evals"] + [r["valid"]] * (r["valid"].get("step") not in {e["step"] for e in r["evals"]})
-        style = {"marker": "."}
-        if by_model:
-            which = sorted(settings[r["model"]]).index(setting(r))
-            style = {"color": model_color(r["model"]), "ls": ["-", "--", ":", "-."][r["train"]["seed"] % 4],
-                     "marker": [".", "x", "^", "s"][which % 4]}
-        ax.plot([e["step"] for e in pts], [e["accuracy"] for e in pts], lw=1, label=label(r), **style)
-    for end in itertools.accumulate(st["steps"] for st in traced[0]["task"].get("curriculum", [])):
-        ax.axvline(end, color="0.7", lw=0.8, ls=":")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("training step (dotted: end of a curriculum stage)", fontsize=8)
-    ax.set_ylabel(f"valid accuracy at T = {traced[0]['task']['seq_len']}", fontsize=8)
-    ax.legend(fontsize=6, ncol=2)
+    for ax, t in zip(axes[0], lengths, strict=True):
+        shown = [r for r in traced if r["task"]["seq_len"] == t]
+        for r in shown:
+            pts = r["evals"] + [r["valid"]] * (r["valid"].get("step") not in {e["step"] for e in r["evals"]})
+            style = {"marker": "."}
+            if by_model:
+                which = sorted(settings[r["model"]]).index(setting(r))
+                style = {"color": model_color(r["model"]), "ls": ["-", "--", ":", "-."][r["train"]["seed"] % 4],
+                         "marker": [".", "x", "^", "s"][which % 4]}
+            ax.plot([e["step"] for e in pts], [e["accuracy"] for e in pts], lw=1, label=label(r), **style)
+        for end in itertools.accumulate(st["steps"] for st in shown[0]["task"].get("curriculum", [])):
+            ax.axvline(end, color="0.7", lw=0.8, ls=":")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("training step (dotted: end of a curriculum stage)", fontsize=8)
+        ax.set_ylabel(f"valid accuracy at T = {t}", fontsize=8)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(common.FIGS / f"{name}_curves.png", dpi=120)
     plt.close(fig)

@@ -388,6 +388,35 @@ def test_report_stage_losses_show_where_a_run_stopped_learning():
     assert report._stage_losses([{**learns, "task": {**learns["task"], "curriculum": []}}], str) == []
 
 
+def test_report_stage_losses_and_curves_keep_each_final_length_apart(tmp_path, monkeypatch):
+    """Runs of one curriculum ending at T = 256 and at T = 512 get a stage table each, headed by their own final T
+    (a T = 512 row under a "T = 256" column misread the untagged grid before), and a curve panel each."""
+    report = _load_experiment("_report_mqar.py")
+    monkeypatch.setattr(report.common, "FIGS", tmp_path)
+    stage = {"steps": 200, "seq_len": 64, "num_kv_pairs": 4}
+
+    def run(final, seed, loss):
+        return {"model": "Standard", "steps": 300, "train": {"seed": seed, "lr": 3e-3}, "test": {"accuracy": 0.5},
+                "model_options": {"hidden_dim": 64}, "task": {"seq_len": final, "num_kv_pairs": final // 16,
+                                                              "curriculum": [stage]},
+                "curve": [{"step": k, "loss": loss} for k in range(10, 301, 10)],
+                "evals": [{"step": 100, "accuracy": 0.1}], "valid": {"step": 300, "accuracy": 0.5}}
+
+    lines = report._stage_losses([run(256, 0, 1.0), run(512, 0, 2.0), run(256, 1, 3.0)], lambda r: r["model"])
+    text = "\n".join(lines)
+    heads = [line for line in text.splitlines() if line.startswith("| run |")]
+    assert len(heads) == 2 and "T = 256 (guess 2.77)" in heads[0] and "T = 512 (guess 3.47)" in heads[1], heads
+    first, second = text.split(heads[1])
+    assert "| Standard | 0 | 1.00 | 1.00 |" in first and "| Standard | 1 | 3.00 | 3.00 |" in first
+    assert "| Standard | 0 | 2.00 | 2.00 |" in second and "3.00" not in second
+    import matplotlib.pyplot as plt
+
+    drawn, subplots = [], plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: drawn.append(a) or subplots(*a, **k))
+    assert report._curves([run(256, 0, 1.0), run(512, 0, 2.0)], "c", lambda r: "x")
+    assert drawn == [(1, 2)] and (tmp_path / "c_curves.png").stat().st_size > 0
+
+
 def test_gau_rows_reads_init_and_trained_attention(tmp_path):
     """gau_rows.py on a tiny GAU cell of recall_curriculum.py: its "init" rows are those of a model freshly built
     with the run's seed, its "final" rows those of the checkpoint (not the same), and no run is a clear error."""
