@@ -10,6 +10,7 @@ import _report_common as common
 import matplotlib.pyplot as plt
 import numpy as np
 from _report_common import RUN, answers_flag, breakdowns, env, model_color, table
+from matplotlib.lines import Line2D
 
 
 def _mean_spread(xs: list[float]) -> str:
@@ -100,8 +101,9 @@ def _stage_losses(runs: list[dict], label) -> list[str]:
 
 def _curves(runs: list[dict], name: str, label, by_model: bool = False) -> list[str]:
     """Figure of valid accuracy at the final T against step for the runs with periodic evaluations (--eval-every),
-    one panel per final T and one line per run (``label(run)``; with ``by_model`` coloured by model, dashed by
-    seed); returns the report lines that show it (none without such runs)."""
+    one panel per final T and one line per run, labelled ``label(run)``; with ``by_model`` the colour is the model,
+    the marker its (hidden, lr) setting and the line style the seed, and one legend beside the panels names each
+    ``label(run)`` once and each seed once.  Returns the report lines that show it (none without such runs)."""
     traced = [r for r in runs if r["evals"]]
     if not traced:
         return []
@@ -112,6 +114,7 @@ def _curves(runs: list[dict], name: str, label, by_model: bool = False) -> list[
         return r["model_options"]["hidden_dim"], r["train"]["lr"]
 
     settings = {}  # per model, its (hidden, lr) settings in order: the marker tells them apart
+    handles, seeds = {}, {}  # by_model: one legend entry per label and per seed
     for r in traced:
         settings.setdefault(r["model"], set()).add(setting(r))
     for ax, t in zip(axes[0], lengths, strict=True):
@@ -124,12 +127,20 @@ def _curves(runs: list[dict], name: str, label, by_model: bool = False) -> list[
                 style = {"color": model_color(r["model"]), "ls": ["-", "--", ":", "-."][r["train"]["seed"] % 4],
                          "marker": [".", "x", "^", "s"][which % 4]}
             ax.plot([e["step"] for e in pts], [e["accuracy"] for e in pts], lw=1, label=label(r), **style)
+            if by_model:
+                handles.setdefault(label(r), Line2D([], [], lw=1, **{**style, "ls": "-"}))
+                seeds.setdefault(r["train"]["seed"], Line2D([], [], color="k", lw=1, ls=style["ls"]))
         for end in itertools.accumulate(st["steps"] for st in shown[0]["task"].get("curriculum", [])):
             ax.axvline(end, color="0.7", lw=0.8, ls=":")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("training step (dotted: end of a curriculum stage)", fontsize=8)
         ax.set_ylabel(f"valid accuracy at T = {t}", fontsize=8)
-        ax.legend(fontsize=6, ncol=2)
+        if not by_model:
+            ax.legend(fontsize=6, ncol=2)
+    if by_model:
+        axes[0][-1].legend([*handles.values(), *(seeds[s] for s in sorted(seeds))],
+                           [*handles, *(f"seed {s}" for s in sorted(seeds))], fontsize=7, loc="center left",
+                           bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(common.FIGS / f"{name}_curves.png", dpi=120)
     plt.close(fig)
@@ -221,7 +232,7 @@ def recall_curriculum(lines: list[str], name: str) -> None:
     fig.savefig(common.FIGS / f"{name}.png", dpi=120)
     plt.close(fig)
     lines += [f"![MQAR with a curriculum](figures/{name}.png)", ""]
-    lines += _curves(runs, name, lambda r: f"{label(config(r))} seed {r['train']['seed']}", by_model=True)
+    lines += _curves(runs, name, lambda r: label(config(r)), by_model=True)
     def pooled(r):
         n = len(means[config(r)][2])
         return f"{label(config(r))} ({n} seed{'s' * (n > 1)} pooled)"
