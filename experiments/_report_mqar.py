@@ -224,7 +224,10 @@ def recall_curriculum(lines: list[str], name: str) -> None:
                capsize=3, color=[model_color(c[0]) for c in shown])
         for i, c in enumerate(shown):
             ax.plot([i] * len(means[c][2]), means[c][2], "k.", ms=4)
-        ax.set_ylim(0, 1.02)
+        pairs = members(shown[0])[0]["task"]["num_kv_pairs"]
+        ax.axhline(1 / pairs, color="gray", ls="--", lw=1, label=f"1 / {pairs}: a guess among the row's values")
+        ax.legend(fontsize=7, loc="upper left", frameon=False)
+        ax.set_ylim(0, 1.15)  # room for the legend above the bars
         ax.set_title(f"T = {t}", fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.set_ylabel("MQAR test accuracy\n(bar: mean; dots: seeds)", fontsize=8)
