@@ -36,6 +36,44 @@ def _curriculum_flags(b: dict) -> str:
             + ("" if b.get("flush_denormals") else " --no-flush-denormals"))
 
 
+def _budget_differences(runs: list[dict], b: dict) -> list[str]:
+    """Where a run's recorded settings differ from the file's budget (the last writer's arguments, which the printed
+    command is built from): "key: field run value != budget value".  A field missing on either side (files
+    written before it was recorded) is not compared."""
+    missing = object()
+
+    def get(d: dict, *path):
+        for k in path:
+            d = d.get(k, missing) if isinstance(d, dict) else missing
+        return d
+
+    out = []
+    for r in runs:
+        seq_len, hidden = get(r, "task", "seq_len"), get(r, "model_options", "hidden_dim")
+        stage_steps, stage_lengths = b.get("stage_steps", []), b.get("stage_lengths", [])
+        steps = stage_steps * len(stage_lengths) if len(stage_steps) == 1 else stage_steps
+        expect = {"steps": (get(r, "train", "steps"), b.get("steps", missing)),
+                  "batch size": (get(r, "train", "batch_size"), b.get("batch_size", missing)),
+                  "warmup": (get(r, "train", "warmup_steps"), b.get("warmup", missing)),
+                  "eval every": (get(r, "train", "eval_every"), b.get("eval_every", missing)),
+                  "vocabulary": (get(r, "task", "vocab_size"), b.get("vocab_size", missing)),
+                  "layers": (get(r, "model_options", "num_layers"), b.get("layers", missing)),
+                  "heads": (get(r, "model_options", "num_heads"),
+                            max(1, hidden // b["head_dim"]) if "head_dim" in b and hidden is not missing else missing),
+                  "random filler": (get(r, "task", "random_filler"),
+                                    not b["zero_filler"] if "zero_filler" in b else missing)}
+        if "curriculum" in r["task"] and len(steps) == len(stage_lengths):
+            expect["curriculum"] = ([(st["seq_len"], st["steps"]) for st in r["task"]["curriculum"]],
+                                    [(s, n) for s, n in zip(stage_lengths, steps, strict=True) if s < seq_len])
+        if r["model"] == "GAU":
+            expect["GAU qk_scale_init"] = (get(r, "model_options", "qk_scale_init"),
+                                           b.get("gau_qk_scale_init", missing))
+        key = f"{r['model']} T={seq_len} h={hidden} lr={get(r, 'train', 'lr')} seed {get(r, 'train', 'seed')}"
+        out += [f"{key}: {field} {got} != {want}" for field, (got, want) in expect.items()
+                if got is not missing and want is not missing and got != want]
+    return out
+
+
 def _curriculum_commands(runs: list[dict], b: dict, tag: str) -> list[str]:
     """The commands behind a curriculum file's runs. A full grid of (hidden, lr) settings gets one command; otherwise
     one command per setting, since one command listing every setting would train combinations nobody ran. Each names
@@ -160,6 +198,11 @@ def recall_curriculum(lines: list[str], name: str) -> None:
     seeds = sorted({r["train"]["seed"] for r in runs})
     chunks = sorted({r["model_options"]["chunk_size"] for r in runs if r["model"] == "BSBR"}) or [b["chunk_size"]]
     b = {**b, "chunk_size": chunks[0]}  # the chunk the BSBR runs used (the budget keeps the last writer's)
+    differ = _budget_differences(runs, b) + ([f"BSBR chunk sizes {chunks}"] if len(chunks) > 1 else [])
+    if differ:  # one printed command would not reproduce every run
+        raise SystemExit(f"results/{name}.json holds runs trained with other settings than its budget, so no one "
+                         f"command reproduces it ({'; '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}); move "
+                         "them to a results file of their own (--tag)")
     minutes = sum(r["seconds"] for r in runs) / 60
     filler = "token 0 between the queries" if b.get("zero_filler") else "random tokens between the queries"
     used = any(r["task"].get("curriculum") for r in runs)

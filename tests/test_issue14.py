@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -341,7 +342,7 @@ def test_report_pools_seeds_but_never_two_settings(tmp_path, monkeypatch):
 
     runs = [run("Standard", 1e-3, 0, 0.10), run("Standard", 3e-3, 0, 0.90), run("Standard", 3e-3, 1, 0.80),
             run("BSBR", 3e-3, 0, 0.40)]
-    budget = {"stage_steps": [1], "stage_lengths": [64], "steps": 2, "batch_size": 8, "warmup": 0, "vocab_size": 256,
+    budget = {"stage_steps": [1], "stage_lengths": [512], "steps": 2, "batch_size": 8, "warmup": 0, "vocab_size": 256,
               "layers": 2, "head_dim": 32, "chunk_size": 32, "test_batches": 1, "zero_filler": True}
     data = {"budget": budget, "runs": {str(i): r for i, r in enumerate(runs)}}
     monkeypatch.setattr(report.common, "load", lambda name: data)
@@ -362,6 +363,33 @@ def test_report_pools_seeds_but_never_two_settings(tmp_path, monkeypatch):
     fast = next(c for c in cmds if c.startswith("- hidden 64, lr 0.003:"))
     assert "--models BSBR Standard " in fast and "--lrs 0.003 --seeds 0 1 " in fast and "--tag t`" in fast
     assert "(3 of the 4 cells it trains are in the file;" in fast
+
+
+def test_report_refuses_a_file_whose_runs_one_command_would_not_reproduce(monkeypatch):
+    """The printed command is built from the file's budget (its last writer's arguments): a run recorded with another
+    batch size or curriculum stops the report with the run and the field named, not a command that would not
+    reproduce it; runs that agree with the budget pass."""
+    report = _load_experiment("_report_mqar.py")
+    budget = {"stage_steps": [200], "stage_lengths": [64, 128], "steps": 300, "batch_size": 8, "warmup": 10,
+              "vocab_size": 256, "layers": 2, "head_dim": 32, "chunk_size": 32, "test_batches": 1,
+              "zero_filler": True, "eval_every": 0}
+
+    def run(seq_len, batch, stages):
+        return {"model": "Standard", "seconds": 1.0, "evals": [], "steps": 300,
+                "model_options": {"hidden_dim": 64, "num_layers": 2, "num_heads": 2},
+                "task": {"seq_len": seq_len, "num_kv_pairs": seq_len // 16, "vocab_size": 256,
+                         "random_filler": False, "curriculum": [{"steps": 200, "seq_len": s,
+                                                                 "num_kv_pairs": s // 16} for s in stages]},
+                "train": {"lr": 3e-3, "seed": 0, "steps": 300, "batch_size": batch, "warmup_steps": 10,
+                          "eval_every": 0}, "test": {"accuracy": 0.5, "loss": 1.0}}
+
+    good = [run(128, 8, [64]), run(256, 8, [64, 128])]
+    assert report._budget_differences(good, budget) == []
+    for bad, field in ((run(256, 16, [64, 128]), "batch size 16 != 8"),
+                       (run(256, 8, [64]), "curriculum [(64, 200)] != [(64, 200), (128, 200)]")):
+        monkeypatch.setattr(report.common, "load", lambda name, bad=bad: {"budget": budget, "runs": {"a": bad}})
+        with pytest.raises(SystemExit, match=re.escape(f"Standard T=256 h=64 lr=0.003 seed 0: {field}")):
+            report.recall_curriculum([], "recall_curriculum_x")
 
 
 def test_report_stage_losses_show_where_a_run_stopped_learning():
