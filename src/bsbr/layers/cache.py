@@ -26,24 +26,20 @@ class LayerCache:
 
     def nbytes(self) -> int:
         """Bytes of the tensors this cache holds (including spare capacity of growable buffers)."""
-        total = 0
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-            elif isinstance(value, GrowableBuffer):
-                total += value.nbytes()
-        return total
+        return self._bytes(live=False)
 
     def state_nbytes(self) -> int:
         """Bytes of the live contents only (no spare capacity): the cache's true size for this context."""
+        return self._bytes(live=True)
+
+    def _bytes(self, live: bool) -> int:
         total = 0
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 total += value.numel() * value.element_size()
             elif isinstance(value, GrowableBuffer):
-                total += value.live_nbytes()
+                total += value.live_nbytes() if live else value.nbytes()
         return total
 
     @property
