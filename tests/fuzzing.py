@@ -28,7 +28,11 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hypothesis
@@ -49,6 +53,19 @@ def fuzz(n: int):
     return settings(max_examples=n * SCALE, deadline=None, derandomize=SCALE == 1, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                            HealthCheck.data_too_large])
+
+
+@contextmanager
+def written(name: str, data: bytes, *, copy_of: Path | None = None) -> Iterator[Path]:
+    """A fresh temporary folder (hypothesis reuses function-scoped fixtures across examples, so ``tmp_path``
+    will not do) with ``data`` written at ``name``; with ``copy_of``, the folder ``run/`` is first a copy of that
+    directory and ``name`` is relative to it. Yields the written file, or the copied directory."""
+    with tempfile.TemporaryDirectory() as d:
+        top = Path(d) / "run" if copy_of is not None else Path(d)
+        if copy_of is not None:
+            shutil.copytree(copy_of, top)
+        (top / name).write_bytes(data)
+        yield top if copy_of is not None else top / name
 
 
 # --- mutations -------------------------------------------------------------------------------------------------

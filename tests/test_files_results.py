@@ -6,8 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import tempfile
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -16,7 +14,7 @@ from bsbr.cli import main
 from bsbr.evals import RESULTS_SCHEMA, analyze_results, load_results, validate_results
 from bsbr.train import TrainConfig
 
-from fuzzing import N_CLI, N_JSON, N_REPORT, ROOT, call, cli, fuzz, mutated_file, tree_hash
+from fuzzing import N_CLI, N_JSON, N_REPORT, ROOT, call, cli, fuzz, mutated_file, tree_hash, written
 
 # --- results files ---------------------------------------------------------------------------------------------
 
@@ -66,9 +64,7 @@ def test_results_errors_name_file_field_value_and_expectation(tmp_path):
 @fuzz(N_JSON)
 @given(data=mutated_file(SMALL_RESULTS) | mutated_file(json.loads(COMMITTED[0].read_text())))
 def test_fuzz_load_results(data):
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "results.json"
-        f.write_bytes(data)
+    with written("results.json", data) as f:
         results, err = call(load_results, f, names=f)
         if results is not None:
             for metric in results["metrics"]:
@@ -79,9 +75,7 @@ def test_fuzz_load_results(data):
 @fuzz(N_CLI)
 @given(data=mutated_file(SMALL_RESULTS))
 def test_fuzz_cli_analyze(data, capsys):
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "results.json"
-        f.write_bytes(data)
+    with written("results.json", data) as f:
         cli(capsys, ["analyze", str(f)], f)
         assert f.read_bytes() == data
 
@@ -89,12 +83,10 @@ def test_fuzz_cli_analyze(data, capsys):
 @fuzz(N_REPORT)
 @given(data=mutated_file(SMALL_RESULTS))
 def test_fuzz_cli_report_leaves_the_directory_as_it_was_on_failure(data, capsys):
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "report"
+    with written("results.json", data) as f:
+        out = f.parent / "report"
         out.mkdir()
         (out / "report.md").write_text("an earlier report\n")
-        f = Path(d) / "results.json"
-        f.write_bytes(data)
         before = tree_hash(out)
         if cli(capsys, ["report", str(f), "--out", str(out)], f) != 0:
             assert tree_hash(out) == before
@@ -154,9 +146,7 @@ CONFIG = {"task": {"name": "mqar", "seq_len": 64, "vocab_size": 64, "num_kv_pair
 @fuzz(N_JSON)
 @given(data=mutated_file(CONFIG["train"]))
 def test_fuzz_train_config_from_file(data):
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "train.json"
-        f.write_bytes(data)
+    with written("train.json", data) as f:
         cfg, err = call(TrainConfig.from_file, f, names=f)
         assert cfg is None or isinstance(cfg, TrainConfig)
         assert err is None or isinstance(err, ValueError)
@@ -165,9 +155,7 @@ def test_fuzz_train_config_from_file(data):
 @fuzz(N_CLI)
 @given(data=mutated_file(CONFIG))
 def test_fuzz_cli_train_config(data, capsys):
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "config.json"
-        f.write_bytes(data)
+    with written("config.json", data) as f:
         cli(capsys, ["train", "--preset", "tiny", "--config", str(f), "--print-spec"], f)
 
 

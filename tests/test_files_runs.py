@@ -36,6 +36,7 @@ from fuzzing import (
     mutated_json,
     mutated_safetensors,
     tree_hash,
+    written,
 )
 
 # --- checkpoints and resume directories ------------------------------------------------------------------------
@@ -93,10 +94,7 @@ def test_fuzz_resume_never_loses_the_run(runs, data):
     rel, content = data.draw(mutated_run(runs / "run"))
     event(f"mutated {rel}")
     task = get_task(**TASK)
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "run"
-        shutil.copytree(runs / "run", out)
-        (out / rel).write_bytes(content)
+    with written(rel, content, copy_of=runs / "run") as out:
         before = tree_hash(out)
         old = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -114,10 +112,7 @@ def test_fuzz_resume_never_loses_the_run(runs, data):
 @given(data=st.data())
 def test_fuzz_cli_train_resume(runs, data, capsys):
     rel, content = data.draw(mutated_run(runs / "run"))
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "run"
-        shutil.copytree(runs / "run", out)
-        (out / rel).write_bytes(content)
+    with written(rel, content, copy_of=runs / "run") as out:
         before = tree_hash(out)
         if cli(capsys, ["train", "--resume", str(out), "--set", "progress=false", "--eval-split", "none",
                         "--threads", "1"], out) != 0:
