@@ -26,12 +26,16 @@ def test_timer_quartiles_stay_within_the_measured_times_with_two_repeats():
 
 
 def test_cli_output_into_a_closed_pipe_is_not_a_traceback():
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    results = Path(__file__).resolve().parent.parent / "docs" / "results" / "compare" / "results.json"
-    proc = subprocess.run(f"{sys.executable} -m bsbr analyze {results} | head -c 10", shell=True,
+    root = Path(__file__).resolve().parent.parent
+    results = root / "docs" / "results" / "compare" / "results.json"
+    # src/ on the path as pytest's own `pythonpath` setting puts it, so this runs without `pip install -e .` too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(f"{sys.executable} -m bsbr analyze {results} | head -c 10", shell=True, env=env,
                           capture_output=True, text=True, timeout=120)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
     assert len(proc.stdout) == 10
