@@ -4,6 +4,7 @@ reproduce it, bar and curve figures, the loss at the end of each curriculum stag
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import _report_common as common
@@ -11,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from _report_common import RUN, answers_flag, breakdowns, env, model_color, table
 from matplotlib.lines import Line2D
+from recall_curriculum import curriculum_stages
 
 
 def _mean_spread(xs: list[float]) -> str:
@@ -50,8 +52,6 @@ def _budget_differences(runs: list[dict], b: dict) -> list[str]:
     out = []
     for r in runs:
         seq_len, hidden = get(r, "task", "seq_len"), get(r, "model_options", "hidden_dim")
-        stage_steps, stage_lengths = b.get("stage_steps", []), b.get("stage_lengths", [])
-        steps = stage_steps * len(stage_lengths) if len(stage_steps) == 1 else stage_steps
         expect = {"steps": (get(r, "train", "steps"), b.get("steps", missing)),
                   "batch size": (get(r, "train", "batch_size"), b.get("batch_size", missing)),
                   "warmup": (get(r, "train", "warmup_steps"), b.get("warmup", missing)),
@@ -62,9 +62,10 @@ def _budget_differences(runs: list[dict], b: dict) -> list[str]:
                             max(1, hidden // b["head_dim"]) if "head_dim" in b and hidden is not missing else missing),
                   "random filler": (get(r, "task", "random_filler"),
                                     not b["zero_filler"] if "zero_filler" in b else missing)}
-        if "curriculum" in r["task"] and len(steps) == len(stage_lengths):
-            expect["curriculum"] = ([(st["seq_len"], st["steps"]) for st in r["task"]["curriculum"]],
-                                    [(s, n) for s, n in zip(stage_lengths, steps, strict=True) if s < seq_len])
+        if "curriculum" in r["task"] and "stage_lengths" in b and "stage_steps" in b and seq_len is not missing:
+            with contextlib.suppress(ValueError):  # a budget whose stage steps do not fit its lengths: not compared
+                expect["curriculum"] = tuple([(st["seq_len"], st["steps"]) for st in stages] for stages in (
+                    r["task"]["curriculum"], curriculum_stages(b["stage_lengths"], b["stage_steps"], seq_len)))
         if r["model"] == "GAU":
             expect["GAU qk_scale_init"] = (get(r, "model_options", "qk_scale_init"),
                                            b.get("gau_qk_scale_init", missing))

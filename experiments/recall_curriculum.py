@@ -46,18 +46,28 @@ from _exp import check_device, cpu_flush_denormals, run_dir, run_grid, train_run
 from bsbr.models import list_models
 
 
+def curriculum_stages(stage_lengths: list[int], stage_steps: list[int], final_len: int) -> list[dict]:
+    """The curriculum stages before ``final_len``: one per stage length below it, with ``stage_steps`` steps (one
+    number for every stage, or one per stage length) and pairs = length / 16.  Raises ValueError when
+    ``stage_steps`` is neither."""
+    steps = list(stage_steps) * len(stage_lengths) if len(stage_steps) == 1 else list(stage_steps)
+    if len(steps) != len(stage_lengths):
+        raise ValueError(f"--stage-steps takes one number or one per stage length ({len(stage_lengths)}), "
+                         f"got {len(steps)}")
+    return [{"steps": n, "seq_len": s, "num_kv_pairs": max(1, s // 16)}
+            for s, n in zip(stage_lengths, steps, strict=True) if s < final_len]
+
+
 def jobs_for(args) -> list[tuple[str, dict]]:
     jobs = []
     for t in args.lengths:
-        steps = args.stage_steps * len(args.stage_lengths) if len(args.stage_steps) == 1 else args.stage_steps
-        if len(steps) != len(args.stage_lengths):
-            raise SystemExit(f"--stage-steps takes one number or one per stage length ({len(args.stage_lengths)}), "
-                             f"got {len(steps)}")
-        stages = [{"steps": n, "seq_len": s, "num_kv_pairs": max(1, s // 16)}
-                  for s, n in zip(args.stage_lengths, steps, strict=True) if s < t]
+        try:
+            stages = curriculum_stages(args.stage_lengths, args.stage_steps, t)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         if sum(st["steps"] for st in stages) >= args.steps:
-            raise SystemExit(f"--steps {args.steps} leaves no step at T = {t} after stages of {steps} steps; "
-                             f"raise --steps or lower --stage-steps")
+            raise SystemExit(f"--steps {args.steps} leaves no step at T = {t} after stages of {args.stage_steps} "
+                             f"steps; raise --steps or lower --stage-steps")
         # seed outermost: an interrupted grid has every model at the first seeds rather than some models at all
         for seed, model, hidden, lr in itertools.product(args.seeds, args.models, args.hiddens, args.lrs):
             opts = {"hidden_dim": hidden, "num_layers": args.layers, "num_heads": max(1, hidden // args.head_dim)}
