@@ -1,5 +1,10 @@
 """MQAR bs128, seed 0: how the T = 512 cells' shared first 5,500 steps compare with the T = 256 cells', and the
-seconds a training step at T = 512 (experiments/NOTES.md, "T = 512 with the same recipe").
+seconds a training step at T = 512, and for every T = 512 cell the minutes its recorded time spent paused
+(experiments/NOTES.md, "T = 512 with the same recipe").
+
+A cell's recorded "seconds" is wall time, so a process stopped for a while (``kill -STOP`` while the test suite
+ran) records the pause as training time.  The curve logs the elapsed seconds every 10 steps; an interval more than
+``STALL`` times its stage's median interval counts as a pause, and its excess over that median as paused time.
 
     python experiments/curve_drift.py
 """
@@ -7,10 +12,24 @@ seconds a training step at T = 512 (experiments/NOTES.md, "T = 512 with the same
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "recall_curriculum_bs128.json"
 SHARED = 5500  # the steps both cells train on the same batches (the T = 64 and T = 128 stages)
+STAGE_ENDS = (5000, 5500)  # the last steps at T = 64 and T = 128; later steps are at T = 512
+STALL = 5
+
+
+def paused_seconds(curve: list[dict]) -> float:
+    """Seconds of ``curve`` (entries with "step" and elapsed "seconds") spent in pauses: the excess over its
+    stage's median of each logged interval longer than ``STALL`` times that median."""
+    previous, intervals = 0.0, []  # (stage index, seconds) for each logged interval
+    for e in curve:
+        intervals.append((sum(e["step"] > end for end in STAGE_ENDS), e["seconds"] - previous))
+        previous = e["seconds"]
+    medians = {k: statistics.median(x for j, x in intervals if j == k) for k, _ in intervals}
+    return sum(x - medians[j] for j, x in intervals if x > STALL * medians[j])
 
 
 def main() -> None:
@@ -23,6 +42,11 @@ def main() -> None:
         per_step = (long[6500]["seconds"] - long[5600]["seconds"]) / 900
         first = next((step for step, d in diffs if d > 1e-3), "never")
         print(f"{model:14s} {per_step:27.2f}  {first!s:>27}  {max(d for _, d in diffs):.2g}")
+    print("\ncell (T = 512)                             recorded min  paused min  stepping min")
+    for key, run in runs.items():
+        if "|T=512|" in key:
+            paused = paused_seconds(run["curve"])
+            print(f"{key:42s} {run['seconds'] / 60:12.1f}  {paused / 60:10.1f}  {(run['seconds'] - paused) / 60:12.1f}")
 
 
 if __name__ == "__main__":

@@ -481,3 +481,18 @@ def test_gau_rows_reads_init_and_trained_attention(tmp_path):
     silent = mod.row_stats(lm, ids.input_ids)
     assert len(silent) == 2 and all(x == {"row_sum_median": 0.0, "row_sum_max": 0.0, "share_positive": 0.0}
                                     for x in silent)
+
+
+def test_curve_drift_counts_a_pause_once_and_only_the_pause():
+    """A 10-step interval that took 300 s in a stage whose steps take 1 s each is a pause: 290 s of it is paused
+    time; the slower steps of a later, longer stage are not pauses."""
+    drift = _load_experiment("curve_drift.py")
+    curve, t = [], 0.0
+    for step in range(10, 6501, 10):
+        t += 10.0 if step <= 5500 else 60.0  # 1 s a step at T = 64 and 128, 6 s a step at T = 512
+        if step == 3000:
+            t += 290.0
+        curve.append({"step": step, "seconds": t})
+    assert drift.paused_seconds(curve) == pytest.approx(290.0)
+    assert drift.paused_seconds([{**e, "seconds": e["seconds"] - (290.0 if e["step"] >= 3000 else 0)}
+                                 for e in curve]) == 0.0
