@@ -12,9 +12,9 @@ models learnt to answer by elimination rather than by looking keys up (experimen
     # the recipe that learns the lookup (tag bs128): batch 128, 5,000 steps at T = 64 and 500 at T = 128 first;
     # at T = 256 over seeds 0-2 DeltaNet, Standard and SlidingWindow reach 0.93-1.00 on every seed, BSBR
     # 0.42-0.61, GAU 1.000 on one seed and the guess level on two, Linear and Hopfield the guess level
-    # (23-51 CPU minutes a run); at T = 512 (seeds 0 and 1 so far) DeltaNet and Standard 0.95-0.99,
-    # SlidingWindow 0.73-0.74 (nothing beyond its two layers' reach), GAU 0.94 on seed 0 and the guess level on
-    # seed 1, BSBR 0.18-0.25, Linear and Hopfield the guess level (31-100 CPU minutes a run; experiments/NOTES.md)
+    # (23-51 CPU minutes a run); at T = 512 over the same seeds DeltaNet and Standard 0.95-0.99, SlidingWindow
+    # 0.55-0.74 (nothing beyond its two layers' reach), GAU 0.94 on seed 0 and the guess level on seeds 1 and 2,
+    # BSBR 0.18-0.25, Linear and Hopfield the guess level (30-100 CPU minutes a run; experiments/NOTES.md)
     PYTHONPATH=src OMP_NUM_THREADS=1 python experiments/recall_curriculum.py --lengths 256 512 --seeds 0 1 2 \\
         --lrs 0.003 --batch-size 128 --warmup 300 --stage-steps 5000 500 --steps 6500 --eval-every 500 --tag bs128
     # the defaults: batch 32 and 2,500 steps, on which no model leaves the guess level (results without a tag)
