@@ -1,8 +1,9 @@
 """The user's docs/research-examples.md, run as written: every python block, in order, in one namespace.
 
 Only these mechanical changes are made (each listed in SUBSTITUTIONS / PRELUDE, nothing else is touched):
-- the placeholders ``BSBRModel(...)``, ``LinearTransformer(...)``, ``StandardTransformer(...)`` get the sizes the
-  document's own memory snippet uses, chunk 128 for BSBR (a literal ``...`` argument is not a model size);
+- the document's calls with elided arguments, ``BSBRModel(...)``, ``LinearTransformer(...)`` and
+  ``StandardTransformer(...)``, get the sizes the document's own memory snippet uses, chunk 128 for BSBR (a
+  literal ``...`` argument is not a model size);
 - on a machine without CUDA, ``torch.cuda.<memory call>`` becomes ``bsbr_memory.<same call>`` — the CPU path of
   bsbr.utils.memory with the same three functions (process RSS on CPU);
 - names the snippets use without importing them are imported first, and matplotlib draws off-screen (Agg), so
@@ -58,8 +59,8 @@ def test_document_is_the_users():
 
 
 def test_substitutions_are_only_the_listed_ones():
-    """Each substitution applies somewhere, and after them no placeholder and (without CUDA) no torch.cuda call
-    is left: what runs is the document plus the listed edits."""
+    """Each substitution applies somewhere, and after them no elided-argument call ``(...)`` and (without CUDA) no
+    torch.cuda call is left: what runs is the document plus the listed edits."""
     text = "\n".join(blocks())
     assert len(blocks()) == 5
     for old, _ in SUBSTITUTIONS:
