@@ -17,6 +17,8 @@ SMALL_OPTIONS: dict[str, dict] = {
     "DeltaNet": {"chunk_size": 8},
     "Hopfield": {"update_steps": 2},
     "GAU": {"group_size": 8, "qk_dim": 16, "expansion_dim": 48},
+    # 2 of up to 7 earlier chunks selected, 3 sink tokens, the straight-through selection gradient
+    "BSBRBlocks": {"chunk_size": 8, "top_k": 2, "sink_tokens": 3, "selection_grad": "straight_through"},
 }
 
 

@@ -9,11 +9,14 @@ from torch import nn
 
 from .. import _checks
 from ..ops.bsbr import STATE_NORMS, bsbr_parallel, bsbr_reference, compress_states, retrieve, state_scale
+from ..ops.bsbr_blocks import GRADS, SELECTIONS, SUMMARIES
+from . import bsbr_blocks
 from .block import Block
 from .cache import GrowableBuffer, LayerCache, write_slot
 from .common import QKVAttention, split_heads
 
 META_QUERIES = ("first", "prev_last")
+RETRIEVALS = ("states", "blocks", "none")
 
 
 @dataclass
@@ -64,6 +67,18 @@ class BSBRAttention(QKVAttention):
         retrieval_window: chunk i retrieves from the W = retrieval_window most recent completed chunks only
             (i - W .. i - 1).  None (default, the paper's definition) retrieves from all earlier chunks, and the
             streaming cache grows by one state per chunk; with a window it is bounded (older states are evicted).
+        retrieval: what a chunk takes from earlier chunks.  "states" (default): the state readout above.
+            "blocks": block retrieval of tokens — each query scores the earlier chunks' summaries, selects the
+            ``top_k`` best and attends with one exact softmax to their tokens, its own chunk (causal) and the
+            chunks always in view (:mod:`bsbr.ops.bsbr_blocks`); the cache keeps every key and value.  "none":
+            local attention only (plus the chunks always in view).
+        top_k, sink_tokens, prev_chunk, block_summary, block_select, selection_grad: block retrieval's settings
+            (``retrieval="blocks"``; sink_tokens and prev_chunk also for "none"): chunks selected per query; the
+            stream's first ``sink_tokens`` (<= chunk_size) always in view; the previous chunk always in view;
+            the chunk summary scored ("mean" key or "minmax" bound); one selection per "token" or per "chunk"
+            (by the chunk's first query); how the scores learn ("none": only through q and k, as in MoBA;
+            "straight_through": Landmark's grouped-softmax gradient, zero in value).  docs/bsbr.md has the
+            numbers that chose the defaults.
         rope, rope_base, bias: see :class:`~bsbr.layers.common.QKVAttention`.
 
     Shapes: hidden_states [B, T, D] -> [B, T, D].  Extra weights beyond standard attention: ``meta_q_proj``
@@ -75,15 +90,44 @@ class BSBRAttention(QKVAttention):
 
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.1,
                  compression_factor: int | None = None, *, state_norm: str = "mean", meta_query: str = "first",
-                 retrieval_window: int | None = None, rope: bool = True, rope_base: float = 10000.0,
-                 bias: bool = False):
+                 retrieval_window: int | None = None, retrieval: str = "states", top_k: int = 4,
+                 sink_tokens: int = 0, prev_chunk: bool = False, block_summary: str = "mean",
+                 block_select: str = "token", selection_grad: str = "none", rope: bool = True,
+                 rope_base: float = 10000.0, bias: bool = False):
         super().__init__(hidden_dim, num_heads, dropout, bias=bias, rope=rope, rope_base=rope_base)
         self.chunk_size = _checks.positive_int("chunk_size", chunk_size)
+        self.retrieval = _checks.one_of("retrieval", retrieval, RETRIEVALS)
+        self.top_k = _checks.positive_int("top_k", top_k)
+        self.sink_tokens = _checks.non_negative_int("sink_tokens", sink_tokens)
+        if self.sink_tokens > self.chunk_size:
+            raise ValueError(f"sink_tokens must be at most chunk_size={chunk_size}, got {sink_tokens}")
+        if not isinstance(prev_chunk, bool):
+            raise TypeError(f"prev_chunk must be a bool, got {prev_chunk!r}")
+        self.prev_chunk = prev_chunk
+        self.block_summary = _checks.one_of("block_summary", block_summary, SUMMARIES)
+        self.block_select = _checks.one_of("block_select", block_select, SELECTIONS)
+        self.selection_grad = _checks.one_of("selection_grad", selection_grad, GRADS)
+        if self.retrieval != "states":
+            given = {"compression_factor": (compression_factor, None), "retrieval_window": (retrieval_window, None),
+                     "state_norm": (state_norm, "mean"), "meta_query": (meta_query, "first")}
+            for name, (value, default) in given.items():
+                if value != default:
+                    raise ValueError(f"{name}={value!r} belongs to the state readout; retrieval={retrieval!r} "
+                                     f"takes {name}={default!r}")
+            self.segmented_prefill = False  # the cache holds every key, as a KV cache does
+        elif (sink_tokens, prev_chunk) != (0, False):
+            raise ValueError(f"sink_tokens and prev_chunk belong to retrieval='blocks' or 'none', got "
+                             f"sink_tokens={sink_tokens}, prev_chunk={prev_chunk} with retrieval='states'")
         self.state_norm = _checks.one_of("state_norm", state_norm, STATE_NORMS)
         self.meta_query = _checks.one_of("meta_query", meta_query, META_QUERIES)
         self.retrieval_window = (None if retrieval_window is None
                                  else _checks.positive_int("retrieval_window", retrieval_window))
         d = self.head_dim
+        if self.retrieval != "states":  # no meta projections or states: selection scores the chunks' own keys
+            self.compression_factor = None
+            self.compress = self.restore = None
+            self.state_size = 0
+            return
         self.meta_q_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)  # W_r: meta queries
         self.meta_k_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)  # W_h: meta keys
         self.compression_factor = compression_factor
@@ -135,6 +179,8 @@ class BSBRAttention(QKVAttention):
 
     # ------------------------------------------------------------------------------------ forms
     def _reference(self, x):
+        if self.retrieval != "states":
+            return bsbr_blocks.reference(self, x)
         q, k, v = self.qkv(x, 0)
         r, h = self._meta(self.meta_q_proj, x), self._meta(self.meta_k_proj, x)
         compress, restore = self._maps()
@@ -143,6 +189,8 @@ class BSBRAttention(QKVAttention):
         return self.out(o)
 
     def _parallel(self, x):
+        if self.retrieval != "states":
+            return bsbr_blocks.parallel(self, x)
         return self.out(self._segment(x, None).out)
 
     def _segment(self, x, cache: BSBRCache | None, first: int = 0):
@@ -187,11 +235,15 @@ class BSBRAttention(QKVAttention):
             cache.open_query = self._meta(self.meta_q_proj, x[:, -1:])[:, :, 0]
 
     def _extend(self, x, cache: BSBRCache):
+        if self.retrieval != "states":
+            return bsbr_blocks.extend(self, x, cache)
         first = int(cache.lengths[0]) % self.chunk_size
         out = self._segment(x, cache, first).out
         return self.out(out)
 
     def _step(self, x, valid, cache: BSBRCache):
+        if self.retrieval != "states":
+            return bsbr_blocks.step(self, x, valid, cache)
         ch, d = self.chunk_size, self.head_dim
         lengths = cache.lengths
         phase = lengths % ch  # [B] position inside the open chunk
@@ -249,10 +301,12 @@ class BSBRAttention(QKVAttention):
             cache.dropped += dead
 
     def _new_cache(self, lengths):
-        return BSBRCache(lengths)
+        return BSBRCache(lengths) if self.retrieval == "states" else bsbr_blocks.BlocksCache(lengths)
 
     # ----------------------------------------------------------------------------- attention maps
     def _attention_weights(self, x):
+        if self.retrieval != "states":
+            return bsbr_blocks.attention_weights(self, x)
         if self.compress is not None:
             raise NotImplementedError(
                 "with compression the retrieved term mixes value dimensions through P'P, so it is not a "
@@ -266,6 +320,11 @@ class BSBRAttention(QKVAttention):
         return {"total": local + retrieval, "local": local, "retrieval": retrieval}
 
     def extra_repr(self) -> str:
+        if self.retrieval != "states":
+            return (super().extra_repr() + f", chunk_size={self.chunk_size}, retrieval={self.retrieval!r}, "
+                    f"top_k={self.top_k}, sink_tokens={self.sink_tokens}, prev_chunk={self.prev_chunk}, "
+                    f"block_summary={self.block_summary!r}, block_select={self.block_select!r}, "
+                    f"selection_grad={self.selection_grad!r}")
         return (super().extra_repr() + f", chunk_size={self.chunk_size}, compression_factor={self.compression_factor}"
                 f", state_norm={self.state_norm!r}, meta_query={self.meta_query!r}"
                 + (f", retrieval_window={self.retrieval_window}" if self.retrieval_window is not None else ""))
@@ -282,3 +341,16 @@ class BSBRLayer(Block):
                  compression_factor: int | None = None, *, norm: str = "layernorm", **attention_options):
         attention = BSBRAttention(hidden_dim, num_heads, chunk_size, dropout, compression_factor, **attention_options)
         super().__init__(attention, ff_dim, dropout, norm)
+
+
+class BSBRBlocksAttention(BSBRAttention):
+    """:class:`BSBRAttention` with ``retrieval="blocks"`` by default: the registry's "BSBRBlocks" row."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.1, *, top_k: int = 4,
+                 sink_tokens: int = 0, prev_chunk: bool = False, block_summary: str = "mean",
+                 block_select: str = "token", selection_grad: str = "none", retrieval: str = "blocks",
+                 rope: bool = True, rope_base: float = 10000.0, bias: bool = False):
+        super().__init__(hidden_dim, num_heads, chunk_size, dropout, retrieval=retrieval, top_k=top_k,
+                         sink_tokens=sink_tokens, prev_chunk=prev_chunk, block_summary=block_summary,
+                         block_select=block_select, selection_grad=selection_grad, rope=rope, rope_base=rope_base,
+                         bias=bias)

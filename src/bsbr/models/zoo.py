@@ -6,7 +6,7 @@ states) or :class:`~bsbr.models.lm.CausalLM` (logits, loss, cache, generate).
 
 from __future__ import annotations
 
-from ..layers.bsbr import BSBRAttention
+from ..layers.bsbr import BSBRAttention, BSBRBlocksAttention
 from ..layers.deltanet import DeltaNetAttention
 from ..layers.gau import GAUAttention
 from ..layers.hopfield import HopfieldAttention
@@ -24,6 +24,7 @@ register_attention("SlidingWindow", {"window_size": 128})(SlidingWindowAttention
 register_attention("DeltaNet", {"chunk_size": 64})(DeltaNetAttention)
 register_attention("Hopfield", {"update_steps": 1})(HopfieldAttention)
 register_attention("GAU", {"group_size": 256, "qk_dim": 128})(GAUAttention)
+register_attention("BSBRBlocks", {"chunk_size": 128, "top_k": 4})(BSBRBlocksAttention)
 
 _MODEL_OPTIONS = ("norm", "tie_embeddings")
 

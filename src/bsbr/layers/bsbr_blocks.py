@@ -1,0 +1,108 @@
+"""The forms of :class:`~bsbr.layers.bsbr.BSBRAttention` with ``retrieval="blocks"`` (or ``"none"``, local
+attention only): the layer owns the projections, these functions call :mod:`bsbr.ops.bsbr_blocks` and keep the
+streaming cache.
+
+The cache keeps every key and value (any earlier chunk may be selected later) and one summary per complete chunk:
+2 n d + C S numbers per head for n tokens, against the state readout's C (d^2 + d) and no old tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ops.bsbr_blocks import BlockSpec, blocks_parallel, blocks_reference, blocks_step, summarize
+from .cache import GrowableBuffer, LayerCache
+
+
+@dataclass
+class BlocksCache(LayerCache):
+    """What block retrieval keeps while streaming, per row and key/value head.
+
+    keys, values: GrowableBuffer [B, H, n, d]   every token's (rotated) key and value
+    summaries:    GrowableBuffer [B, H, C, S]   one summary per complete chunk (S = d, or 2d for "minmax")
+    select_q:     [B, H, d]                     the query at the open chunk's first position (``select="chunk"``)
+    """
+
+    keys: GrowableBuffer = field(default_factory=lambda: GrowableBuffer(min_capacity=128))
+    values: GrowableBuffer = field(default_factory=lambda: GrowableBuffer(min_capacity=128))
+    summaries: GrowableBuffer = field(default_factory=GrowableBuffer)
+    select_q: torch.Tensor | None = None
+
+
+def spec(layer) -> BlockSpec:
+    """The layer's settings as the op takes them (top_k = 0 for ``retrieval="none"``)."""
+    top_k = layer.top_k if layer.retrieval == "blocks" else 0
+    return BlockSpec(chunk=layer.chunk_size, top_k=top_k, sink=layer.sink_tokens, prev_chunk=layer.prev_chunk,
+                     summary=layer.block_summary, select=layer.block_select, grad=layer.selection_grad)
+
+
+def reference(layer, x: torch.Tensor) -> torch.Tensor:
+    q, k, v = layer.qkv(x, 0)
+    return layer.out(blocks_reference(q, k, v, spec(layer)))
+
+
+def parallel(layer, x: torch.Tensor) -> torch.Tensor:
+    q, k, v = layer.qkv(x, 0)
+    return layer.out(blocks_parallel(q, k, v, spec(layer))[0])
+
+
+def attention_weights(layer, x: torch.Tensor) -> dict:
+    q, k, v = layer.qkv(x, 0)
+    _, p = blocks_reference(q, k, v, spec(layer), return_weights=True)
+    T = x.shape[1]
+    pos = torch.arange(T, device=x.device)
+    own = (pos[:, None] // layer.chunk_size == pos[None, :] // layer.chunk_size)
+    return {"total": p, "local": p * own, "retrieval": p * ~own}
+
+
+def extend(layer, x: torch.Tensor, cache: BlocksCache) -> torch.Tensor:
+    """Continue every row (all equally long, L0 tokens) by the T tokens of x [B, T, D]."""
+    s = spec(layer)
+    ch = s.chunk
+    L0 = int(cache.lengths[0])
+    f = L0 % ch  # tokens of the open chunk seen already
+    q, k, v = layer.qkv(x, L0)
+    B, H, T, d = q.shape
+    cache.keys.append(k)
+    cache.values.append(v)
+    keys, values = cache.keys.view(), cache.values.view()
+    if f:  # dummy queries for the open chunk's earlier tokens (outputs dropped); the first selects for the chunk
+        head = q.new_zeros(B, H, f, d)
+        if s.select == "chunk":
+            head[:, :, 0] = cache.select_q
+        q = torch.cat([head, q], dim=2)
+    elif s.select == "chunk":
+        cache.select_q = q[:, :, 0]
+    if s.select == "chunk" and T + f > ch:  # the stream's open chunk after x: its first query
+        last_start = (L0 + T - 1) // ch * ch - (L0 - f)
+        cache.select_q = q[:, :, last_start]
+    out, summ = blocks_parallel(q, keys, values, s, start=L0 - f, summaries=cache.summaries.view())
+    C0 = 0 if cache.summaries.filled is None else int(cache.summaries.filled[0])
+    if summ.shape[2] > C0:
+        cache.summaries.append(summ[:, :, C0:])
+    return layer.out(out[:, :, f:])
+
+
+def step(layer, x: torch.Tensor, valid: torch.Tensor, cache: BlocksCache) -> torch.Tensor:
+    """One token per row (x [B, D]); rows where ``valid`` is False keep their cache."""
+    s = spec(layer)
+    ch = s.chunk
+    lengths = cache.lengths
+    q, k, v = layer.qkv(x[:, None], lengths[:, None])  # [B, H, 1, d]
+    cache.keys.append_rows(k[:, :, 0], valid)
+    cache.values.append_rows(v[:, :, 0], valid)
+    if s.select == "chunk":
+        opening = (valid & (lengths % ch == 0))[:, None, None]
+        cache.select_q = q[:, :, 0] if cache.select_q is None else torch.where(opening, q[:, :, 0], cache.select_q)
+    o = blocks_step(q, cache.keys.data, cache.values.data, cache.summaries.view(), lengths, s,
+                    select_q=None if cache.select_q is None else cache.select_q[:, :, None])
+    closing = valid & (lengths % ch == ch - 1)
+    if bool(closing.any()):  # summarise the chunk each closing row has just completed
+        pos = (lengths // ch * ch)[:, None] + torch.arange(ch, device=x.device)  # [B, ch]
+        B, H, _, d = q.shape
+        idx = pos.clamp(max=cache.keys.data.shape[2] - 1)[:, None, :, None].expand(B, H, ch, d)
+        chunk_keys = cache.keys.data.gather(2, idx)  # [B, H, ch, d]
+        cache.summaries.append_rows(summarize(chunk_keys[:, :, None], s.summary)[:, :, 0], closing)
+    return layer.out(o)[:, 0]

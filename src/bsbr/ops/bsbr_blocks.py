@@ -1,0 +1,394 @@
+"""BSBR's block retrieval of tokens (``retrieval="blocks"``): chunk summaries select earlier chunks, and each query
+attends with ONE exact softmax to the tokens of its own chunk (causal), the selected chunks and the chunks always
+in view.  Pure tensor functions; see docs/bsbr.md ("Block retrieval of tokens").
+
+Shapes: q [B, H, T, d]; k, v [B, Hk, T, d] with Hk dividing H (G = H / Hk query heads share a key/value head and
+its selection; the native layer has Hk = H); chunk size ``chunk``; chunk of position t is c(t) = t // chunk.
+
+    summary_j   = the mean key of complete chunk j ("mean"), or its per-channel centre and radius ("minmax":
+                  q . centre + |q| . radius is the largest q . k any key inside the chunk's min/max box can give)
+    score[t, j] = scaling * sum over the G query heads of the group of  q'_t . summary_j
+                  (q'_t = q_t for ``select="token"``; the query at the first position of c(t) for ``"chunk"``)
+    cand(t)     = chunks j < c(t), less the chunks always in view
+    sel(t)      = the top_k chunks of cand(t) by score
+    in view     = the first ``sink`` tokens (for queries after chunk 0) and, with ``prev_chunk``, chunk c(t) - 1
+    o[t]        = softmax over s in {own chunk, s <= t} U sel(t)'s tokens U in view  of  scaling * q_t . k_s, on v_s
+
+A token is counted once: the sink tokens of a selected chunk 0 are taken from the sink, and the previous chunk is
+never a candidate when it is always in view.  With top_k >= c(t) every earlier chunk is seen and o is causal
+softmax attention exactly.
+
+A hard top-k gives the scores no gradient.  ``grad="straight_through"`` adds log p[t, j] - stopgrad(log p[t, j])
+(p = softmax of the scores over cand(t)) to the logits of the tokens a query sees through selected chunk j: zero
+in value (outputs are unchanged, exactness holds), and the gradient of Landmark Attention's grouped softmax, so the
+scores learn which chunks the attention used.
+
+Three forms compute the same thing:
+
+* :func:`blocks_reference` — a dense [T, T] mask from the definition (tests, attention maps);
+* :func:`blocks_parallel` — no [T, T] tensor: a fixed part (sink, previous and own chunk: [chunk, s + 2 chunk]
+  blocks per query chunk) and, for the selected chunks, each chunk's keys against the queries that chose it
+  (pairs grouped by chunk, in fixed-shape tiles: batched matmuls), merged by log-sum-exp; it continues
+  a stream from cached keys and summaries;
+* :func:`blocks_step` — one token per row from the cache: O((top_k + in view + 1) * chunk * d + C * d).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SUMMARIES = ("mean", "minmax")
+SELECTIONS = ("token", "chunk")
+GRADS = ("none", "straight_through")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """The settings of block retrieval (checked by the layer; see the module docstring)."""
+
+    chunk: int
+    top_k: int
+    sink: int = 0  # first tokens of the stream always in view after chunk 0 (<= chunk; == chunk: all of chunk 0)
+    prev_chunk: bool = False  # the previous chunk always in view
+    summary: str = "mean"
+    select: str = "token"
+    grad: str = "none"
+    scaling: float | None = None  # softmax scale; None = 1 / sqrt(d)
+
+    def scale(self, d: int) -> float:
+        return d**-0.5 if self.scaling is None else self.scaling
+
+
+# ------------------------------------------------------------------------------------------ selection
+def summarize(k_chunks: torch.Tensor, summary: str) -> torch.Tensor:
+    """Summaries of complete chunks: k_chunks [..., C, chunk, d] -> [..., C, S] (S = d for "mean", 2d for
+    "minmax": centre then radius)."""
+    if summary == "mean":
+        return k_chunks.mean(dim=-2, dtype=torch.float32 if k_chunks.dtype in (torch.float16, torch.bfloat16)
+                             else None)
+    lo, hi = k_chunks.amin(dim=-2), k_chunks.amax(dim=-2)
+    return torch.cat([(hi + lo) / 2, (hi - lo) / 2], dim=-1)
+
+
+def scores(q: torch.Tensor, summaries: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
+    """Chunk scores, summed over each key/value group's query heads: q [B, H, n, d], summaries [B, Hk, C, S]
+    -> [B, Hk, n, C]."""
+    B, H, n, d = q.shape
+    Hk = summaries.shape[1]
+    if q.dtype in (torch.float16, torch.bfloat16):  # a choice, not a weight: scored in fp32 (fewer flipped ties)
+        q, summaries = q.float(), summaries.float()
+    qq = q if spec.summary == "mean" else torch.cat([q, q.abs()], dim=-1)
+    s = qq.reshape(B, Hk, H // Hk * n, -1) @ summaries.transpose(-1, -2)  # [B, Hk, G * n, C]
+    return s.view(B, Hk, H // Hk, n, -1).sum(dim=2) * spec.scale(d)
+
+
+def candidates(query_chunks: torch.Tensor, num_chunks: int, spec: BlockSpec) -> torch.Tensor:
+    """query_chunks [n] (the chunk of each query; any shape [...]) -> bool [..., num_chunks]: which complete chunks
+    each query may select (earlier ones, less those always in view)."""
+    j = torch.arange(num_chunks, device=query_chunks.device)
+    c = query_chunks[..., None]
+    ok = j < c
+    if spec.prev_chunk:
+        ok = ok & (j != c - 1)
+    if spec.sink >= spec.chunk:
+        ok = ok & (j != 0)
+    return ok
+
+
+def select(score: torch.Tensor, allowed: torch.Tensor, spec: BlockSpec):
+    """The top_k allowed chunks of each query: score [..., C], allowed bool broadcastable to it.
+
+    Returns (idx [..., K] long, ok [..., K] bool, bias [..., K] or None) with K = min(top_k, C); ``bias`` is the
+    straight-through term log p - stopgrad(log p) of each selected chunk (zero in value)."""
+    C = score.shape[-1]
+    K = min(spec.top_k, C)
+    masked = score.masked_fill(~allowed, float("-inf"))
+    if K == 0:
+        empty = score.new_zeros(*score.shape[:-1], 0)
+        return empty.long(), empty.bool(), None
+    vals, idx = masked.topk(K, dim=-1)
+    ok = allowed.expand_as(score).gather(-1, idx)
+    bias = None
+    if spec.grad == "straight_through":
+        logp = torch.log_softmax(masked, dim=-1).gather(-1, idx)
+        logp = torch.where(ok, logp, 0.0)
+        bias = logp - logp.detach()
+    return idx, ok, bias
+
+
+def _selection_queries(q: torch.Tensor, spec: BlockSpec, offset: int = 0) -> torch.Tensor:
+    """The query each position selects with: q itself ("token") or the query at its chunk's first position
+    ("chunk"); q [B, H, n, d] holds positions offset .. offset + n - 1 with offset % chunk == 0."""
+    if spec.select == "token":
+        return q
+    firsts = (torch.arange(q.shape[2], device=q.device) // spec.chunk) * spec.chunk
+    return q[:, :, firsts]
+
+
+def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hk, ...] -> [B, Hk * groups, ...]."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _attend(p: torch.Tensor, v: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """p @ v where p is zero outside ``seen``, without letting a non-finite value outside ``seen`` in (0 * NaN):
+    p [..., n, m], v [..., m, d], seen bool broadcastable to p.  Rows that see a non-finite value get NaN."""
+    bad = ~torch.isfinite(v).all(dim=-1)  # [..., m]
+    if not bool(bad.any()):
+        return p @ v
+    out = p @ torch.where(bad[..., None], 0.0, v)
+    hit = (seen & bad[..., None, :]).any(dim=-1, keepdim=True)
+    return torch.where(hit, float("nan"), out)
+
+
+# ------------------------------------------------------------------------------------------ reference
+def blocks_reference(q, k, v, spec: BlockSpec, *, return_weights: bool = False):
+    """The definition with a dense [T, T] mask (slow in memory; tests and attention maps).
+
+    q [B, H, T, d]; k, v [B, Hk, T, d].  Returns o [B, H, T, d]; with ``return_weights`` also the softmax weights
+    [B, H, T, T] (o = weights @ v, v repeated over each group)."""
+    B, H, T, d = q.shape
+    Hk = k.shape[1]
+    G = H // Hk
+    ch = spec.chunk
+    Cc = T // ch  # complete chunks
+    pos = torch.arange(T, device=q.device)
+    tc = pos // ch
+    own = (tc[:, None] == tc[None, :]) & (pos[None, :] <= pos[:, None])
+    view = (tc[:, None] >= 1) & (pos[None, :] < spec.sink)
+    if spec.prev_chunk:
+        view = view | (tc[None, :] == tc[:, None] - 1)
+    fixed = own | view  # [T, T]
+    picked = torch.zeros(B, Hk, T, T, dtype=torch.bool, device=q.device)
+    bias_tok = q.new_zeros(B, Hk, T, T)
+    if Cc:
+        summ = summarize(k[:, :, : Cc * ch].reshape(B, Hk, Cc, ch, d), spec.summary)
+        sc = scores(_selection_queries(q, spec), summ, spec)  # [B, Hk, T, Cc]
+        idx, ok, bias = select(sc, candidates(tc, Cc, spec), spec)
+        chosen = torch.zeros_like(sc, dtype=torch.bool).scatter(-1, idx, ok)  # [B, Hk, T, Cc]
+        in_chunk = tc[None, :] < Cc
+        key_chunk = tc.clamp(max=max(Cc - 1, 0))
+        picked = chosen[..., key_chunk] & in_chunk & ~fixed
+        if bias is not None:
+            bias_tok = q.new_zeros(sc.shape).scatter(-1, idx, bias.to(q.dtype))[..., key_chunk]
+            bias_tok = bias_tok.masked_fill(~picked, 0.0)
+    seen = fixed | picked  # [B, Hk, T, T]
+    seen_h, bias_h = _expand(seen, G), _expand(bias_tok, G)
+    logits = (q @ _expand(k, G).transpose(-1, -2)) * spec.scale(d) + bias_h
+    logits = logits.masked_fill(~seen_h, float("-inf"))
+    p = torch.softmax(logits, dim=-1)
+    out = _attend(p, _expand(v, G), seen_h)
+    return (out, p) if return_weights else out
+
+
+# ------------------------------------------------------------------------------------------- parallel
+def _fixed_part(q, k, v, spec: BlockSpec, start: int, G: int):
+    """Sink, previous and own chunk for the queries of chunks start // chunk .. (query chunks Cq):
+    q [B, Hk, Cq, G * chunk, d] (grouped), k, v [B, Hk, Lp, d] padded to whole chunks.
+    Returns (m, l, o): the logits' max [B, Hk, Cq, G * chunk], sum of exp, and unnormalised output."""
+    B, Hk, Cq, n, d = q.shape
+    ch, s = spec.chunk, spec.sink
+    ci = start // ch + torch.arange(Cq, device=q.device)  # [Cq] stream chunk of each query chunk
+    cols, valid = [], []
+    if s:
+        sink_seen = ci >= 1
+        if spec.prev_chunk:
+            sink_seen = sink_seen & (ci != 1)  # chunk 0 is the previous chunk: its sink tokens are in view already
+        cols.append(torch.arange(s, device=q.device).expand(Cq, s))
+        valid.append(sink_seen[:, None, None].expand(Cq, ch, s))
+    if spec.prev_chunk:
+        cols.append(((ci - 1).clamp(min=0) * ch)[:, None] + torch.arange(ch, device=q.device))
+        valid.append((ci >= 1)[:, None, None].expand(Cq, ch, ch))
+    cols.append((ci * ch)[:, None] + torch.arange(ch, device=q.device))
+    valid.append(torch.ones(ch, ch, dtype=torch.bool, device=q.device).tril().expand(Cq, ch, ch))
+    cols = torch.cat(cols, dim=1)  # [Cq, nf] key positions
+    seen = torch.cat(valid, dim=2)  # [Cq, ch, nf]
+    seen = seen[:, None].expand(Cq, G, ch, -1).reshape(Cq, n, -1)  # rows are (head in group, position)
+    kf, vf = k[:, :, cols], v[:, :, cols]  # [B, Hk, Cq, nf, d]
+    logits = (q @ kf.transpose(-1, -2)) * spec.scale(d)
+    logits = logits.masked_fill(~seen, float("-inf"))
+    m = logits.amax(dim=-1)
+    e = torch.exp(logits - m[..., None])
+    return m, e.sum(dim=-1), _attend(e, vf, seen)
+
+
+# Pairs (query, selected chunk) are computed in tiles of TILE queries against one chunk's keys: one batched matmul
+# of fixed-shape [TILE * G, d] x [d, chunk] products.  A matmul's row can round differently when the number of rows
+# changes (size-dependent kernels), so a fixed tile shape keeps each query's output independent of which other
+# queries chose the same chunk (bitwise causality); tiles are processed in slabs to bound the gathered keys.
+TILE = 16
+_SLAB_BYTES = 32 * 2**20
+
+
+def _selected_part(q, k, v, spec: BlockSpec, idx, ok, bias, Ctot: int, G: int):
+    """Each selected chunk's keys against the queries that chose it.
+
+    q [B, Hk, Tq, G, d] (queries, grouped); k, v [B, Hk, Lp, d]; idx, ok [B, Hk, Tq, K].
+    Returns (m, l, o) per query and selected slot: [B, Hk, Tq, K, G] (m = -inf where a slot is empty) and
+    o [B, Hk, Tq, K, G, d]."""
+    B, Hk, Tq, K = idx.shape
+    d, ch = q.shape[-1], spec.chunk
+    m_out = q.new_full((B * Hk * Tq * K, G), float("-inf"))
+    l_out = q.new_zeros(B * Hk * Tq * K, G)
+    o_out = q.new_zeros(B * Hk * Tq * K, G, d)
+    pair = ok.reshape(-1).nonzero().squeeze(-1)  # flat (b, hk, t, slot) of each real pair
+    if pair.numel():
+        dev = q.device
+        row = pair // K  # flat (b, hk, t)
+        group = (row // Tq) * Ctot + idx.reshape(-1)[pair]  # the flat (b, hk, chunk) whose keys the pair reads
+        order = torch.argsort(group, stable=True)
+        pair, row, group = pair[order], row[order], group[order]
+        uniq, counts = torch.unique_consecutive(group, return_counts=True)
+        rank = torch.arange(pair.numel(), device=dev) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+        tiles = (counts + TILE - 1) // TILE  # tiles of each group
+        tile_of_pair = (torch.cumsum(tiles, 0) - tiles).repeat_interleave(counts) + rank // TILE
+        slots = torch.full((int(tiles.sum()), TILE), -1, dtype=torch.long, device=dev)
+        slots[tile_of_pair, rank % TILE] = torch.arange(pair.numel(), device=dev)
+        tile_chunk = uniq.repeat_interleave(tiles)  # flat (b, hk, chunk) of each tile
+        qrows = q.reshape(B * Hk * Tq, G, d)
+        kchunks, vchunks = k.reshape(B * Hk * Ctot, ch, d), v.reshape(B * Hk * Ctot, ch, d)
+        hidden = None
+        if spec.sink:  # chunk 0's sink tokens are counted in the fixed part
+            hidden = torch.arange(ch, device=dev) < spec.sink
+        slab = max(1, _SLAB_BYTES // (2 * ch * d * q.element_size()))
+        for t0 in range(0, slots.shape[0], slab):
+            sl = slots[t0 : t0 + slab]
+            n = sl.shape[0]
+            filled = sl >= 0
+            qb = qrows[row[sl.clamp(min=0)]].reshape(n, TILE * G, d)
+            chunks = tile_chunk[t0 : t0 + slab]
+            logits = (qb @ kchunks[chunks].transpose(-1, -2)) * spec.scale(d)  # [n, TILE * G, ch]
+            if hidden is not None:
+                logits = logits.masked_fill((chunks % Ctot == 0)[:, None, None] & hidden, float("-inf"))
+            m = logits.amax(dim=-1)
+            e = torch.exp(logits - m[..., None])
+            o = e @ vchunks[chunks]  # [n, TILE * G, d]
+            dest = pair[sl[filled]]
+            m_out = m_out.index_copy(0, dest, m.view(n, TILE, G)[filled])
+            l_out = l_out.index_copy(0, dest, e.sum(dim=-1).view(n, TILE, G)[filled])
+            o_out = o_out.index_copy(0, dest, o.view(n, TILE, G, d)[filled])
+    m_out = m_out.view(B, Hk, Tq, K, G)
+    if bias is not None:  # straight-through: shift the slot's logits by log p - stopgrad(log p) (= 0)
+        m_out = m_out + bias.to(m_out.dtype)[..., None]
+    return m_out, l_out.view(B, Hk, Tq, K, G), o_out.view(B, Hk, Tq, K, G, d)
+
+
+def blocks_parallel(q, k, v, spec: BlockSpec, *, start: int = 0, summaries: torch.Tensor | None = None):
+    """Block retrieval for queries at positions start .. start + Tq - 1 (``start`` a multiple of chunk) over keys at
+    positions 0 .. start + Tq - 1.
+
+    q [B, H, Tq, d]; k, v [B, Hk, start + Tq, d]; ``summaries`` [B, Hk, C0, S]: the summaries of the first C0
+    complete chunks if already known (a stream's cache), computed here otherwise.  No [T, T] tensor is made.
+    Returns (o [B, H, Tq, d], summaries of every complete chunk [B, Hk, (start + Tq) // chunk, S]).
+    """
+    B, H, Tq, d = q.shape
+    Hk, L = k.shape[1], k.shape[2]
+    G, ch = H // Hk, spec.chunk
+    if start % ch or start + Tq != L:
+        raise ValueError(f"blocks_parallel: start must be a multiple of chunk={ch} and keys must cover start + Tq "
+                         f"positions, got start={start}, Tq={Tq}, keys={L}")
+    Cq = math.ceil(Tq / ch)
+    Tqp, Ctot = Cq * ch, start // ch + Cq
+    if Tqp != Tq:
+        pad = Tqp - Tq
+        q = torch.nn.functional.pad(q, (0, 0, 0, pad))
+        k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (k, v))
+    Cc = L // ch
+    C0 = 0 if summaries is None else summaries.shape[2]
+    new = summarize(k[:, :, C0 * ch : Cc * ch].reshape(B, Hk, Cc - C0, ch, d), spec.summary)
+    summ = new if summaries is None else torch.cat([summaries, new], dim=2)
+    qg = q.view(B, Hk, G, Tqp, d)
+    # 1. the fixed part: sink, previous chunk and own chunk (causal), one [G * chunk, nf] block per query chunk
+    qf = qg.view(B, Hk, G, Cq, ch, d).transpose(2, 3).reshape(B, Hk, Cq, G * ch, d)
+    m_f, l_f, o_f = _fixed_part(qf, k, v, spec, start, G)
+    m_f = m_f.view(B, Hk, Cq, G, ch).transpose(2, 3).reshape(B, Hk, G, Tqp)
+    l_f = l_f.view(B, Hk, Cq, G, ch).transpose(2, 3).reshape(B, Hk, G, Tqp)
+    o_f = o_f.view(B, Hk, Cq, G, ch, d).transpose(2, 3).reshape(B, Hk, G, Tqp, d)
+    # 2. the selected chunks
+    qchunk = (start + torch.arange(Tqp, device=q.device)) // ch
+    allowed = candidates(qchunk, Cc, spec) & (torch.arange(Tqp, device=q.device) < Tq)[:, None]
+    sc = scores(_selection_queries(q, spec), summ, spec)  # [B, Hk, Tqp, Cc]
+    idx, ok, bias = select(sc, allowed, spec)
+    if idx.shape[-1]:
+        m_s, l_s, o_s = _selected_part(qg.transpose(2, 3), k, v, spec, idx, ok, bias, Ctot, G)
+        # 3. merge: one softmax over the union, by log-sum-exp
+        m_s, l_s = m_s.permute(0, 1, 4, 2, 3), l_s.permute(0, 1, 4, 2, 3)  # [B, Hk, G, Tqp, K]
+        o_s = o_s.permute(0, 1, 4, 2, 3, 5)  # [B, Hk, G, Tqp, K, d]
+        m = torch.maximum(m_f, m_s.amax(dim=-1))
+        w_f = torch.exp(m_f - m)
+        w_s = torch.exp(m_s - m[..., None])  # 0 for empty slots (m_s = -inf)
+        num = o_f * w_f[..., None] + (o_s * w_s[..., None]).sum(dim=-2)
+        den = l_f * w_f + (l_s * w_s).sum(dim=-1)
+    else:
+        num, den = o_f, l_f
+    out = (num / den[..., None]).reshape(B, H, Tqp, d)[:, :, :Tq]
+    return out, summ
+
+
+# ------------------------------------------------------------------------------------------ recurrent
+def blocks_step(q, keys, values, summaries, lengths, spec: BlockSpec, select_q: torch.Tensor | None = None):
+    """One new token per row, its key and value already written at position ``lengths[b]`` of ``keys``/``values``.
+
+    q [B, H, 1, d]; keys, values [B, Hk, N, d] (N > max(lengths); rows hold their tokens 0 .. lengths[b]);
+    summaries [B, Hk, C, S] of each row's complete chunks (rows may have fewer than C; the rest are ignored);
+    lengths [B] long: the position of the new token in each row; ``select_q`` [B, H, 1, d]: with
+    ``select="chunk"``, the query at the first position of each row's chunk (kept by the caller).
+    Cost per row and head: O((top_k + in view + 1) * chunk * d + C * d).  Returns o [B, H, 1, d].
+    """
+    B, H, _, d = q.shape
+    Hk = keys.shape[1]
+    G, ch, s = H // Hk, spec.chunk, spec.sink
+    dev = q.device
+    ci = lengths // ch  # [B] chunk of the new token
+    ar = torch.arange(ch, device=dev)
+    # positions each row sees besides its selection: sink, previous chunk, own chunk up to the new token
+    cols, seen = [], []
+    if s:
+        sink_seen = ci >= 1
+        if spec.prev_chunk:
+            sink_seen = sink_seen & (ci != 1)
+        cols.append(torch.arange(s, device=dev).expand(B, s))
+        seen.append(sink_seen[:, None].expand(B, s))
+    if spec.prev_chunk:
+        cols.append(((ci - 1).clamp(min=0) * ch)[:, None] + ar)
+        seen.append((ci >= 1)[:, None].expand(B, ch))
+    cols.append((ci * ch)[:, None] + ar)
+    seen.append(ar[None, :] <= (lengths % ch)[:, None])
+    bias = None
+    if summaries is not None and summaries.shape[2]:
+        C = summaries.shape[2]
+        allowed = candidates(ci, C, spec) & (torch.arange(C, device=dev)[None, :] < (lengths // ch)[:, None])
+        if spec.select == "chunk" and select_q is None:
+            raise ValueError("blocks_step: select='chunk' needs select_q, the query at the chunk's first position")
+        sc = scores(q if spec.select == "token" else select_q, summaries, spec)[:, :, 0]  # [B, Hk, C]
+        idx, ok, bias = select(sc, allowed[:, None, :], spec)  # [B, Hk, K]
+        K = idx.shape[-1]
+        sel_pos = (idx[..., None] * ch + ar).reshape(B, Hk, K * ch)  # [B, Hk, K * ch]
+        sel_seen = ok[..., None].expand(B, Hk, K, ch)
+        if s:
+            sel_seen = sel_seen & ~((idx == 0)[..., None] & (ar < s))
+        sel_seen = sel_seen.reshape(B, Hk, K * ch)
+    else:
+        K = 0
+    fixed_pos = torch.cat(cols, dim=1)  # [B, nf]
+    fixed_seen = torch.cat(seen, dim=1)
+    nf = fixed_pos.shape[1]
+    pos = fixed_pos[:, None].expand(B, Hk, nf)
+    vis = fixed_seen[:, None].expand(B, Hk, nf)
+    if K:
+        pos = torch.cat([pos, sel_pos], dim=2)
+        vis = torch.cat([vis, sel_seen], dim=2)
+    pos = pos.clamp(max=keys.shape[2] - 1)  # the own chunk's later slots may lie past the buffer (never seen)
+    kx = keys.gather(2, pos[..., None].expand(*pos.shape, d))  # [B, Hk, n, d]
+    vx = values.gather(2, pos[..., None].expand(*pos.shape, d))
+    logits = (q.view(B, Hk, G, d) @ kx.transpose(-1, -2)) * spec.scale(d)  # [B, Hk, G, n]
+    if bias is not None:
+        b = torch.cat([logits.new_zeros(B, Hk, nf), bias.to(logits.dtype).repeat_interleave(ch, dim=-1)], dim=2)
+        logits = logits + b[:, :, None]
+    vis = vis[:, :, None]
+    logits = logits.masked_fill(~vis, float("-inf"))
+    p = torch.softmax(logits, dim=-1)
+    return _attend(p, vx, vis).view(B, H, 1, d)
