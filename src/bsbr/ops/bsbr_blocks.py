@@ -215,65 +215,191 @@ def _fixed_part(q, k, v, spec: BlockSpec, start: int, G: int):
     return m, e.sum(dim=-1), _attend(e, vf, seen)
 
 
-# Pairs (query, selected chunk) are computed in tiles of TILE queries against one chunk's keys: one batched matmul
-# of fixed-shape [TILE * G, d] x [d, chunk] products.  A matmul's row can round differently when the number of rows
-# changes (size-dependent kernels), so a fixed tile shape keeps each query's output independent of which other
-# queries chose the same chunk (bitwise causality); tiles are processed in slabs to bound the gathered keys.
-TILE = 16
-_SLAB_BYTES = 32 * 2**20
+# Pairs (query, selected chunk) are computed in tiles of ``tile`` queries against one chunk's keys: batched matmuls
+# of fixed-shape [tile * G, d] x [d, chunk] products.  A matmul's row can round differently when the number of rows
+# changes (size-dependent kernels), so a tile shape fixed by the settings alone keeps each query's output independent
+# of which other queries chose the same chunk (bitwise causality).  ``tile`` follows the chunk (16 .. 128) so that
+# a tile gathers about as many keys as queries; tiles go in slabs to bound the gathered keys.
+_SLAB_BYTES = 16 * 2**20
+
+
+def _tile(chunk: int) -> int:
+    return min(128, max(16, chunk))
+
+
+def _tiles(idx, ok, Tq: int, Ctot: int, ch: int):
+    """Lay the (query, selected chunk) pairs out in tiles of queries that read one chunk.
+
+    idx, ok [B, Hk, Tq, K].  Returns (pair, row, slots, tile_chunk): ``pair`` [P] the flat (b, hk, t, slot) of each
+    real pair (sorted by chunk), ``row`` [P] its flat (b, hk, t), ``slots`` [tiles, tile] the pair index held by each
+    tile entry (-1 = empty), ``tile_chunk`` [tiles] the flat (b, hk, chunk) each tile reads."""
+    K = idx.shape[-1]
+    dev = idx.device
+    pair = ok.reshape(-1).nonzero().squeeze(-1)
+    row = pair // K
+    group = (row // Tq) * Ctot + idx.reshape(-1)[pair]
+    order = torch.argsort(group, stable=True)
+    pair, row, group = pair[order], row[order], group[order]
+    uniq, counts = torch.unique_consecutive(group, return_counts=True)
+    tile = _tile(ch)
+    rank = torch.arange(pair.numel(), device=dev) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+    tiles = (counts + tile - 1) // tile
+    tile_of_pair = (torch.cumsum(tiles, 0) - tiles).repeat_interleave(counts) + rank // tile
+    slots = torch.full((int(tiles.sum()), tile), -1, dtype=torch.long, device=dev)
+    slots[tile_of_pair, rank % tile] = torch.arange(pair.numel(), device=dev)
+    return pair, row, slots, uniq.repeat_interleave(tiles)
+
+
+def _slabs(slots: torch.Tensor, ch: int, d: int, itemsize: int):
+    """Row ranges of ``slots`` processed together (bounded gathered keys)."""
+    step = max(1, _SLAB_BYTES // (2 * ch * d * itemsize))
+    return [(t0, min(t0 + step, slots.shape[0])) for t0 in range(0, slots.shape[0], step)]
+
+
+def _to_slots(parts: list, dests: list, pair, P: int, fill: torch.Tensor, size: int) -> torch.Tensor:
+    """Scatter per-pair results (in tile order) back to slot order with one gather; empty slots get ``fill``."""
+    where = torch.full((size,), P, dtype=torch.long, device=fill.device)
+    if dests:
+        where[pair[torch.cat(dests)]] = torch.arange(P, device=fill.device)
+    return torch.cat([*parts, fill[None]])[where]
 
 
 def _selected_part(q, k, v, spec: BlockSpec, idx, ok, bias, Ctot: int, G: int):
-    """Each selected chunk's keys against the queries that chose it.
+    """Each selected chunk's keys against the queries that chose it (explicit logits; differentiable).
 
-    q [B, Hk, Tq, G, d] (queries, grouped); k, v [B, Hk, Lp, d]; idx, ok [B, Hk, Tq, K].
-    Returns (m, l, o) per query and selected slot: [B, Hk, Tq, K, G] (m = -inf where a slot is empty) and
-    o [B, Hk, Tq, K, G, d]."""
+    q [B, Hk, Tq, G, d] (queries, grouped, already multiplied by the softmax scale); k, v [B, Hk, Lp, d];
+    idx, ok [B, Hk, Tq, K].  Returns (m, l, o) per query and selected slot: [B, Hk, Tq, K, G] (m = -inf where a
+    slot is empty) and o [B, Hk, Tq, K, G, d] (unnormalised: sum of exp(logit - m) v)."""
     B, Hk, Tq, K = idx.shape
     d, ch = q.shape[-1], spec.chunk
-    m_out = q.new_full((B * Hk * Tq * K, G), float("-inf"))
-    l_out = q.new_zeros(B * Hk * Tq * K, G)
-    o_out = q.new_zeros(B * Hk * Tq * K, G, d)
-    pair = ok.reshape(-1).nonzero().squeeze(-1)  # flat (b, hk, t, slot) of each real pair
-    if pair.numel():
-        dev = q.device
-        row = pair // K  # flat (b, hk, t)
-        group = (row // Tq) * Ctot + idx.reshape(-1)[pair]  # the flat (b, hk, chunk) whose keys the pair reads
-        order = torch.argsort(group, stable=True)
-        pair, row, group = pair[order], row[order], group[order]
-        uniq, counts = torch.unique_consecutive(group, return_counts=True)
-        rank = torch.arange(pair.numel(), device=dev) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
-        tiles = (counts + TILE - 1) // TILE  # tiles of each group
-        tile_of_pair = (torch.cumsum(tiles, 0) - tiles).repeat_interleave(counts) + rank // TILE
-        slots = torch.full((int(tiles.sum()), TILE), -1, dtype=torch.long, device=dev)
-        slots[tile_of_pair, rank % TILE] = torch.arange(pair.numel(), device=dev)
-        tile_chunk = uniq.repeat_interleave(tiles)  # flat (b, hk, chunk) of each tile
-        qrows = q.reshape(B * Hk * Tq, G, d)
-        kchunks, vchunks = k.reshape(B * Hk * Ctot, ch, d), v.reshape(B * Hk * Ctot, ch, d)
-        hidden = None
+    pair, row, slots, tile_chunk = _tiles(idx, ok, Tq, Ctot, ch)
+    tile = slots.shape[1]
+    qrows = q.reshape(B * Hk * Tq, G, d)
+    kchunks, vchunks = k.reshape(B * Hk * Ctot, ch, d), v.reshape(B * Hk * Ctot, ch, d)
+    ms, ls, os_, dests = [], [], [], []
+    for t0, t1 in _slabs(slots, ch, d, q.element_size()):
+        sl, chunks = slots[t0:t1], tile_chunk[t0:t1]
+        n, filled = sl.shape[0], sl >= 0
+        logits = qrows[row[sl.clamp(min=0)]].reshape(n, tile * G, d) @ kchunks[chunks].transpose(-1, -2)
         if spec.sink:  # chunk 0's sink tokens are counted in the fixed part
-            hidden = torch.arange(ch, device=dev) < spec.sink
-        slab = max(1, _SLAB_BYTES // (2 * ch * d * q.element_size()))
-        for t0 in range(0, slots.shape[0], slab):
-            sl = slots[t0 : t0 + slab]
-            n = sl.shape[0]
-            filled = sl >= 0
-            qb = qrows[row[sl.clamp(min=0)]].reshape(n, TILE * G, d)
-            chunks = tile_chunk[t0 : t0 + slab]
-            logits = (qb @ kchunks[chunks].transpose(-1, -2)) * spec.scale(d)  # [n, TILE * G, ch]
-            if hidden is not None:
-                logits = logits.masked_fill((chunks % Ctot == 0)[:, None, None] & hidden, float("-inf"))
-            m = logits.amax(dim=-1)
-            e = torch.exp(logits - m[..., None])
-            o = e @ vchunks[chunks]  # [n, TILE * G, d]
-            dest = pair[sl[filled]]
-            m_out = m_out.index_copy(0, dest, m.view(n, TILE, G)[filled])
-            l_out = l_out.index_copy(0, dest, e.sum(dim=-1).view(n, TILE, G)[filled])
-            o_out = o_out.index_copy(0, dest, o.view(n, TILE, G, d)[filled])
-    m_out = m_out.view(B, Hk, Tq, K, G)
+            first = (chunks % Ctot == 0).nonzero().squeeze(-1)
+            if first.numel():
+                hidden = torch.arange(ch, device=q.device) < spec.sink
+                logits = logits.index_put((first,), logits[first].masked_fill(hidden, float("-inf")))
+        m = logits.amax(dim=-1)
+        e = torch.exp(logits - m[..., None])
+        o = e @ vchunks[chunks]  # [n, tile * G, d]
+        ms.append(m.view(n, tile, G)[filled])
+        ls.append(e.sum(dim=-1).view(n, tile, G)[filled])
+        os_.append(o.view(n, tile, G, d)[filled])
+        dests.append(sl[filled])
+    P, size = pair.numel(), B * Hk * Tq * K
+    m_out = _to_slots(ms, dests, pair, P, q.new_full((G,), float("-inf")), size).view(B, Hk, Tq, K, G)
+    l_out = _to_slots(ls, dests, pair, P, q.new_zeros(G), size).view(B, Hk, Tq, K, G)
+    o_out = _to_slots(os_, dests, pair, P, q.new_zeros(G, d), size).view(B, Hk, Tq, K, G, d)
     if bias is not None:  # straight-through: shift the slot's logits by log p - stopgrad(log p) (= 0)
         m_out = m_out + bias.to(m_out.dtype)[..., None]
-    return m_out, l_out.view(B, Hk, Tq, K, G), o_out.view(B, Hk, Tq, K, G, d)
+    return m_out, l_out, o_out
+
+
+# ------------------------------------------------------------------------------- fused inference path
+def _flash(q, k, v, scale: float, causal: bool = False, mask=None):
+    """CPU flash attention that also returns the log-sum-exp: q [N, h, n, d], k, v [N, h, m, d] -> (o, lse [N, h, n]).
+    Used without autograd only (the kernel passes no gradient through the log-sum-exp)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
+                                                                       scale=scale)
+
+
+def fused_available(*tensors: torch.Tensor) -> bool:
+    """True where the fused path may run: CPU, fp32/fp64, no autograd graph, every value finite (the fused kernel
+    multiplies masked probabilities by every value, so a NaN anywhere would reach other positions)."""
+    t0 = tensors[0]
+    if t0.device.type != "cpu" or t0.dtype not in (torch.float32, torch.float64):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return False
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _parallel_fused(q, k, v, spec: BlockSpec, idx, ok, start: int, Ctot: int):
+    """Inference form of :func:`blocks_parallel` on padded inputs (q [B, H, Tqp, d], k, v [B, Hk, Lp, d]): partial
+    softmaxes through the fused CPU kernel (own chunk, sink tokens, previous chunk, selected chunks in tiles), merged
+    by their log-sum-exp without gathering keys for the parts every query of a chunk shares.  Returns
+    o [B, H, Tqp, d]."""
+    B, H, Tqp, d = q.shape
+    Hk = k.shape[1]
+    G, ch, s = H // Hk, spec.chunk, spec.sink
+    Cq, c0, scale = Tqp // ch, start // ch, spec.scale(d)
+    dev = q.device
+    kx, vx = _expand(k, G), _expand(v, G)
+    kc, vc = kx.view(B, H, Ctot, ch, d), vx.view(B, H, Ctot, ch, d)
+    qa = q.reshape(B, H * Cq, ch, d)
+    ci = c0 + torch.arange(Cq, device=dev)
+    dense = []  # (o [B, H, Tqp, d], lse [B, H, Tqp]) of the parts every query of a chunk shares
+    # own chunk, causal: one [chunk, chunk] block per (row, head, chunk)
+    o, lse = _flash(qa, kc[:, :, c0:].reshape(B, H * Cq, ch, d), vc[:, :, c0:].reshape(B, H * Cq, ch, d), scale,
+                    causal=True)
+    dense.append((o.reshape(B, H, Tqp, d), lse.reshape(B, H, Tqp)))
+    if s:  # the sink tokens, for query chunks after the first (and after chunk 1 when chunk 0 is the previous one)
+        o, lse = _flash(q, kx[:, :, :s], vx[:, :, :s], scale)
+        sees = (ci >= 1) & ~((ci == 1) & spec.prev_chunk)
+        lse = lse.reshape(B, H, Cq, ch).masked_fill(~sees[:, None], float("-inf"))
+        dense.append((o.reshape(B, H, Tqp, d), lse.reshape(B, H, Tqp)))
+    if spec.prev_chunk:  # the previous chunk: query chunk i against chunk i - 1 (none for the stream's chunk 0)
+        first = 1 if c0 == 0 else 0
+        o = q.new_zeros(B, H, Cq, ch, d)
+        lse = q.new_full((B, H, Cq, ch), float("-inf"))
+        if Cq > first:
+            qp = q.view(B, H, Cq, ch, d)[:, :, first:].reshape(B, H * (Cq - first), ch, d)
+            kp = kc[:, :, c0 - 1 + first : c0 - 1 + Cq].reshape(B, H * (Cq - first), ch, d)
+            vp = vc[:, :, c0 - 1 + first : c0 - 1 + Cq].reshape(B, H * (Cq - first), ch, d)
+            op, lp = _flash(qp, kp, vp, scale)
+            o[:, :, first:] = op.reshape(B, H, Cq - first, ch, d)
+            lse[:, :, first:] = lp.reshape(B, H, Cq - first, ch)
+        dense.append((o.reshape(B, H, Tqp, d), lse.reshape(B, H, Tqp)))
+    # the selected chunks, in tiles of queries that read one chunk
+    K = idx.shape[-1]
+    tiles = []
+    if K and bool(ok.any()):
+        pair, row, slots, tile_chunk = _tiles(idx, ok, Tqp, Ctot, ch)
+        tile = slots.shape[1]
+        qrows = q.view(B, Hk, G, Tqp, d).transpose(2, 3).reshape(B * Hk * Tqp, G, d)
+        kchunks, vchunks = k.reshape(B * Hk * Ctot, ch, d), v.reshape(B * Hk * Ctot, ch, d)
+        g = torch.arange(G, device=dev)
+        hide_sink = 0 < s < ch  # chunk 0 is a candidate and its sink tokens are counted with the sink part
+        for t0, t1 in _slabs(slots, ch, d, q.element_size()):
+            sl, chunks = slots[t0:t1], tile_chunk[t0:t1]
+            n = sl.shape[0]
+            qt = qrows[row[sl.clamp(min=0)]].reshape(1, n, tile * G, d)
+            mask = None
+            if hide_sink and bool((chunks % Ctot == 0).any()):
+                hidden = (chunks % Ctot == 0)[:, None] & (torch.arange(ch, device=dev) < s)
+                mask = q.new_zeros(1, n, 1, ch).masked_fill(hidden[None, :, None], float("-inf"))
+                mask = mask.expand(1, n, tile * G, ch)
+            o, lse = _flash(qt, kchunks[chunks][None], vchunks[chunks][None], scale, mask=mask)
+            # flat (b, hk, g, t) of [B, H, Tqp] each entry adds to; empty entries go to a spare row at the end
+            r = row[sl.clamp(min=0)]
+            dest = ((r // Tqp)[..., None] * G + g) * Tqp + (r % Tqp)[..., None]  # [n, tile, G]
+            dest = dest.masked_fill((sl < 0)[..., None], B * H * Tqp)
+            tiles.append((o.reshape(n, tile, G, d), lse.reshape(n, tile, G), dest))
+    # log-sum-exp over every part, then o = sum_p exp(lse_p - LSE) o_p (row B * H * Tqp: the spare row)
+    m = torch.stack([lse for _, lse in dense]).amax(dim=0).reshape(-1)
+    m = torch.cat([m, m.new_zeros(1)])
+    for _, lse, dest in tiles:
+        m = m.scatter_reduce(0, dest.reshape(-1), lse.reshape(-1), reduce="amax")
+    total = torch.cat([sum(torch.exp(lse.reshape(-1) - m[:-1]) for _, lse in dense), m.new_ones(1)])
+    for _, lse, dest in tiles:
+        total.index_add_(0, dest.reshape(-1), torch.exp(lse.reshape(-1) - m[dest.reshape(-1)]))
+    big = m + torch.log(total)
+    out = torch.cat([sum(o.reshape(-1, d) * torch.exp(lse.reshape(-1) - big[:-1])[:, None] for o, lse in dense),
+                     q.new_zeros(1, d)])
+    for o, lse, dest in tiles:
+        w = torch.exp(lse.reshape(-1) - big[dest.reshape(-1)])
+        out.index_add_(0, dest.reshape(-1), o.reshape(-1, d) * w[:, None])
+    out = out[:-1]
+    return out.view(B, H, Tqp, d)
 
 
 def blocks_parallel(q, k, v, spec: BlockSpec, *, start: int = 0, summaries: torch.Tensor | None = None):
@@ -300,6 +426,12 @@ def blocks_parallel(q, k, v, spec: BlockSpec, *, start: int = 0, summaries: torc
     C0 = 0 if summaries is None else summaries.shape[2]
     new = summarize(k[:, :, C0 * ch : Cc * ch].reshape(B, Hk, Cc - C0, ch, d), spec.summary)
     summ = new if summaries is None else torch.cat([summaries, new], dim=2)
+    qchunk = (start + torch.arange(Tqp, device=q.device)) // ch
+    allowed = candidates(qchunk, Cc, spec) & (torch.arange(Tqp, device=q.device) < Tq)[:, None]
+    sc = scores(_selection_queries(q, spec), summ, spec)  # [B, Hk, Tqp, Cc]
+    idx, ok, bias = select(sc, allowed, spec)
+    if fused_available(q, k, v):
+        return _parallel_fused(q, k, v, spec, idx, ok, start, Ctot)[:, :, :Tq], summ
     qg = q.view(B, Hk, G, Tqp, d)
     # 1. the fixed part: sink, previous chunk and own chunk (causal), one [G * chunk, nf] block per query chunk
     qf = qg.view(B, Hk, G, Cq, ch, d).transpose(2, 3).reshape(B, Hk, Cq, G * ch, d)
@@ -308,12 +440,9 @@ def blocks_parallel(q, k, v, spec: BlockSpec, *, start: int = 0, summaries: torc
     l_f = l_f.view(B, Hk, Cq, G, ch).transpose(2, 3).reshape(B, Hk, G, Tqp)
     o_f = o_f.view(B, Hk, Cq, G, ch, d).transpose(2, 3).reshape(B, Hk, G, Tqp, d)
     # 2. the selected chunks
-    qchunk = (start + torch.arange(Tqp, device=q.device)) // ch
-    allowed = candidates(qchunk, Cc, spec) & (torch.arange(Tqp, device=q.device) < Tq)[:, None]
-    sc = scores(_selection_queries(q, spec), summ, spec)  # [B, Hk, Tqp, Cc]
-    idx, ok, bias = select(sc, allowed, spec)
-    if idx.shape[-1]:
-        m_s, l_s, o_s = _selected_part(qg.transpose(2, 3), k, v, spec, idx, ok, bias, Ctot, G)
+    if idx.shape[-1] and bool(ok.any()):
+        qs = qg.transpose(2, 3) * spec.scale(d)
+        m_s, l_s, o_s = _selected_part(qs, k, v, spec, idx, ok, bias, Ctot, G)
         # 3. merge: one softmax over the union, by log-sum-exp
         m_s, l_s = m_s.permute(0, 1, 4, 2, 3), l_s.permute(0, 1, 4, 2, 3)  # [B, Hk, G, Tqp, K]
         o_s = o_s.permute(0, 1, 4, 2, 3, 5)  # [B, Hk, G, Tqp, K, d]

@@ -1,0 +1,190 @@
+"""Block retrieval of tokens (retrieval="blocks"): the op's three forms against each other and against causal softmax.
+
+The registry-wide invariant suite (test_invariants.py) runs the layer as "BSBRBlocks"; these tests cover the op's
+settings one by one, grouped key/value heads, the fused inference path, continuation from a cache, and errors.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bsbr.layers.bsbr import BSBRAttention
+from bsbr.ops.bsbr_blocks import BlockSpec, blocks_parallel, blocks_reference, blocks_step, fused_available, summarize
+
+from helpers import assert_close
+
+SPECS = [
+    BlockSpec(chunk=4, top_k=2),
+    BlockSpec(chunk=5, top_k=1, sink=2, prev_chunk=True, summary="minmax"),
+    BlockSpec(chunk=4, top_k=3, sink=4, select="chunk"),
+    BlockSpec(chunk=4, top_k=2, sink=1, grad="straight_through"),
+    BlockSpec(chunk=3, top_k=1, prev_chunk=True, select="chunk", summary="minmax", grad="straight_through"),
+]
+SHAPES = [(2, 4, 2, 23, 6), (1, 2, 2, 7, 4), (2, 3, 1, 3, 5), (1, 2, 1, 40, 6)]  # B, H, Hk, T, d
+
+
+def _qkv(B, H, Hk, T, d, dtype=torch.float64, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, T, d, generator=g, dtype=dtype).requires_grad_(grad) for h in (H, Hk, Hk)]
+
+
+def _stream(q, k, v, spec):
+    """Token by token through blocks_step, summaries made as a cache would."""
+    B, Hk, T, d = k.shape
+    ch, outs = spec.chunk, []
+    for t in range(T):
+        c = t // ch
+        summ = summarize(k[:, :, : c * ch].reshape(B, Hk, c, ch, d), spec.summary) if c else None
+        first = q[:, :, c * ch : c * ch + 1] if spec.select == "chunk" else None
+        outs.append(blocks_step(q[:, :, t : t + 1], k, v, summ, torch.full((B,), t), spec, select_q=first))
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.parametrize(("spec", "shape"), list(itertools.product(SPECS, SHAPES)))
+def test_three_forms_agree_fp64(spec, shape):
+    q, k, v = _qkv(*shape, grad=True)
+    ref = blocks_reference(q, k, v, spec)
+    par, _ = blocks_parallel(q, k, v, spec)
+    assert_close(f"{spec} parallel", par, ref)
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    grads_par = torch.autograd.grad((par * g).sum(), (q, k, v))
+    for name, a, b in zip("qkv", grads_par, grads_ref, strict=True):
+        assert_close(f"{spec} d/d{name}", a, b, atol=1e-12)
+    with torch.no_grad():
+        fused, _ = blocks_parallel(q, k, v, spec)  # the fused inference path
+        assert_close(f"{spec} fused", fused, ref)
+        assert_close(f"{spec} step by step", _stream(q, k, v, spec), ref)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_parallel_continues_a_stream(spec):
+    """Queries of a later segment over cached keys and summaries give the rows of one full forward."""
+    q, k, v = _qkv(2, 4, 2, 37, 6)
+    ref = blocks_reference(q, k, v, spec)
+    ch = spec.chunk
+    start = 2 * ch
+    summ = summarize(k[:, :, :start].reshape(2, 2, 2, ch, 6), spec.summary)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            out, all_summ = blocks_parallel(q[:, :, start:].requires_grad_(grad), k, v, spec, start=start,
+                                            summaries=summ)
+        assert_close(f"{spec} continued (grad={grad})", out, ref[:, :, start:])
+    assert all_summ.shape[2] == 37 // ch
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_top_k_covering_every_chunk_is_causal_softmax(G):
+    q, k, v = _qkv(2, 2 * G, 2, 61, 8)
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=True)
+    for spec in (BlockSpec(chunk=7, top_k=9), BlockSpec(chunk=7, top_k=9, sink=3, prev_chunk=True),
+                 BlockSpec(chunk=7, top_k=8, sink=7, summary="minmax", grad="straight_through")):
+        assert_close(f"{spec} reference", blocks_reference(q, k, v, spec), expected, rel_tol=1e-10)
+        assert_close(f"{spec} parallel", blocks_parallel(q, k, v, spec)[0], expected, rel_tol=1e-10)
+        with torch.no_grad():
+            assert_close(f"{spec} fused", blocks_parallel(q, k, v, spec)[0], expected, rel_tol=1e-10)
+
+
+def test_selection_is_a_choice_top_k_1_misses_what_top_k_all_sees():
+    """With fewer chunks selected than exist, outputs differ from causal softmax (the test above is not vacuous)."""
+    q, k, v = _qkv(1, 2, 2, 40, 8)
+    full = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = blocks_parallel(q, k, v, BlockSpec(chunk=4, top_k=1))[0]
+    assert (out[:, :, 8:] - full[:, :, 8:]).abs().max() > 1e-3
+    assert_close("first two chunks", out[:, :, :8], full[:, :, :8])  # chunk 1 sees chunk 0, the only candidate
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_causality_is_bitwise_in_both_parallel_paths(fused):
+    """Changing token t changes no earlier output, bit for bit, although the tiles of queries that read each chunk
+    are laid out from every query's selection."""
+    spec = BlockSpec(chunk=4, top_k=2, sink=2)
+    q, k, v = _qkv(2, 4, 2, 64, 8)
+    with torch.set_grad_enabled(not fused):
+        base = blocks_parallel(*(t.requires_grad_(not fused) for t in (q, k, v)), spec)[0]
+        for t in (5, 30, 63):
+            q2, k2, v2 = (x.detach().clone() for x in (q, k, v))
+            for x in (q2, k2, v2):
+                x[:, :, t] += 1.0
+            out = blocks_parallel(*(x.requires_grad_(not fused) for x in (q2, k2, v2)), spec)[0]
+            assert torch.equal(out[:, :, :t], base[:, :, :t]), f"token {t} changed an earlier output"
+            assert not torch.equal(out[:, :, t:], base[:, :, t:])
+
+
+@pytest.mark.parametrize("spec", SPECS[:3])
+def test_non_finite_values_stay_where_they_are(spec):
+    """A NaN in q, k or v at position p changes no output before p, in every form (the fused path steps aside)."""
+    q, k, v = _qkv(1, 2, 1, 30, 6)
+    clean = blocks_reference(q, k, v, spec)
+    p = 13
+    for which in range(3):
+        bad = [t.clone() for t in (q, k, v)]
+        bad[which][:, :, p] = float("nan")
+        assert not fused_available(*bad)
+        forms = {"reference": blocks_reference(*bad, spec), "parallel": blocks_parallel(*bad, spec)[0],
+                 "step": _stream(*bad, spec)}
+        for name, out in forms.items():
+            assert torch.isfinite(out[:, :, :p]).all(), f"{name}: NaN in {'qkv'[which]} at {p} leaked backwards"
+            assert_close(f"{name} before the NaN", out[:, :, :p], clean[:, :, :p])
+
+
+def test_straight_through_changes_gradients_not_outputs():
+    q, k, v = _qkv(1, 2, 2, 40, 6, grad=True)
+    plain, st = BlockSpec(chunk=4, top_k=2), BlockSpec(chunk=4, top_k=2, grad="straight_through")
+    a, b = blocks_parallel(q, k, v, plain)[0], blocks_parallel(q, k, v, st)[0]
+    assert torch.equal(a, b)
+    ga = torch.autograd.grad(a.square().sum(), q)[0]
+    gb = torch.autograd.grad(b.square().sum(), q)[0]
+    assert (ga - gb).abs().max() > 1e-6, "the straight-through term gave the scores no gradient"
+
+
+def test_parallel_form_makes_no_T_by_T_tensor():
+    T, d = 2048, 16
+    q, k, v = _qkv(1, 1, 1, T, d, dtype=torch.float32)
+    spec = BlockSpec(chunk=64, top_k=2, sink=64)
+    for grad in (False, True):
+        with torch.profiler.profile(profile_memory=True) as prof, torch.set_grad_enabled(grad):
+            out = blocks_parallel(*(t.requires_grad_(grad) for t in (q, k, v)), spec)[0]
+            if grad:
+                out.sum().backward()
+        largest = max(e.cpu_memory_usage for e in prof.events())  # one op call's allocation
+        assert largest < T * T * 4 // 4, f"an op allocated {largest} bytes (T*T*4 = {T * T * 4}), grad={grad}"
+
+
+def test_layer_cache_holds_every_token_and_one_summary_per_chunk():
+    attn = BSBRAttention(32, 2, chunk_size=8, dropout=0.0, retrieval="blocks", top_k=2).eval()
+    cache = attn.new_cache(batch_size=1)
+    with torch.no_grad():
+        attn(torch.randn(1, 21, 32), cache=cache)
+    # keys and values: 21 tokens x 2 heads x 16 dims each; summaries: 2 chunks x 2 heads x 16; lengths: one int64
+    assert cache.state_nbytes() == (2 * 21 * 2 * 16 + 2 * 2 * 16) * 4 + 8
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"retrieval": "tokens"}, "retrieval must be one of"),
+    ({"retrieval": "blocks", "top_k": 0}, "top_k must be a positive integer, got 0"),
+    ({"retrieval": "blocks", "sink_tokens": 9}, "sink_tokens must be at most chunk_size=8, got 9"),
+    ({"retrieval": "blocks", "compression_factor": 4}, "compression_factor=4 belongs to the state readout"),
+    ({"retrieval": "blocks", "block_summary": "max"}, "block_summary must be one of"),
+    ({"retrieval": "states", "sink_tokens": 2}, "sink_tokens and prev_chunk belong to retrieval='blocks'"),
+])
+def test_bad_settings_raise_clear_errors(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        BSBRAttention(32, 2, chunk_size=8, **kwargs)
+
+
+def test_attention_weights_reproduce_the_output():
+    attn = BSBRAttention(32, 2, chunk_size=4, dropout=0.0, retrieval="blocks", top_k=1, sink_tokens=2).double()
+    x = torch.randn(1, 22, 32, dtype=torch.float64)
+    maps = attn.attention_weights(x, parts=True)
+    _, _, v = attn.qkv(x, 0)
+    heads = maps["total"] @ v  # [B, H, T, d]
+    assert_close("weights @ v", attn.out(heads), attn(x))
+    assert torch.allclose(maps["total"].sum(-1), torch.ones(1, 2, 22, dtype=torch.float64))
+    assert_close("parts", maps["local"] + maps["retrieval"], maps["total"])
+    # each query sees its own chunk, the sink and at most one selected chunk: at most 4 + 2 + 4 keys
+    assert int((maps["total"] > 0).sum(-1).max()) <= 10
