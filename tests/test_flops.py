@@ -15,7 +15,7 @@ from bsbr.evals.flops import analytic_flops, attention_flops, explicit_sdpa
 from bsbr.layers.base import CausalAttention
 from bsbr.models import build_model
 
-OPTIONS = {"BSBR": {"chunk_size": 16}, "Linear": {"chunk_size": 32}, "DeltaNet": {"chunk_size": 32},
+OPTIONS = {"BSBR": {"chunk_size": 16}, "BSBRBlocks": {"chunk_size": 16, "top_k": 2, "sink_tokens": 5}, "Linear": {"chunk_size": 32}, "DeltaNet": {"chunk_size": 32},
            "SlidingWindow": {"window_size": 32}, "GAU": {"group_size": 32, "qk_dim": 16}}
 
 
@@ -37,7 +37,17 @@ def test_analytic_equals_flop_counter(model_name, T):
     model = small(model_name)
     a = analytic_flops(model, T, batch_size=2)
     assert a["total"] == sum(a["parts"].values()) == a["attention"] + a["other"]
-    assert a["total"] - a["parts"].get("triangular_solve", 0) == counted(model, T)
+    if model_name != "BSBRBlocks":
+        assert a["total"] - a["parts"].get("triangular_solve", 0) == counted(model, T)
+        return
+    # block retrieval pads its tiles of (query, selected chunk) pairs to whole tiles, which depends on the data:
+    # at most tile - 1 padded queries per (row, head, chunk), 4 * chunk * d FLOPs each
+    from bsbr.ops.bsbr_blocks import _tile
+
+    attn = next(m for m in model.modules() if isinstance(m, CausalAttention))
+    ch, d, H = attn.chunk_size, attn.head_dim, attn.num_heads
+    padding = model.config.num_layers * 2 * H * (T // ch) * (_tile(ch) - 1) * 4 * ch * d
+    assert a["total"] <= counted(model, T) <= a["total"] + padding
 
 
 @pytest.mark.parametrize("chunk", [64, 100, 128])
@@ -57,6 +67,19 @@ def test_bsbr_options_and_row_groups(options):
     for T in (100, 2500):
         model = small("BSBR", **options)
         assert analytic_flops(model, T, batch_size=2)["total"] == counted(model, T)
+
+
+@pytest.mark.parametrize("options", [{"prev_chunk": True, "sink_tokens": 16, "block_summary": "minmax"},
+                                     {"top_k": 40}, {"retrieval": "none", "sink_tokens": 3}], ids=str)
+def test_bsbr_blocks_options(options):
+    """Every pair counted: with top_k above the number of chunks nothing is padded beyond the tiles' own."""
+    from bsbr.ops.bsbr_blocks import _tile
+
+    for T in (40, 300):
+        model = small("BSBRBlocks", **options)
+        a = analytic_flops(model, T, batch_size=2)["total"]
+        padding = 2 * 2 * 2 * (T // 16) * (_tile(16) - 1) * 4 * 16 * 32
+        assert a <= counted(model, T) <= a + padding
 
 
 def test_scaling_of_the_formulas():

@@ -125,7 +125,29 @@ def _bsbr(a, T):
     return parts
 
 
-_BY_NAME = {"Standard": _standard, "Hopfield": _hopfield, "SlidingWindow": _sliding_window, "Linear": _linear,
+def _bsbr_blocks(a, T):
+    """Block retrieval (``retrieval="blocks"`` or ``"none"``): the exact pairs its parallel form computes.  The
+    selected chunks run in tiles of queries that read one chunk, padded to whole tiles: that padding depends on the
+    selection (the data) and is not counted, so FlopCounterMode counts at least this and at most a tile of padding
+    per (row, key/value head, chunk) more (tests/test_flops.py)."""
+    ch, d, H, D = a.chunk_size, a.head_dim, a.num_heads, a.hidden_dim
+    Cq, Tp = _ceil_to(T, ch)
+    Cc = T // ch  # complete chunks: the ones a query may select
+    s = a.sink_tokens
+    S = 2 * d if a.block_summary == "minmax" else d
+    top_k = a.top_k if a.retrieval == "blocks" else 0
+    pairs = 0
+    for c in range(1, Cq):  # chunk c's queries choose among chunks j < c less those always in view
+        cand = c - (1 if a.prev_chunk else 0) - (1 if s >= ch and not (a.prev_chunk and c == 1) else 0)
+        pairs += min(top_k, max(cand, 0)) * (min(T, (c + 1) * ch) - c * ch)
+    seen = ch + s + (ch if a.prev_chunk else 0)  # own chunk, sink tokens, previous chunk: keys of every query row
+    return {"projections": _projections(D, T),
+            "selection": (H * 2 * Tp * Cc * S) if top_k and Cc else 0,  # scores of every query row and chunk
+            "local": H * 4 * Tp * seen * d,  # the own chunk and the chunks in view, over full blocks
+            "selected": H * 4 * pairs * ch * d}  # each query against each chunk it selected
+
+
+_BY_NAME = {"BSBRBlocks": _bsbr_blocks, "Standard": _standard, "Hopfield": _hopfield, "SlidingWindow": _sliding_window, "Linear": _linear,
             "DeltaNet": _deltanet, "GAU": _gau, "BSBR": _bsbr}
 
 
