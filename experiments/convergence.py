@@ -28,13 +28,16 @@ def main() -> None:
     p.add_argument("--target-loss", type=float, default=None,
                    help="record the first evaluated step at or below this valid loss (training continues)")
     p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=4, help="BSBRBlocks: chunks each query selects (chunk: --chunk-size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="results go to results/convergence_<corpus>_<tag>.json")
     args = p.parse_args()
     jobs = []
     for t in args.lengths:
         for model in args.models:
-            opts = {"chunk_size": args.chunk_size} if model == "BSBR" else {}
+            opts = {"chunk_size": args.chunk_size} if model in ("BSBR", "BSBRBlocks") else {}
+            if model == "BSBRBlocks":
+                opts["top_k"] = args.top_k
             task = {"name": "lm", "seq_len": t, "corpus": args.corpus, "position_buckets": 8}
             train_opts = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                           "warmup_steps": max(1, args.steps // 10), "eval_every": args.eval_every, "eval_batches": 4,

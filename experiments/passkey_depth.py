@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=4, help="BSBRBlocks: chunks each query selects (chunk: --chunk-size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384])
@@ -96,8 +97,10 @@ def main() -> None:
     jobs = []
     for model in args.models:
         opts = {"hidden_dim": args.hidden, "num_layers": args.layers, "num_heads": args.heads}
-        if model == "BSBR":
+        if model in ("BSBR", "BSBRBlocks"):
             opts["chunk_size"] = args.chunk_size
+        if model == "BSBRBlocks":
+            opts["top_k"] = args.top_k
         if model == "GAU" and args.gau_qk_scale_init is not None:
             opts["qk_scale_init"] = args.gau_qk_scale_init
         task = {"name": "passkey", "seq_len": args.train_len, "seed": 0, "curriculum": stages,
