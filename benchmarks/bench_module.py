@@ -31,10 +31,8 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,7 +53,7 @@ from bsbr.layers.bsbr import BSBRAttention  # noqa: E402
 from bsbr.layers.standard import StandardAttention  # noqa: E402
 from bsbr.models import list_models  # noqa: E402
 from bsbr.ops.bsbr import bsbr_parallel  # noqa: E402
-from common import environment, header, loglog_fit, write_json  # noqa: E402
+from common import environment, header, interleaved, loglog_fit, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = {"hidden_dim": 512, "num_heads": 8, "chunk_size": 128}
@@ -65,19 +63,6 @@ TARGETS = {"module_over_parts": 1.3, "bsbr_vs_sdpa_module": 10.0, "exponent": 1.
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def interleaved(fns: list, rounds: int) -> list[dict]:
-    """Time each fn once per round, alternating (noise falls on all alike), the order reversed every other round
-    (so no fn always runs right after another's cache traffic): min and median seconds."""
-    times: list[list[float]] = [[] for _ in fns]
-    for r in range(rounds):
-        order = list(enumerate(fns))
-        for i, fn in order if r % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
-    return [{"min": min(t), "median": statistics.median(t), "runs": len(t)} for t in times]
-
-
 def load_old(commit: str):
     """The package as of ``commit``, imported under the name ``bsbr_old`` from a detached git worktree."""
     path = Path(f"/tmp/bsbr-old-{commit}")

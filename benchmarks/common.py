@@ -60,6 +60,19 @@ def time_fn(fn: Callable[[], object], min_time: float = 1.0, min_runs: int = 3, 
     return {"median": statistics.median(times), "p25": q[0], "p75": q[2], "runs": len(times)}
 
 
+def interleaved(fns: list, rounds: int) -> list[dict]:
+    """Time each fn once per round, alternating (noise falls on all alike), the order reversed every other round
+    (so no fn always runs right after another's cache traffic): min and median seconds."""
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        order = list(enumerate(fns))
+        for i, fn in order if r % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    return [{"min": min(t), "median": statistics.median(t), "runs": len(t)} for t in times]
+
+
 def loglog_fit(xs: list[float], ys: list[float]) -> dict:
     """Least-squares fit of y = a * x^k on log-log axes: k, a, R^2 and the x range (bsbr.evals.fit_power_law)."""
     return fit_power_law(xs, ys)
