@@ -15,7 +15,8 @@ from bsbr.evals.flops import analytic_flops, attention_flops, explicit_sdpa
 from bsbr.layers.base import CausalAttention
 from bsbr.models import build_model
 
-OPTIONS = {"BSBR": {"chunk_size": 16}, "BSBRBlocks": {"chunk_size": 16, "top_k": 2, "sink_tokens": 5}, "Linear": {"chunk_size": 32}, "DeltaNet": {"chunk_size": 32},
+OPTIONS = {"BSBR": {"chunk_size": 16}, "BSBRBlocks": {"chunk_size": 16, "top_k": 2, "sink_tokens": 5},
+           "Linear": {"chunk_size": 32}, "DeltaNet": {"chunk_size": 32},
            "SlidingWindow": {"window_size": 32}, "GAU": {"group_size": 32, "qk_dim": 16}}
 
 

@@ -147,7 +147,8 @@ def _bsbr_blocks(a, T):
             "selected": H * 4 * pairs * ch * d}  # each query against each chunk it selected
 
 
-_BY_NAME = {"BSBRBlocks": _bsbr_blocks, "Standard": _standard, "Hopfield": _hopfield, "SlidingWindow": _sliding_window, "Linear": _linear,
+_BY_NAME = {"BSBRBlocks": _bsbr_blocks, "Standard": _standard, "Hopfield": _hopfield,
+            "SlidingWindow": _sliding_window, "Linear": _linear,
             "DeltaNet": _deltanet, "GAU": _gau, "BSBR": _bsbr}
 
 
