@@ -1,0 +1,91 @@
+"""Does block retrieval pick the right chunk?  A trained BSBRBlocks MQAR run, read back from its checkpoint.
+
+For every scored query of the MQAR test split (the query key sits just before the scored answer, and the pair's
+key ``distance`` tokens before the query), this counts, per
+layer and head, how often the chunk holding that key is among the chunks the query attends (selected, its own, or
+in view), and the model's accuracy on the queries whose chunk layer 2 found against those it missed.  It tells a
+selection that fails from an attention that fails with the right chunk in view.
+
+    PYTHONPATH=src python experiments/blocks_selection.py runs/experiments/recall_curriculum_blocks_grad_none/<cell>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import bsbr.ops.bsbr_blocks as blocks
+from bsbr.models import CausalLM, ModelConfig
+from bsbr.tasks import get_task
+from bsbr.train.checkpoint import load_checkpoint
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="a grid cell's run directory (config.json, checkpoint/)")
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--summary", choices=blocks.SUMMARIES, help="score with this summary instead of the trained one")
+    p.add_argument("--top-k", type=int, help="select this many chunks instead of the trained number")
+    args = p.parse_args()
+    config = json.loads((args.run / "config.json").read_text())
+    overrides = {"block_summary": args.summary, "top_k": args.top_k}
+    config["model"]["attention_kwargs"].update({k: v for k, v in overrides.items() if v is not None})
+    model = CausalLM(ModelConfig.from_dict(config["model"])).eval()
+    state = load_checkpoint(args.run / "checkpoint", model, None, training_state=False)
+    task_opts = {k: v for k, v in config["task"].items() if k not in ("name", "curriculum")}
+    task = get_task(config["task"]["name"], **task_opts)
+    ch = config["model"]["attention_kwargs"]["chunk_size"]
+    spec_sink = config["model"]["attention_kwargs"].get("sink_tokens", 0)
+
+    picks: list[tuple] = []
+    original = blocks.select
+
+    def recording(score, allowed, spec):
+        out = original(score, allowed, spec)
+        picks.append((out[0], out[1]))
+        return out
+
+    blocks.select = recording
+    layers = config["model"]["num_layers"]
+    hits = torch.zeros(layers)
+    found_right = found_total = missed_right = missed_total = total = 0
+    with torch.no_grad():
+        for i in range(args.batches):
+            picks.clear()
+            batch = task.batch("test", args.batch_size, i)
+            logits = model(batch.input_ids).logits
+            scored = batch.labels != -100  # [B, T]
+            b_idx, a_idx = scored.nonzero(as_tuple=True)  # the answer's position; the query key is just before it
+            t_idx = a_idx - 1
+            key_pos = t_idx - batch.meta["distance"][b_idx, a_idx]
+            key_chunk, own_chunk = key_pos // ch, t_idx // ch
+            right = logits.argmax(-1)[b_idx, t_idx] == batch.labels[b_idx, a_idx]
+            seen_by_layer = []
+            for layer, (idx, ok) in enumerate(picks):  # idx, ok [B, Hk, T, K]; a head sees the chunk if it picked it
+                chosen = ((idx[b_idx, :, t_idx] == key_chunk[:, None, None]) & ok[b_idx, :, t_idx]).any(-1)  # [n, H]
+                free = (key_chunk == own_chunk) | ((key_pos < spec_sink) & (own_chunk >= 1))
+                seen = chosen.any(-1) | free
+                hits[layer] += seen.float().sum()
+                seen_by_layer.append(seen)
+            last = seen_by_layer[-1]
+            found_right += int((right & last).sum())
+            found_total += int(last.sum())
+            missed_right += int((right & ~last).sum())
+            missed_total += int((~last).sum())
+            total += int(scored.sum())
+    blocks.select = original
+    opts = config["model"]["attention_kwargs"]
+    print(f"{args.run.name} (step {state.get('step')}): {total} scored queries, chunk {ch}, top_k {opts['top_k']}, "
+          f"summary {opts.get('block_summary', 'mean')}")
+    for layer in range(layers):
+        print(f"  layer {layer + 1}: the queried key's chunk in view for {hits[layer] / total:.3f} of queries")
+    print(f"  accuracy where layer {layers} sees the key's chunk: {found_right / max(found_total, 1):.3f} "
+          f"({found_total} queries); where it does not: {missed_right / max(missed_total, 1):.3f} ({missed_total})")
+
+
+if __name__ == "__main__":
+    main()
