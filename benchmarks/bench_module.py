@@ -80,7 +80,10 @@ def interleaved(fns: list, rounds: int) -> list[dict]:
 
 
 def load_old(commit: str):
-    """The package as of ``commit``, imported under the name ``bsbr_old`` from a detached git worktree."""
+    """The package as of ``commit``, imported under the name ``bsbr_old`` from a detached git worktree (once per
+    process: the module and short sections share it)."""
+    if "bsbr_old" in sys.modules:
+        return sys.modules["bsbr_old"]
     path = Path(f"/tmp/bsbr-old-{commit}")
     if not (path / "src" / "bsbr" / "__init__.py").exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(path), commit], cwd=ROOT, check=True,
