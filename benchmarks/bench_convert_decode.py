@@ -27,9 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from bsbr.convert import BSBRCache, convert_to_bsbr, head_counts  # noqa: E402
-from bsbr.convert.attention import BSBRCacheLayer  # noqa: E402
+from bsbr.convert.attention import BSBRCacheLayer, StreamRow  # noqa: E402
 from bsbr.convert.models import smollm2  # noqa: E402
-from bsbr.ops.bsbr_gqa import GQAPast  # noqa: E402
 
 VARIANTS = {"BSBR chunk 256": {}, "BSBR chunk 256, compression 4": {"compression_factor": 4},
             "BSBR chunk 256, retrieval window 16": {"retrieval_window": 16}}
@@ -66,10 +65,12 @@ def bsbr_cache(model, n: int, real_ids=None) -> BSBRCache:
     for _ in range(model.config.num_hidden_layers):
         layer = BSBRCacheLayer()
         layer.lazy_initialization(torch.zeros(1, 1, 1, 1), None)
-        layer.rows = [GQAPast(torch.randn(1, Hk, kept, m, generator=g) * 0.01, torch.randn(1, Hk, kept, d, generator=g),
-                              torch.randn(1, Hk, tail, d, generator=g), torch.randn(1, Hk, tail, d, generator=g),
-                              torch.randn(1, H, d, generator=g) if tail else None,
-                              torch.randn(1, H, d, d, generator=g) * 0.01 if tail else None, done)]
+        layer.rows = [StreamRow(states=torch.randn(1, Hk, kept, m, generator=g) * 0.01,
+                                keys=torch.randn(1, Hk, kept, d, generator=g),
+                                open_k=torch.randn(1, Hk, tail, d, generator=g),
+                                open_v=torch.randn(1, Hk, tail, d, generator=g), done=done,
+                                open_query=torch.randn(1, H, d, generator=g) if tail else None,
+                                open_mixture=torch.randn(1, H, d, d, generator=g) * 0.01 if tail else None)]
         layer.seen = n
         cache.layers.append(layer)
     return cache

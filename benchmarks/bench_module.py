@@ -12,8 +12,9 @@ benchmarks/results/bench_module.{json,md}):
    q, k, v), one fused [512, 1536] q/k/v product in place of three (for the record: the layer uses it only where
    it is faster), and ``StandardAttention(512, 8)`` (the same projections around
    ``scaled_dot_product_attention(is_causal=True)``).  Ratios: module / (projections + op) and SDPA module / BSBR
-   module.  Then a profile (``torch.profiler``, record_shapes) of one forward of each, with the module's share
-   outside its projections and op.
+   module.  With ``--module-old`` the ``--old`` commit's module and op run in the same rounds ("module_old",
+   "op_old"): before and after side by side, each with its own ratios.  Then a profile (``torch.profiler``,
+   record_shapes) of one forward of each, with the module's share outside its projections and op.
 2. ``short`` — T <= 1,024: this commit against ``--old`` (default commit 8ae08a3, checked out with ``git worktree``
    and imported as a second package) side by side in one process, interleaved: the same module at D 512 and the
    generic LM of bench_baselines.py (hidden 256, 2 layers, 4 heads, ff 1024) for every model; same seeds, so the
@@ -64,7 +65,10 @@ TARGETS = {"module_over_parts": 1.3, "bsbr_vs_sdpa_module": 10.0, "exponent": 1.
 
 # ----------------------------------------------------------------------------------------------- helpers
 def load_old(commit: str):
-    """The package as of ``commit``, imported under the name ``bsbr_old`` from a detached git worktree."""
+    """The package as of ``commit``, imported under the name ``bsbr_old`` from a detached git worktree (once per
+    process: the module and short sections share it)."""
+    if "bsbr_old" in sys.modules:
+        return sys.modules["bsbr_old"]
     path = Path(f"/tmp/bsbr-old-{commit}")
     if not (path / "src" / "bsbr" / "__init__.py").exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(path), commit], cwd=ROOT, check=True,
@@ -83,10 +87,12 @@ def lm(pkg, name: str):
 
 
 # ------------------------------------------------------------------------------------------------ module
-def module_section(T: int, rounds: int) -> dict:
+def module_section(T: int, rounds: int, old=None) -> dict:
+    """``old``: the package of the commit to compare against (``--old``); its module and op are timed in the same
+    rounds ("module_old", "op_old"), so its ratios come from the same sitting as this commit's."""
     D, H, chunk = MODULE["hidden_dim"], MODULE["num_heads"], MODULE["chunk_size"]
     print(f"\nmodule: BSBRAttention(hidden {D}, {H} heads, chunk {chunk}) at T = {T:,}, batch 1, fp32, inference mode; "
-          f"{rounds} interleaved rounds")
+          f"{rounds} interleaved rounds" + ("" if old is None else f", beside {old.__name__}'s module and op"))
     torch.manual_seed(0)
     attn = BSBRAttention(D, H, chunk, dropout=0.0).eval()
     torch.manual_seed(0)
@@ -103,6 +109,14 @@ def module_section(T: int, rounds: int) -> dict:
             "fused_projections": lambda: (F.linear(x, w_qkv), attn.out_proj(x)),
             "sdpa_module": lambda: std(x),
         }
+        if old is not None:  # the same weights (same seed), the old code
+            torch.manual_seed(0)
+            attn_old = old.layers.BSBRAttention(D, H, chunk, dropout=0.0).eval()
+            r_old, h_old = attn_old._chunk_meta(x, 0, None)
+            fns["module_old"] = lambda: attn_old(x)
+            fns["op_old"] = lambda: old.ops.bsbr.bsbr_parallel(q, k, v, r_old, h_old, chunk)
+            y, y_old = attn(x), attn_old(x)
+            old_rel_diff = ((y - y_old).norm() / y_old.norm()).item()
         for fn in fns.values():  # warm-up
             fn()
         timed = dict(zip(fns, interleaved(list(fns.values()), rounds), strict=True))
@@ -130,6 +144,11 @@ def module_section(T: int, rounds: int) -> dict:
            "fused_over_separate_projections": best["fused_projections"] / best["projections"],
            "fused_over_three_qkv_h256": best["qkv_fused_h256_T16384"] / best["qkv_three_h256_T16384"],
            "profile": profiles}
+    if old is not None:
+        out["old"] = {"module_over_parts": best["module_old"] / (best["projections"] + best["op_old"]),
+                      "sdpa_module_over_bsbr_module": best["sdpa_module"] / best["module_old"],
+                      "old_module_over_new": best["module_old"] / best["module"],
+                      "old_op_over_new": best["op_old"] / best["op"], "outputs_rel_diff": old_rel_diff}
     prof_parts = profiles["projections"]["total_s"] + profiles["op"]["total_s"]
     out["outside_share_profiled"] = 1 - prof_parts / profiles["module"]["total_s"]
     for name, t in timed.items():
@@ -140,6 +159,12 @@ def module_section(T: int, rounds: int) -> dict:
     print(f"  SDPA module / BSBR module = {out['sdpa_module_over_bsbr_module']:.1f}x; one fused q/k/v product / three: "
           f"{out['fused_over_separate_projections']:.3f} "
           f"(hidden 256, T = 16,384: {out['fused_over_three_qkv_h256']:.3f})")
+    if old is not None:
+        o = out["old"]
+        print(f"  old commit in the same rounds: module / (projections + op) = {o['module_over_parts']:.3f}, "
+              f"SDPA module / BSBR module = {o['sdpa_module_over_bsbr_module']:.1f}x; old / new: module "
+              f"{o['old_module_over_new']:.3f}, op {o['old_op_over_new']:.3f}; outputs differ by "
+              f"{o['outputs_rel_diff']:.1e}")
     print("\n  profile of one module forward (self CPU time, top ops):")
     for row in profiles["module"]["top"]:
         print(f"    {row['name']:48s} {row['self_ms']:8.1f} ms  x{row['calls']:<4d} {row['shapes'][:60]}")
@@ -308,8 +333,14 @@ def markdown(res: dict) -> str:
                   f"{100 * m['outside_share_profiled']:.0f}% (profiled); SDPA module / BSBR module = "
                   f"**{m['sdpa_module_over_bsbr_module']:.1f}x**; fused q/k/v product (+ out_proj) / the four "
                   f"products = {m['fused_over_separate_projections']:.3f}; at hidden 256, T = 16,384 one fused q/k/v "
-                  f"product / three = {m['fused_over_three_qkv_h256']:.3f}.", "",
-                  "Profile of one module forward (self CPU time):", "", "| op | ms | calls | input shapes |",
+                  f"product / three = {m['fused_over_three_qkv_h256']:.3f}.", ""]
+        if m.get("old"):
+            o = m["old"]
+            lines += [f"The old commit ({res['old_commit']}) in the same rounds: module / (projections + op_old) = "
+                      f"**{o['module_over_parts']:.3f}**, SDPA module / its module = "
+                      f"**{o['sdpa_module_over_bsbr_module']:.1f}x**; old / new = {o['old_module_over_new']:.3f} "
+                      f"(module), {o['old_op_over_new']:.3f} (op); outputs differ by {o['outputs_rel_diff']:.1e}.", ""]
+        lines += ["Profile of one module forward (self CPU time):", "", "| op | ms | calls | input shapes |",
                   "|---|---:|---:|---|"]
         for row in m["profile"]["module"]["top"]:
             lines.append(f"| {row['name']} | {row['self_ms']:.1f} | {row['calls']} | `{row['shapes'][:90]}` |")
@@ -364,6 +395,8 @@ def main() -> int:
                    help="torch threads for the short section, one pass each (0: torch's default); one thread is the "
                         "reading that survives a busy shared host (no thread waits for a descheduled other)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--module-old", action="store_true",
+                   help="also time --old's module and op in the module section's rounds (before / after side by side)")
     p.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--exponents-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench_module.json")
@@ -377,7 +410,7 @@ def main() -> int:
     res = {"environment": env, "command": " ".join(["benchmarks/bench_module.py", *sys.argv[1:]]),
            "old_commit": args.old, "rounds_short": 3 * args.rounds, "lengths_exponents": args.lengths}
     sections = args.sections.split(",")
-    runs = {"module": lambda: module_section(args.T, args.rounds),
+    runs = {"module": lambda: module_section(args.T, args.rounds, load_old(args.old) if args.module_old else None),
             "short": lambda: short_sections(load_old(args.old), args.short_lengths, 3 * args.rounds,
                                             args.short_threads),
             "exponents": lambda: exponents_section(args.old, args.lengths, args.rounds)}

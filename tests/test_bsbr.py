@@ -11,7 +11,7 @@ import torch
 from bsbr import BSBRAttention, BSBRForCausalLM, BSBRLayer, BSBRModel
 from bsbr.layers.standard import StandardAttention
 from bsbr.models import ModelConfig
-from bsbr.ops.bsbr import bsbr_parallel, bsbr_reference
+from bsbr.ops.bsbr import BSBRPast, bsbr_parallel, bsbr_reference
 
 from conftest import make_attention, make_lm
 from helpers import assert_close
@@ -49,7 +49,7 @@ def test_op_parallel_equals_reference_with_grads(T, chunk, variant):
         kw["compress"] = (0.1 * torch.randn(16, d * d, generator=g, dtype=torch.float64)).requires_grad_()
         kw["restore"] = (0.1 * torch.randn(d * d, 16, generator=g, dtype=torch.float64)).requires_grad_()
     leaves = [q, k, v, r, h] + [t for t in (kw.get("compress"), kw.get("restore")) if t is not None]
-    ref = bsbr_reference(q, k, v, r, h, chunk, meta_query=meta_query, **kw)
+    ref = bsbr_reference(q, k, v, *_chunk_meta(r, h, chunk, meta_query), chunk, **kw)
     gout = torch.randn_like(ref)
     ref_grads = torch.autograd.grad((ref * gout).sum(), leaves, allow_unused=True, materialize_grads=True)
     rq, hk = _chunk_meta(r, h, chunk, meta_query)
@@ -68,8 +68,8 @@ def test_op_long_sequence_all_paths(monkeypatch, group_bytes):
     if group_bytes:  # force one (batch, head) row per group in the autograd path
         monkeypatch.setattr(op, "_GROUP_BYTES", group_bytes)
     q, k, v, r, h = _op_inputs(2, 2, 301, 8)
-    ref = bsbr_reference(q, k, v, r, h, 4)
     rq, hk = _chunk_meta(r, h, 4)
+    ref = bsbr_reference(q, k, v, rq, hk, 4)
     with torch.no_grad():
         seg = bsbr_parallel(q, k, v, rq, hk, 4, need_states=True)
     assert_close("inference path", seg.out, ref)
@@ -77,7 +77,7 @@ def test_op_long_sequence_all_paths(monkeypatch, group_bytes):
     # continuing from 40 past chunks (C0 < C) exercises the grouped mixture with a past
     with torch.no_grad():
         tail = bsbr_parallel(q[:, :, 160:], k[:, :, 160:], v[:, :, 160:], rq[:, :, 40:], hk[:, :, 40:], 4,
-                             past_states=seg.states[:, :, :40], past_keys=hk[:, :, :40])
+                             past=BSBRPast(states=seg.states[:, :, :40], keys=hk[:, :, :40], done=40))
     assert_close("continued inference path", tail.out, ref[:, :, 160:])
 
 
@@ -88,7 +88,7 @@ def test_op_continues_from_past_states():
     whole = bsbr_parallel(q, k, v, rq, hk, 8)
     first = bsbr_parallel(q[:, :, :40], k[:, :, :40], v[:, :, :40], rq[:, :, :5], hk[:, :, :5], 8, need_states=True)
     second = bsbr_parallel(q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], rq[:, :, 5:], hk[:, :, 5:], 8,
-                           past_states=first.states, past_keys=hk[:, :, :5])
+                           past=BSBRPast(states=first.states, keys=hk[:, :, :5], done=5))
     assert_close("continued segment", torch.cat([first.out, second.out], 2), whole.out)
 
 
@@ -347,3 +347,189 @@ def test_detached_cache_truncates_gradients():
     truncated = second_piece_grads(detached)
     assert_close("detached cache", truncated, second_piece_grads(no_grad))
     assert (truncated - second_piece_grads(tracked)).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------ non-finite inputs
+NONFINITE = [float("nan"), float("inf")]
+OP_OPTIONS = {  # multi-head; grouped-query with scaling, gate and sinks; window with compression; local only
+    "mha": {}, "gqa": {"scaling": 0.3, "sink": 3, "gate": True}, "window": {"window": 2, "compress": True},
+    "none": {"retrieval": "none", "sink": 2}}
+
+
+def _nonfinite_op_inputs(options, B=2, H=4, Hk=2, T=37, d=8, chunk=8):
+    g = torch.Generator().manual_seed(7)
+    C = math.ceil(T / chunk)
+    q = torch.randn(B, H, T, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hk, T, d, generator=g, dtype=torch.float64) for _ in range(2))
+    r, h = torch.randn(B, H, C, d, generator=g, dtype=torch.float64), torch.randn(B, Hk, C, d, generator=g,
+                                                                                    dtype=torch.float64)
+    kw = dict(options)
+    if kw.pop("gate", False):
+        kw["gate"] = torch.rand(H, generator=g, dtype=torch.float64)
+    if kw.pop("compress", False):
+        kw["compress"] = 0.1 * torch.randn(16, d * d, generator=g, dtype=torch.float64)
+        kw["restore"] = 0.1 * torch.randn(d * d, 16, generator=g, dtype=torch.float64)
+    return (q, k, v, r, h), kw
+
+
+def _op_form(form, chunk, kw):
+    """The op's outputs [B, H, T, d] by one of its forms."""
+    def run(q, k, v, r, h):
+        if form == "reference":
+            return bsbr_reference(q, k, v, r, h, chunk, **kw)
+        if form == "autograd":  # the grouped, out-of-place path
+            return bsbr_parallel(q.clone().requires_grad_(), k, v, r, h, chunk, **kw).out.detach()
+        with torch.no_grad():
+            if form == "inference":
+                return bsbr_parallel(q, k, v, r, h, chunk, **kw).out
+            # a stream in two segments: the second continues an open chunk (13 = 8 + 5) and stored states
+            a = bsbr_parallel(q[:, :, :13], k[:, :, :13], v[:, :, :13], r[:, :, :2], h[:, :, :2], chunk,
+                              need_states=True, **kw)
+            b = bsbr_parallel(q[:, :, 13:], k[:, :, 13:], v[:, :, 13:], r[:, :, 1:], h[:, :, 1:], chunk,
+                              past=a.past(), **kw)
+            return torch.cat([a.out, b.out], dim=2)
+    return run
+
+
+@pytest.mark.parametrize("form", ["reference", "inference", "autograd", "continued"])
+@pytest.mark.parametrize("options", list(OP_OPTIONS), ids=str)
+def test_op_nonfinite_input_changes_no_earlier_output(form, options):
+    """A NaN or inf in q, k or v at position p leaves every output before p exactly as it was (the chunked form's
+    dense blocks would otherwise multiply it by the zero weights of earlier positions), and the output at p is not
+    finite: the value is not hidden either."""
+    (q, k, v, r, h), kw = _nonfinite_op_inputs(OP_OPTIONS[options])
+    run = _op_form(form, 8, kw)
+    base = run(q, k, v, r, h)
+    assert torch.isfinite(base).all()
+    for name in ("q", "k", "v"):
+        for p in (0, 5, 8, 12, 13, 20, 36):
+            for value in NONFINITE:
+                inputs = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+                inputs[name][:, :, p] = value
+                out = run(inputs["q"], inputs["k"], inputs["v"], r, h)
+                assert torch.equal(out[:, :, :p], base[:, :, :p]), f"{form} {options}: {value} in {name} at {p} leaked"
+                assert not torch.isfinite(out[:, :, p]).all(), f"{form} {options}: {value} in {name} at {p} vanished"
+
+
+def _stream(module, x, split, mask=None, **kwargs):
+    """Outputs of ``module`` fed x [B, T, D] piece by piece through a fresh cache."""
+    cache, start, pieces = module.new_cache(x.shape[0]), 0, []
+    for n in split:
+        part = None if mask is None else mask[:, start : start + n]
+        pieces.append(module(x[:, start : start + n], attention_mask=part, cache=cache, **kwargs))
+        start += n
+    return torch.cat(pieces, dim=1)
+
+
+LAYER_FORMS = {"reference": None, "parallel": None, "pieces": [5, 1, 1, 13, 3, 17], "tokens": [1] * 40}
+
+
+@pytest.mark.parametrize("options", [{}, {"retrieval_window": 2, "compression_factor": 4}, {"meta_query": "prev_last"}],
+                         ids=str)
+def test_layer_nonfinite_hidden_state_changes_no_earlier_output(options):
+    """BSBRAttention: NaN or inf hidden states at position p change no earlier output, in the reference and parallel
+    forms and streamed in pieces or token by token; with a retrieval window W they also leave alone every chunk that
+    can no longer retrieve p's chunk (chunk 0 here: positions >= 8 (W + 1) on)."""
+    attn = make_attention("BSBR", **options)
+    x = torch.randn(2, 40, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    for form, split in LAYER_FORMS.items():
+        attn.impl = "reference" if form == "reference" else "parallel"
+        run = attn if split is None else (lambda x, split=split: _stream(attn, x, split))  # noqa: E731
+        with torch.no_grad():
+            base = run(x)
+            for p in (0, 7, 8, 20, 39):
+                for value in NONFINITE:
+                    x2 = x.clone()
+                    x2[:, p] = value
+                    y = run(x2)
+                    assert torch.equal(y[:, :p], base[:, :p]), f"{form}: {value} at {p} leaked backwards"
+                    assert not torch.isfinite(y[:, p]).all(), f"{form}: {value} at {p} vanished"
+                    W = options.get("retrieval_window")
+                    if W and p < 8:
+                        beyond = 8 * (W + 1)
+                        assert torch.equal(y[:, beyond:], base[:, beyond:]), f"{form}: {value} at {p} left its window"
+
+
+def test_layer_and_lm_padding_with_nonfinite_hidden_states_gives_the_clean_outputs():
+    """Rows padded on the right and on the left whose padding positions hold NaN give their real positions exactly the
+    outputs they give with finite padding (layer: reference, parallel, streamed; LM: a NaN embedding at the padding
+    positions, parallel and streamed), and their padding positions zero (layer)."""
+    attn = make_attention("BSBR")
+    mask = torch.ones(3, 30, dtype=torch.long)
+    mask[1, 19:] = 0
+    mask[2, :11] = 0
+    x = torch.randn(3, 30, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    garbage = x.masked_fill(mask[..., None] == 0, float("nan"))
+    with torch.no_grad():
+        for form, split in (("reference", None), ("parallel", None), ("pieces", [7, 1, 1, 21]), ("tokens", [1] * 30)):
+            attn.impl = "reference" if form == "reference" else "parallel"
+            if split is None:
+                clean, dirty = attn(x, attention_mask=mask), attn(garbage, attention_mask=mask)
+            else:
+                clean, dirty = _stream(attn, x, split, mask), _stream(attn, garbage, split, mask)
+            assert torch.equal(dirty, clean), f"{form}: NaN padding changed the row's outputs"
+            assert torch.all(dirty[mask == 0] == 0)
+    lm = make_lm("BSBR")
+    lm.model.embed.register_forward_hook(lambda m, args, out: out.masked_fill((args[0] == 0)[..., None], float("nan")))
+    ids = torch.randint(1, 50, (3, 30), generator=torch.Generator().manual_seed(10))
+
+    def logits(ids, split):
+        if split is None:
+            return lm(ids, attention_mask=mask).logits
+        cache, start, pieces = lm.new_cache(3), 0, []
+        for n in split:
+            part = slice(start, start + n)
+            pieces.append(lm(ids[:, part], attention_mask=mask[:, part], cache=cache, use_cache=True).logits)
+            start += n
+        return torch.cat(pieces, dim=1)
+
+    with torch.no_grad():
+        for split in (None, [7, 1, 1, 21]):
+            clean, dirty = logits(ids, split), logits(ids.masked_fill(mask == 0, 0), split)  # token 0: NaN embedding
+            assert torch.equal(dirty[mask.bool()], clean[mask.bool()]), f"LM {split}: NaN padding leaked"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("options", [{}, {"sink_tokens": 3, "retrieval_window": 2},
+                                     {"retrieval": False, "sink_tokens": 2}], ids=str)
+def test_converted_model_nonfinite_hidden_state_changes_no_earlier_output(family, options):
+    """The conversion path (Hugging Face attention backend and BSBRCache; GPT-2, and LLaMA with grouped-query
+    attention): a NaN input embedding at position p changes no earlier logit, in one forward and streamed in any
+    split; NaN embeddings at the padding of left- and right-padded rows leave their real positions' logits exact."""
+    pytest.importorskip("transformers", minversion="5.0")
+    from bsbr.convert import BSBRCache, convert_to_bsbr
+
+    from hf_models import VOCAB, randomise_meta, tiny
+
+    conv = convert_to_bsbr(tiny(family), chunk_size=8, **options)
+    randomise_meta(conv)
+    embed = conv.get_input_embeddings()
+    e = embed(torch.randint(0, VOCAB, (2, 41), generator=torch.Generator().manual_seed(11))).detach()
+
+    def streamed(e, split):
+        cache, start, pieces = BSBRCache(), 0, []
+        for n in split:
+            pieces.append(conv(inputs_embeds=e[:, start : start + n], cache=cache, use_cache=True).logits)
+            start += n
+        return torch.cat(pieces, dim=1)
+
+    with torch.no_grad():
+        forms = {"one forward": lambda e: conv(inputs_embeds=e).logits,
+                 "pieces": lambda e: streamed(e, [5, 1, 1, 13, 3, 18]), "tokens": lambda e: streamed(e, [1] * 41)}
+        for form, run in forms.items():
+            base = run(e)
+            for p in (0, 7, 8, 20, 40):
+                e2 = e.clone()
+                e2[:, p] = float("nan")
+                out = run(e2)
+                assert torch.equal(out[:, :p], base[:, :p]), f"{form}: NaN at {p} leaked backwards"
+                assert not torch.isfinite(out[:, p]).all()
+        mask = torch.ones(3, 30, dtype=torch.long)
+        mask[1, 19:] = 0
+        mask[2, :11] = 0
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        e = embed(torch.randint(0, VOCAB, (3, 30), generator=torch.Generator().manual_seed(12))).detach()
+        clean = conv(inputs_embeds=e, attention_mask=mask, position_ids=pos).logits
+        dirty = conv(inputs_embeds=e.masked_fill(mask[..., None] == 0, float("nan")), attention_mask=mask,
+                     position_ids=pos).logits
+        assert torch.equal(dirty[mask.bool()], clean[mask.bool()])

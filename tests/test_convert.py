@@ -17,7 +17,6 @@ from transformers import LlamaConfig  # noqa: E402
 from bsbr.convert import BSBRCache, convert_to_bsbr, from_pretrained, set_attention  # noqa: E402
 from bsbr.convert.attention import BSBRMeta  # noqa: E402
 from bsbr.ops.bsbr import bsbr_reference  # noqa: E402
-from bsbr.ops.bsbr_gqa import gqa_bsbr_reference  # noqa: E402
 
 from helpers import assert_close  # noqa: E402
 from hf_models import FAMILIES, VOCAB, kl, randomise_meta, tiny  # noqa: E402
@@ -48,7 +47,7 @@ def test_segment_equals_reference_with_gradients(T, chunk, options):
     pad = C * chunk - T
     kp = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(2, 2, C, chunk, 12)
     h = meta.meta_key(kp)
-    ref = gqa_bsbr_reference(q, k, v, r, h, chunk, scaling=0.3, gate=meta.gate, state_norm=meta.state_norm,
+    ref = bsbr_reference(q, k, v, r, h, chunk, scaling=0.3, gate=meta.gate, state_norm=meta.state_norm,
                              window=meta.retrieval_window, compress=meta.compress, restore=meta.restore,
                              sink=meta.sink_tokens)
     assert_close("out", out, ref)
@@ -60,16 +59,18 @@ def test_segment_equals_reference_with_gradients(T, chunk, options):
 
 
 def test_gqa_op_equals_the_library_reference_with_one_group():
-    """An independent oracle: with G = 1, gate 1 and identity-free meta maps the op is bsbr_reference."""
+    """With G = 1, gate 1 and BSBR's own scaling the conversion's meta maps feed the op as the native layer's do: the
+    chunked form equals the reference given each chunk's meta query at its first token and meta key at its last."""
     q, k, v = _op_inputs(H=3, Hk=3, T=29, d=8)
     meta = BSBRMeta(3, 3, 8, 6).double()
     with torch.no_grad():
         meta.meta_q.add_(0.3 * torch.randn_like(meta.meta_q))
         meta.meta_k.add_(0.3 * torch.randn_like(meta.meta_k))
     out = meta.segment(q, k, v, scaling=8**-0.5).out
-    r_all = meta.meta_query(q)  # meta query at every position; the reference picks each chunk's first
-    h_all = torch.einsum("bhnd,hed->bhne", k, meta.meta_k)  # meta key at every position; it picks the last
-    assert_close("out", out, bsbr_reference(q, k, v, r_all, h_all, 6))
+    r_all = meta.meta_query(q)  # meta query at every position; each chunk's first is picked below
+    h_all = torch.einsum("bhnd,hed->bhne", k, meta.meta_k)  # meta key at every position; each chunk's last
+    last = [min(t + 5, 28) for t in range(0, 29, 6)]
+    assert_close("out", out, bsbr_reference(q, k, v, r_all[:, :, ::6], h_all[:, :, last], 6))
 
 
 # -------------------------------------------------------------------------------- converted models

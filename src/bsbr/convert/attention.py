@@ -16,6 +16,8 @@ attention modules pass to both ``cache.update`` and the attention function.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,8 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
 
 from .. import _checks
-from ..ops.bsbr import STATE_NORMS, compress_states
-from ..ops.bsbr_gqa import GQAPast, gqa_bsbr_segment, gqa_bsbr_step
+from ..ops.bsbr import STATE_NORMS, BSBRPast, bsbr_parallel, bsbr_step
 
 BSBR_IMPL = "bsbr"
 WINDOW_IMPL = "bsbr_sliding_window"
@@ -100,14 +101,34 @@ class BSBRMeta(nn.Module):
                 "retrieval_window": self.retrieval_window, "retrieval": self.retrieval,
                 "sink_tokens": self.sink_tokens}
 
-    def op_kwargs(self, dtype) -> dict:
-        return {"gate": _cast(self.gate, dtype), "state_norm": self.state_norm, "restore": _cast(self.restore, dtype)}
+    def op_options(self, dtype) -> dict:
+        """The op's keyword arguments for tensors of ``dtype`` (scaling aside)."""
+        return {"gate": _cast(self.gate, dtype), "sink": self.sink_tokens, "state_norm": self.state_norm,
+                "window": self.retrieval_window, "compress": _cast(self.compress, dtype),
+                "restore": _cast(self.restore, dtype), "retrieval": "states" if self.retrieval else "none"}
 
-    def segment(self, q, k, v, scaling: float, past: GQAPast | None = None, dropout: float = 0.0):
-        return gqa_bsbr_segment(q, k, v, self.meta_query, self.meta_key, self.chunk_size, scaling=scaling,
-                                window=self.retrieval_window, compress=_cast(self.compress, q.dtype), past=past,
-                                dropout=dropout, retrieve=self.retrieval, sink=self.sink_tokens,
-                                **self.op_kwargs(q.dtype))
+    def chunk_meta(self, q, k, past: BSBRPast | None):
+        """Meta queries [B, H, C, d] of the C chunks that new tokens q [B, H, T, d], k [B, Hk, T, d] touch, and the
+        meta keys [B, Hk, n, d] of the n chunks they complete (the open chunk of ``past`` is the first of both)."""
+        ch = self.chunk_size
+        f = 0 if past is None else past.open_len
+        L = f + q.shape[2]
+        C, done = -(-L // ch), L // ch
+        starts = (torch.arange(C, device=q.device) * ch - f).clamp(min=0)
+        r = self.meta_query(q[:, :, starts])
+        if f:  # the open chunk's meta query came from its first token, seen earlier
+            r = torch.cat([past.open_query[:, :, None], r[:, :, 1:]], dim=2)
+        if self.meta_key_mode == "last":
+            return r, self.meta_key(k[:, :, torch.arange(1, done + 1, device=k.device) * ch - 1 - f, None])
+        keys = torch.cat([past.open_k, k], dim=2) if f else k
+        return r, self.meta_key(keys[:, :, : done * ch].unflatten(2, (done, ch)))
+
+    def segment(self, q, k, v, scaling: float, past: BSBRPast | None = None, dropout: float = 0.0,
+                need_states: bool = False):
+        """The chunked op over new tokens q [B, H, T, d], k, v [B, Hk, T, d] (continuing ``past``, if given)."""
+        r, h = self.chunk_meta(q, k, past) if self.retrieval else (None, None)
+        return bsbr_parallel(q, k, v, r, h, self.chunk_size, scaling=scaling, past=past, dropout=dropout,
+                             need_states=need_states, **self.op_options(q.dtype))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.settings().items())
@@ -192,7 +213,7 @@ def bsbr_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
         start, count = _padded_rows(valid)
         q, k, v = (_rolled(t, start) for t in (query, key, value))  # each row's tokens first, padding after
         out = _rolled(meta.segment(q, k, v, scaling, dropout=dropout).out, start, inverse=True)
-        out = out * valid[:, None, :, None]
+        out = torch.where(valid[:, None, :, None], out, 0.0)  # a select: padding's NaN stays out of the zeros
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -227,12 +248,23 @@ AttentionMaskInterface.register(WINDOW_IMPL, bsbr_mask)
 
 
 # ------------------------------------------------------------------------------------------- cache
+@dataclass
+class StreamRow(BSBRPast):
+    """One row's stream in a converted model's cache: what the op continues (:class:`~bsbr.ops.bsbr.BSBRPast`) and
+    the open chunk's meta query [1, H, d] (a segment recomputes the open chunk's mixture from it) and retrieved
+    mixture [1, H, d, d] (a decode step reuses it)."""
+
+    open_query: torch.Tensor | None = None
+    open_mixture: torch.Tensor | None = None
+
+
 class BSBRCacheLayer(CacheLayerMixin):
     """One layer's BSBR stream state, per batch row (rows may stand at different positions after left padding).
 
-    Per row: states [1, Hk, C, m] (raw sums K_j^T V_j of the kept chunks), meta keys [1, Hk, C, d], the open chunk's
-    keys and values [1, Hk, f, d] (f < chunk), its meta query [1, H, d] and retrieved mixture [1, H, d, d].  With a
-    retrieval window W only the W latest states are kept, so the layer's size is bounded.
+    Per row (:class:`StreamRow`): states [1, Hk, C, m] (raw sums K_j^T V_j of the kept chunks), meta keys
+    [1, Hk, C, d], the open chunk's keys and values [1, Hk, f, d] (f < chunk), its meta query [1, H, d] and retrieved
+    mixture [1, H, d, d], the sink tokens.  With a retrieval window W only the W latest states are kept, so the
+    layer's size is bounded.
     """
 
     is_compileable = False
@@ -241,7 +273,7 @@ class BSBRCacheLayer(CacheLayerMixin):
 
     def __init__(self, **kwargs):
         super().__init__()
-        self.rows: list[GQAPast | None] = []
+        self.rows: list[StreamRow | None] = []
         self.seen = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -279,7 +311,7 @@ class BSBRCacheLayer(CacheLayerMixin):
         raise NotImplementedError("BSBRCache cannot be cropped: chunk states cannot give back single tokens")
 
     def nbytes(self) -> int:
-        """Bytes held by the layer's tensors (states, meta keys, open chunk, meta query, mixture)."""
+        """Bytes held by the layer's tensors (states, meta keys, open chunk, meta query, mixture, sinks)."""
         total = 0
         for row in self.rows:
             if row is not None:
@@ -288,9 +320,8 @@ class BSBRCacheLayer(CacheLayerMixin):
 
     def process(self, meta: BSBRMeta, q, k, v, valid, scaling: float) -> torch.Tensor:
         """BSBR outputs [B, H, T, d] of the new tokens, continuing each row's stream; the padding positions of a
-        row (``valid`` False) are skipped and give zeros."""
+        row (``valid`` False) are skipped and give zeros.  One new token is a decode step; more are a segment."""
         out = q.new_zeros(q.shape)
-        ch = meta.chunk_size
         for b in range(q.shape[0]):
             idx = slice(None) if valid is None else valid[b].nonzero().squeeze(-1)
             qb, kb, vb = q[b : b + 1, :, idx], k[b : b + 1, :, idx], v[b : b + 1, :, idx]
@@ -298,45 +329,53 @@ class BSBRCacheLayer(CacheLayerMixin):
             if n == 0:
                 continue
             past = self.rows[b]
-            if past is not None and past.open_k.shape[2] + n <= ch:
+            if past is not None and n == 1:
                 o = self._step(meta, qb, kb, vb, past, scaling)
             else:
-                seg = meta.segment(qb, kb, vb, scaling, past=past)
+                seg = meta.segment(qb, kb, vb, scaling, past=past, need_states=True)
                 o = seg.out
-                states = seg.states if past is None else torch.cat([past.states, seg.states], dim=2)
-                keys = seg.keys if past is None else torch.cat([past.keys, seg.keys], dim=2)
-                done = n // ch if past is None else past.done + (past.open_k.shape[2] + n) // ch
-                past = GQAPast(states, keys, seg.open_k, seg.open_v, seg.open_query, seg.open_mixture, done,
-                               seg.sink_k, seg.sink_v)
-                self.rows[b] = self._evict(meta, past)
+                tail = seg.open_k.shape[2]
+                open_query = None
+                if tail and meta.retrieval:  # the open chunk began in this segment, or is the past's
+                    start = n - tail
+                    open_query = past.open_query if start < 0 else meta.meta_query(qb[:, :, start : start + 1])[:, :, 0]
+                row = StreamRow(**vars(seg.past(past)), open_query=open_query, open_mixture=seg.mixture)
+                self.rows[b] = self._evict(meta, row)
             out[b : b + 1, :, idx] = o
         return out
 
-    def _step(self, meta: BSBRMeta, q, k, v, past: GQAPast, scaling: float) -> torch.Tensor:
-        o, keys, values, open_query, mixture = gqa_bsbr_step(
-            q, k, v, past, meta.chunk_size, scaling=scaling, meta_query=meta.meta_query,
-            window=meta.retrieval_window, retrieve=meta.retrieval, **meta.op_kwargs(q.dtype))
-        past.open_k, past.open_v, past.open_query, past.open_mixture = keys, values, open_query, mixture
+    def _step(self, meta: BSBRMeta, q, k, v, row: StreamRow, scaling: float) -> torch.Tensor:
+        """One new token q [1, H, 1, d], k, v [1, Hk, 1, d] of a row through the op's decode step."""
+        f = row.open_len
+        keys, values = torch.cat([row.open_k, k], dim=2), torch.cat([row.open_v, v], dim=2)
+        if f == 0 and meta.retrieval:  # a chunk opens: its meta query
+            row.open_query = meta.meta_query(q)[:, :, 0]
+        options = meta.op_options(q.dtype)
+        del options["sink"]  # the step is given the sink tokens themselves, once chunk 0 is complete
+        sinks = (row.sink_k, row.sink_v) if row.done >= 1 else (None, None)
+        step = bsbr_step(q, keys, values, torch.full((1,), f, device=q.device), meta.chunk_size, r=row.open_query,
+                         mixture=row.open_mixture, states=row.states, keys=row.keys, scaling=scaling,
+                         sink_k=sinks[0], sink_v=sinks[1], **options)
+        row.open_k, row.open_v, row.open_mixture = keys, values, step.mixture
         if keys.shape[2] == meta.chunk_size:  # the chunk is complete: store its state and meta key
-            if meta.sink_tokens and past.done == 0:
-                past.sink_k, past.sink_v = keys[:, :, : meta.sink_tokens], values[:, :, : meta.sink_tokens]
-            past.done += 1
+            if meta.sink_tokens and row.done == 0:
+                row.sink_k, row.sink_v = keys[:, :, : meta.sink_tokens], values[:, :, : meta.sink_tokens]
+            row.done += 1
             if meta.retrieval:
-                z = compress_states((keys.transpose(-1, -2) @ values).flatten(-2), _cast(meta.compress, q.dtype))
-                past.states = torch.cat([past.states, z[:, :, None]], dim=2)
-                past.keys = torch.cat([past.keys, meta.meta_key(keys[:, :, None])], dim=2)
-            past.open_k, past.open_v = keys[:, :, :0], values[:, :, :0]
-            past.open_query = past.open_mixture = None
-            self._evict(meta, past)
-        return o
+                row.states = torch.cat([row.states, step.state[:, :, None]], dim=2)
+                row.keys = torch.cat([row.keys, meta.meta_key(keys[:, :, None])], dim=2)
+            row.open_k, row.open_v = keys[:, :, :0], values[:, :, :0]
+            row.open_query = row.open_mixture = None
+            self._evict(meta, row)
+        return step.out
 
     @staticmethod
-    def _evict(meta: BSBRMeta, past: GQAPast) -> GQAPast:
+    def _evict(meta: BSBRMeta, row: StreamRow) -> StreamRow:
         W = meta.retrieval_window
-        if W is not None and past.states.shape[2] > W:  # no later chunk can retrieve these
-            past.states = past.states[:, :, -W:].clone()
-            past.keys = past.keys[:, :, -W:].clone()
-        return past
+        if W is not None and row.states is not None and row.states.shape[2] > W:  # no later chunk can retrieve these
+            row.states = row.states[:, :, -W:].clone()
+            row.keys = row.keys[:, :, -W:].clone()
+        return row
 
 
 class BSBRCache(Cache):

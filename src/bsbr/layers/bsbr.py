@@ -1,4 +1,5 @@
-"""BSBRAttention: the layer that owns BSBR's weights and picks the reference, parallel or recurrent form."""
+"""BSBRAttention: the layer that owns BSBR's weights and its streaming cache, and picks the reference, parallel or
+recurrent form of the op (:mod:`bsbr.ops.bsbr`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import _checks
-from ..ops.bsbr import STATE_NORMS, bsbr_parallel, bsbr_reference, compress_states, retrieve, state_scale
+from ..ops.bsbr import STATE_NORMS, BSBRPast, bsbr_parallel, bsbr_reference, bsbr_step
 from ..ops.bsbr_blocks import GRADS, SELECTIONS, SUMMARIES
 from . import bsbr_blocks
 from .block import Block
@@ -177,16 +178,27 @@ class BSBRAttention(QKVAttention):
             r[:, :, 0] = open_query if open_query is not None else 0.0
         return r, h
 
+    def _op_options(self) -> dict:
+        compress, restore = self._maps()
+        return {"state_norm": self.state_norm, "window": self.retrieval_window, "compress": compress,
+                "restore": restore}
+
+    def _definition_meta(self, x: torch.Tensor):
+        """Meta queries and keys [B, H, C, d] of every chunk of x [B, T, D], as DESIGN.md §2 defines them: r_i at
+        the chunk's first token (or the previous chunk's last; chunk 0 retrieves nothing), h_j at its last token."""
+        T, ch = x.shape[1], self.chunk_size
+        starts = list(range(0, T, ch))
+        h = self._meta(self.meta_k_proj, x[:, [min(s + ch, T) - 1 for s in starts]])
+        at = starts if self.meta_query == "first" else [max(s - 1, 0) for s in starts]
+        return self._meta(self.meta_q_proj, x[:, at]), h
+
     # ------------------------------------------------------------------------------------ forms
     def _reference(self, x):
         if self.retrieval != "states":
             return bsbr_blocks.reference(self, x)
         q, k, v = self.qkv(x, 0)
-        r, h = self._meta(self.meta_q_proj, x), self._meta(self.meta_k_proj, x)
-        compress, restore = self._maps()
-        o = bsbr_reference(q, k, v, r, h, self.chunk_size, state_norm=self.state_norm, compress=compress,
-                           restore=restore, meta_query=self.meta_query, window=self.retrieval_window)
-        return self.out(o)
+        r, h = self._definition_meta(x)
+        return self.out(bsbr_reference(q, k, v, r, h, self.chunk_size, **self._op_options()))
 
     def _parallel(self, x):
         if self.retrieval != "states":
@@ -194,42 +206,39 @@ class BSBRAttention(QKVAttention):
         return self.out(self._segment(x, None).out)
 
     def _segment(self, x, cache: BSBRCache | None, first: int = 0):
+        """The chunked op over the new tokens x [B, T, D]; with a cache, they continue it (all rows at one position,
+        ``first`` tokens into the open chunk) and the cache absorbs them."""
         offset = 0 if cache is None else int(cache.lengths[0])
         q, k, v = self.qkv(x, offset)
         r, h = self._chunk_meta(x, first, None if cache is None else cache.open_query)
-        if first:  # prepend the open chunk's keys/values; its queries were answered already
-            q = torch.cat([q.new_zeros(*q.shape[:2], first, q.shape[-1]), q], dim=2)
-            k = torch.cat([cache.buf_k[:, :, :first], k], dim=2)
-            v = torch.cat([cache.buf_v[:, :, :first], v], dim=2)
-        compress, restore = self._maps()
-        past_states = past_keys = None
+        past = None
         if cache is not None:
-            past_states, past_keys = cache.states.view(), cache.meta_keys.view()
-        seg = bsbr_parallel(q, k, v, r, h, self.chunk_size, state_norm=self.state_norm, compress=compress,
-                            restore=restore, past_states=past_states, past_keys=past_keys,
-                            need_states=cache is not None, window=self.retrieval_window)
-        if first:
-            seg.out = seg.out[:, :, first:]
+            past = BSBRPast(states=cache.states.view(), keys=cache.meta_keys.view(), done=offset // self.chunk_size)
+            if first:
+                past.open_k, past.open_v = cache.buf_k[:, :, :first], cache.buf_v[:, :, :first]
+        seg = bsbr_parallel(q, k, v, r, h, self.chunk_size, past=past, need_states=cache is not None,
+                            **self._op_options())
         if cache is not None:
-            self._absorb(cache, seg, k, v, r, h, first + x.shape[1], x)
+            self._absorb(cache, seg, r, x)
         return seg
 
-    def _absorb(self, cache: BSBRCache, seg, k, v, r, h, seg_len: int, x) -> None:
-        """Move a processed segment (starting at a chunk boundary, seg_len tokens) into the cache."""
-        ch = self.chunk_size
-        done, tail = divmod(seg_len, ch)
-        B, H = k.shape[:2]
-        cache._allocate(B, H, ch, self.head_dim, k)
-        if done:
-            cache.states.append(seg.states[:, :, :done])
-            cache.meta_keys.append(h[:, :, :done])
+    def _absorb(self, cache: BSBRCache, seg, r, x) -> None:
+        """Move a processed segment into the cache: the states and meta keys of the chunks it completed, and the
+        open chunk it leaves (keys and values padded to a chunk, meta query, mixture)."""
+        ch, d = self.chunk_size, self.head_dim
+        B, H = x.shape[0], self.num_heads
+        cache._allocate(B, H, ch, d, seg.out)
+        if seg.states.shape[2]:
+            cache.states.append(seg.states)
+            cache.meta_keys.append(seg.keys)
             self._evict(cache)
+        tail = seg.open_k.shape[2]
         if tail:
-            rest = k.new_zeros(B, H, ch - tail, self.head_dim)
-            cache.buf_k = torch.cat([k[:, :, done * ch : seg_len], rest], dim=2)
-            cache.buf_v = torch.cat([v[:, :, done * ch : seg_len], rest], dim=2)
-            cache.retrieved = seg.last_retrieved
-            cache.open_query = r[:, :, done]
+            rest = seg.open_k.new_zeros(B, H, ch - tail, d)
+            cache.buf_k = torch.cat([seg.open_k, rest], dim=2)
+            cache.buf_v = torch.cat([seg.open_v, rest], dim=2)
+            cache.retrieved = seg.mixture
+            cache.open_query = r[:, :, -1]
         elif self.meta_query == "prev_last":
             # the next chunk's meta query is the last token of the chunk that just completed
             cache.open_query = self._meta(self.meta_q_proj, x[:, -1:])[:, :, 0]
@@ -238,54 +247,35 @@ class BSBRAttention(QKVAttention):
         if self.retrieval != "states":
             return bsbr_blocks.extend(self, x, cache)
         first = int(cache.lengths[0]) % self.chunk_size
-        out = self._segment(x, cache, first).out
-        return self.out(out)
+        return self.out(self._segment(x, cache, first).out)
 
     def _step(self, x, valid, cache: BSBRCache):
         if self.retrieval != "states":
             return bsbr_blocks.step(self, x, valid, cache)
         ch, d = self.chunk_size, self.head_dim
         lengths = cache.lengths
-        phase = lengths % ch  # [B] position inside the open chunk
+        phase = lengths % ch  # [B] position of the new token inside its chunk
         q, k, v = self.qkv(x[:, None], lengths[:, None])  # [B, H, 1, d]
-        B, H = q.shape[:2]
-        cache._allocate(B, H, ch, d, q)
-        compress, restore = self._maps()
+        cache._allocate(q.shape[0], q.shape[1], ch, d, q)
         opening = valid & (phase == 0)
-        if bool(opening.any()):
-            if self.meta_query == "first":
-                r = self._meta(self.meta_q_proj, x[:, None])[:, :, 0]
-                cache.open_query = torch.where(opening[:, None, None], r, cache.open_query)
-            states = cache.states.view()
-            if states is not None:
-                counts = lengths // ch - cache.dropped  # completed chunks per row, in the kept slots
-                slots = torch.arange(states.shape[2], device=x.device)[None, :]
-                allowed = slots < counts[:, None]
-                if self.retrieval_window is not None:
-                    allowed = allowed & (slots >= counts[:, None] - self.retrieval_window)
-                S = retrieve(cache.open_query[:, :, None], cache.meta_keys.view(), states,
-                             allowed[:, None, None, :], restore, d)[:, :, 0]
-            else:
-                S = torch.zeros_like(cache.retrieved)
-            cache.retrieved = torch.where(opening[:, None, None, None], S, cache.retrieved)
+        if self.meta_query == "first" and bool(opening.any()):
+            r = self._meta(self.meta_q_proj, x[:, None])[:, :, 0]
+            cache.open_query = torch.where(opening[:, None, None], r, cache.open_query)
         cache.buf_k = write_slot(cache.buf_k, phase, valid, k[:, :, 0])
         cache.buf_v = write_slot(cache.buf_v, phase, valid, v[:, :, 0])
-        # local softmax over the open chunk's keys 0..phase; readout of the retrieved states
-        scores = (q @ cache.buf_k.transpose(-1, -2)) * d ** -0.5  # [B, H, 1, ch]
-        seen = torch.arange(ch, device=x.device)[None, :] <= phase[:, None]
-        scores = scores.masked_fill(~seen[:, None, None, :], float("-inf"))
-        readout_scale = d**-0.5 * state_scale(ch, self.state_norm)  # states are raw sums (see bsbr_parallel)
-        o = torch.softmax(scores, dim=-1) @ cache.buf_v + (q * readout_scale) @ cache.retrieved
+        step = bsbr_step(q, cache.buf_k, cache.buf_v, phase, ch, r=cache.open_query, mixture=cache.retrieved,
+                         states=cache.states.view(), keys=cache.meta_keys.view(), kept=lengths // ch - cache.dropped,
+                         valid=valid, **self._op_options())
+        cache.retrieved = step.mixture
         closing = valid & (phase == ch - 1)
         if bool(closing.any()):
-            kv = cache.buf_k.transpose(-1, -2) @ cache.buf_v
-            cache.states.append_rows(compress_states(kv.flatten(-2), compress), closing)
+            cache.states.append_rows(step.state, closing)
             cache.meta_keys.append_rows(self._meta(self.meta_k_proj, x[:, None])[:, :, 0], closing)
             self._evict(cache)
             if self.meta_query == "prev_last":
                 r = self._meta(self.meta_q_proj, x[:, None])[:, :, 0]
                 cache.open_query = torch.where(closing[:, None, None], r, cache.open_query)
-        return self.out(o)[:, 0]
+        return self.out(step.out)[:, 0]
 
     def _evict(self, cache: BSBRCache) -> None:
         """With a retrieval window W, drop the chunk states and meta keys that no row can retrieve again (all
@@ -313,10 +303,9 @@ class BSBRAttention(QKVAttention):
                 "token-to-token weighting; get_attention_weights needs compression_factor=None"
             )
         q, k, v = self.qkv(x, 0)
-        r, h = self._meta(self.meta_q_proj, x), self._meta(self.meta_k_proj, x)
+        r, h = self._definition_meta(x)
         _, local, retrieval = bsbr_reference(q, k, v, r, h, self.chunk_size, state_norm=self.state_norm,
-                                             meta_query=self.meta_query, window=self.retrieval_window,
-                                             return_weights=True)
+                                             window=self.retrieval_window, return_weights=True)
         return {"total": local + retrieval, "local": local, "retrieval": retrieval}
 
     def extra_repr(self) -> str:

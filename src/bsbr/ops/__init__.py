@@ -1,6 +1,8 @@
 """Pure tensor functions: the reference, parallel and recurrent forms of each mechanism, side by side.
 
-    bsbr.py      BSBR: bsbr_reference (token loop), bsbr_parallel (chunked), retrieve (the recurrent step's retrieval)
+    bsbr.py      BSBR, multi-head and grouped-query (scaling, gate, sinks, windows, compression): bsbr_reference
+                 (token loop), bsbr_parallel (chunked, continues a stream), bsbr_step (one token per row)
+    bsbr_chunked.py  the chunked form's pieces: local attention, the mixture, the row kernel, the non-finite guard
     softmax.py   causal softmax attention: reference (explicit mask) and fused (SDPA)
     linear.py    linear attention: linear_recurrent (token recurrence) and linear_chunkwise
     deltanet.py  DeltaNet: delta_recurrent (token recurrence), delta_chunkwise (WY/UT form), ut_transform, chunk_states
