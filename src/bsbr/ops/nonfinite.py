@@ -12,12 +12,14 @@ follows: **a value a query may not see never enters that query's product.**
   finite part (a zero weight times a finite value is zero); the non-finite part reaches exactly the queries that see
   it through sums that only add: along the sequence (:func:`causal_sums`) or over a window (:func:`window_sums`).
   The finite outputs are unchanged (x + 0 = x); a query that sees a NaN or an infinity keeps a non-finite output
-  (w * inf = inf for the positive weights of the mechanisms that use this, and NaN + x = NaN, inf + inf = inf,
-  inf - inf = NaN).  The check that decides whether there is a non-finite part is one summing pass over v
-  (:func:`has_nonfinite`); finite inputs take the product exactly as before.
+  (w * inf = inf for a positive weight, and NaN + x = NaN, inf + inf = inf, inf - inf = NaN).
 * :func:`nonfinite_starts` (recurrences whose chunked form mixes a token's key into earlier rows, DeltaNet): where
   the rows' first non-finite tokens are, so that the form can run up to each and continue from its state.  Every
   output from a row's first non-finite token on depends on that token; none before it does.
+
+Finite inputs take the fast products exactly as before; what decides is a check that costs next to nothing: the
+final state of a chunked recurrence (Linear, GAU, DeltaNet), which sums every key and value, or one summing pass
+over the output (softmax: a leaked NaN shows there) or over v (sliding window) (:func:`has_nonfinite`).
 """
 
 from __future__ import annotations

@@ -36,21 +36,29 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset:
     """Same as :func:`softmax_attention_reference` through ``scaled_dot_product_attention`` (fused kernel);
     ``scale`` as SDPA's (None: 1/sqrt(d)).  Tk = offset + Tq.
 
-    With a non-finite key or value (one summing pass over k and v says whether there is one) the kernel runs on
-    their finite parts, and each query adds the non-finite values it sees and a NaN for each non-finite key it sees
-    (:func:`~bsbr.ops.nonfinite.split_nonfinite`, :func:`~bsbr.ops.nonfinite.split_nonfinite_keys`).
+    A finite result is exact: a key or value that reached a query through a zero weight or a -inf mask would have
+    made it NaN.  So the result is checked (one summing pass); when it is not finite the kernel runs again on the
+    finite parts of k and v, and each query adds the non-finite values it sees and a NaN for each non-finite key it
+    sees (:func:`~bsbr.ops.nonfinite.split_nonfinite`, :func:`~bsbr.ops.nonfinite.split_nonfinite_keys`).
     """
-    tq, tk = q.shape[-2], k.shape[-2]
-    bad_k = bad_v = None
-    if has_nonfinite(k, v):
-        k, bad_k = split_nonfinite_keys(k)
-        v, bad_v = split_nonfinite(v)
-    if offset == 0 and tq == tk:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(tq, tk, offset, q.device), scale=scale)
+    o = _sdpa(q, k, v, offset, scale)
+    if not has_nonfinite(o):
+        return o
+    k, bad_k = split_nonfinite_keys(k)
+    v, bad_v = split_nonfinite(v)
+    if bad_k is None and bad_v is None:  # non-finite queries (or an overflow) reach only their own outputs
+        return o
+    o = _sdpa(q, k, v, offset, scale)
+    tq = q.shape[-2]
     if bad_v is not None:
         o = o + causal_sums(bad_v, tq)
     if bad_k is not None:
         o = o + causal_sums(bad_k, tq)
     return o
+
+
+def _sdpa(q, k, v, offset: int, scale: float | None) -> torch.Tensor:
+    tq, tk = q.shape[-2], k.shape[-2]
+    if offset == 0 and tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(tq, tk, offset, q.device), scale=scale)
