@@ -18,6 +18,9 @@ Because every mechanism is causal, right padding cannot change a real token's ou
 and reference forms need no padding logic: :meth:`CausalAttention.forward` moves each row's real tokens
 to the front (a stable gather), runs the form, moves the outputs back and zeroes padded positions.
 Left padding therefore shifts nothing: positions and chunk boundaries count from a row's first real token.
+The hidden states at padded positions are zeroed before any form sees them, so garbage there (NaN or infinity, as in
+uninitialised memory) cannot reach a real token through a product that multiplies it by a zero weight (0 * NaN =
+NaN); a form must still keep a non-finite value at a real token from earlier tokens (:mod:`bsbr.ops.nonfinite`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,17 @@ def gather_tokens(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
         return x
     index = perm.reshape(*perm.shape, *([1] * (x.dim() - 2))).expand_as(x)
     return x.gather(1, index)
+
+
+def zero_padding(x: torch.Tensor, num_valid: torch.Tensor | None) -> torch.Tensor:
+    """x: [B, T, ...] left-aligned -> x with the positions after each row's ``num_valid`` real tokens set to zero
+    (x itself when no row is padded).  Padding's contents are then finite whatever the caller put there."""
+    if num_valid is None:
+        return x
+    keep = torch.arange(x.shape[1], device=x.device) < num_valid[:, None]
+    if bool(keep.all()):
+        return x
+    return x.masked_fill(~keep.reshape(*keep.shape, *([1] * (x.dim() - 2))), 0.0)
 
 
 def scatter_tokens(y: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
@@ -105,7 +119,7 @@ class CausalAttention(nn.Module):
         x = _checks.hidden_states(hidden_states, self.hidden_dim)
         mask = _checks.attention_mask(attention_mask, tuple(x.shape[:2]))
         perm, num_valid = left_align(mask, x.shape[1])
-        x = gather_tokens(x, perm)
+        x = zero_padding(gather_tokens(x, perm), num_valid)
         if cache is None:
             if self.impl not in IMPLS:
                 raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
@@ -138,13 +152,13 @@ class CausalAttention(nn.Module):
         x = _checks.hidden_states(hidden_states, self.hidden_dim)
         mask = _checks.attention_mask(attention_mask, tuple(x.shape[:2]))
         perm, num_valid = left_align(mask, x.shape[1])
-        maps = self._attention_weights(gather_tokens(x, perm))  # aligned token order
+        maps = self._attention_weights(zero_padding(gather_tokens(x, perm), num_valid))  # aligned token order
         if not isinstance(maps, dict):
             maps = {"total": maps}
         for key, w in maps.items():
             if num_valid is not None:
                 keep = torch.arange(x.shape[1], device=x.device) < num_valid[:, None]
-                w = w * (keep[:, None, :, None] & keep[:, None, None, :])
+                w = w.masked_fill(~(keep[:, None, :, None] & keep[:, None, None, :]), 0.0)
             if perm is not None:  # back to the caller's token order on both axes
                 w = scatter_tokens(w.transpose(1, 2), perm).transpose(1, 2)
                 w = scatter_tokens(w.permute(0, 3, 1, 2), perm).permute(0, 2, 3, 1)

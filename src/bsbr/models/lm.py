@@ -108,6 +108,8 @@ class TransformerModel(nn.Module):
             x = self._forward_segments(ids, segment)
         else:
             x = self.dropout(self.embed(ids))
+            if prefix is not None and not bool(prefix.all()):  # padding's hidden states stay finite (see layers.base)
+                x = x.masked_fill(~prefix[..., None], 0.0)
             for i, block in enumerate(self.blocks):
                 layer_cache = None if cache is None else cache.layers[i]
                 if self.gradient_checkpointing and self.training and layer_cache is None and torch.is_grad_enabled():

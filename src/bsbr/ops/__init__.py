@@ -10,6 +10,8 @@
     gau.py       GAU's mixed chunk attention: gau_dense (reference) and gau_mixed (chunked, continues from a state)
     hopfield.py  Hopfield association: association_reference (explicit mask) and association (SDPA)
     rope.py      rotary position embeddings (computed from positions; tables cached per length, dtype, device)
+    nonfinite.py keeping NaN and inf where they are: masked sums for the references, finite/non-finite value splits
+                 and first-non-finite cuts for the fast forms (no masked value enters a product)
 
 Layers (``bsbr.layers``) own the weights and caches and pick the form; nothing here holds state.
 """

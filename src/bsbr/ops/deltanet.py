@@ -15,6 +15,13 @@ Rearranged so that only S_end = (I - K^T W) S0 + K^T (T V) — one d x d matmul 
 chunk; every other product is batched over all chunks.  T itself comes from batched triangular solves on
 half-chunks joined by two products (:func:`ut_transform`), then W and T V are plain products.
 Reference: the token recurrence (:func:`delta_recurrent`), beside the chunkwise form (:func:`delta_chunkwise`).
+
+Non-finite tokens: the chunk's triangular solve and its products with T, W and U reach every row of the chunk through
+zero entries (0 * NaN = NaN), so a NaN key, value or beta at s made the chunk's rows before s NaN.  A finite final
+state says every key, value and beta was finite (no extra pass); otherwise :func:`delta_chunkwise` runs again in
+pieces that end where rows' first non-finite tokens are (:func:`~bsbr.ops.nonfinite.nonfinite_starts`), each
+continuing from the state the piece before left: no output before a row's first non-finite token sees it, and every
+output from there on depends on it, as in the recurrence.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from .linear import pad_to_chunks
+from .nonfinite import nonfinite_starts
 
 UT_LEAF = 32
 """Chunks up to this many tokens (and odd-sized ones) get their UT transform from one triangular solve; larger
@@ -126,8 +134,24 @@ def delta_chunkwise(q, k, v, beta, chunk: int, state: torch.Tensor | None = None
     """q, k: [B, H, T, d] (unit norm); v: [B, H, T, e]; beta: [B, H, T]; state: [B, H, d, e] or None.
 
     Returns (o [B, H, T, e], final state [B, H, d, e]).  :func:`delta_chunk_terms` does all but the state
-    recursion (:func:`chunk_states`), which leaves one small matmul per chunk in the loop.
+    recursion (:func:`chunk_states`), which leaves one small matmul per chunk in the loop.  A non-finite key, value
+    or beta reaches no earlier output (see the module docstring).
     """
+    o, S = _delta_chunkwise(q, k, v, beta, chunk, state)
+    if bool(torch.isfinite(S).all()):
+        return o, S
+    cuts = [c for c in nonfinite_starts(k, v, beta[..., None]) if c > 0]
+    if not cuts:  # the non-finite start state (or an overflow) reaches every output anyway
+        return o, S
+    outs, S = [], state
+    for lo, hi in zip([0, *cuts], [*cuts, q.shape[2]], strict=True):
+        o, S = _delta_chunkwise(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], beta[:, :, lo:hi], chunk, S)
+        outs.append(o)
+    return torch.cat(outs, dim=2), S
+
+
+def _delta_chunkwise(q, k, v, beta, chunk: int, state: torch.Tensor | None = None):
+    """:func:`delta_chunkwise` without the care for non-finite tokens."""
     (B, H, T, d), e = q.shape, v.shape[-1]
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, beta, state))
     q_eff, o_local, decay, writes = delta_chunk_terms(q, k, v, beta, chunk)

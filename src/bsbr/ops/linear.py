@@ -9,13 +9,15 @@ With a non-negative feature map phi already applied to q and k (the layer uses e
 * :func:`linear_chunkwise` — the fast form: inside a chunk of C tokens a masked C x C product, across chunks the
   running state, O(T C d + T d^2); it continues from a state, which is also the streaming form.
 
-Shapes: q, k [B, H, T, d]; v [B, H, T, e].
+Shapes: q, k [B, H, T, d]; v [B, H, T, e].  No value reaches a query before it (:mod:`bsbr.ops.nonfinite`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .nonfinite import causal_sums, split_nonfinite
 
 _LOW = (torch.bfloat16, torch.float16)
 
@@ -53,6 +55,12 @@ def linear_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: i
     Returns (numerator [B, H, T, e], normaliser [B, H, T], new state [B, H, d, e + 1]); the output is their
     ratio.  The normaliser is computed beside the values (row sums of the masked scores plus q . z), not as an
     extra value column: a 65-column product runs ~40% slower than a 64-column one on CPU.
+
+    Non-finite values: the masked in-chunk product would multiply the zero scores of a chunk's later tokens by their
+    values (0 * NaN = NaN reached the chunk's earlier queries).  The chunk sums K^T V see every value, so a finite new
+    state says every value is finite (no extra pass); otherwise the in-chunk product runs on v's finite part and each
+    query adds the non-finite values up to itself (:func:`~bsbr.ops.nonfinite.split_nonfinite`).  Non-finite keys
+    need nothing: ``tril`` overwrites the scores of later keys.
     """
     B, H, T, d = q.shape
     e = v.shape[-1]
@@ -67,13 +75,18 @@ def linear_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: i
     z_before = torch.cat([z0, z[:, :, :-1]], dim=2)
     z_end = z[:, :, -1]
     scores = (qc @ kc.transpose(-1, -2)).tril()  # [B, H, N, C, C]
+    bad = None
+    if not bool(torch.isfinite(S_end).all()):  # a non-finite value, key or start state (or an overflow)
+        vc, bad = split_nonfinite(vc)
 
     def flat(t):
         return t.reshape(B * H * N, *t.shape[-2:])
 
-    num = torch.baddbmm(flat(scores) @ flat(vc), flat(qc), flat(S_before)).view(B, H, N, chunk, e)
+    num = torch.baddbmm(flat(scores) @ flat(vc), flat(qc), flat(S_before)).view(B, H, N, chunk, e).flatten(2, 3)
+    if bad is not None:
+        num = num + causal_sums(bad.flatten(2, 3), N * chunk)
     den = scores.sum(dim=-1) + (qc @ z_before[..., None])[..., 0]
-    num, den = num.flatten(2, 3)[:, :, :T], den.flatten(2, 3)[:, :, :T]
+    num, den = num[:, :, :T], den.flatten(2, 3)[:, :, :T]
     return num, den, torch.cat([S_end, z_end[..., None]], dim=-1)
 
 
