@@ -285,25 +285,15 @@ def test_loss_without_logits_equals_full_loss(model_name, labelled):
 # item 6).  Every registered mechanism, every form: reference, parallel, streaming in pieces and in single steps,
 # and the language model around them.
 
-BSBR_LEAK = pytest.mark.xfail(strict=True, reason=(
-    "BSBR's op lets a later NaN into masked products (ops/bsbr.py on main 65e4bb0): line 202, the in-chunk SDPA "
-    "(`local = F.scaled_dot_product_attention(..., is_causal=True)`), multiplies the zero probabilities of the "
-    "chunk's later tokens by their values, and line 144 (`restore_states(alpha @ states, ...)` in retrieve) "
-    "multiplies the zero weights of the NaN token's chunk and later chunks by their NaN states; the rewrite of "
-    "BSBR's op (issue 27, item 1) removes this mark"))
-# the forms that run BSBR's parallel op (the streaming pieces go through it as well); its token-loop reference and
-# its single steps see no later token
-BSBR_LEAKING_FORMS = {"parallel", "pieces", "model-parallel", "model-pieces"}
 LAYER_FORMS = ["reference", "parallel", "pieces", "steps"]
 MODEL_FORMS = ["model-reference", "model-parallel", "model-pieces", "model-steps"]
 T_NF = 40
 PIECES = [13, 9, 18]  # the non-finite positions (11, 20) fall inside a chunk of the parallel form and of a piece
 
 
-def nonfinite_cases(forms, leaking=frozenset()):
-    """(mechanism, form) for every registered mechanism; BSBR's forms in ``leaking`` are marked."""
-    return [pytest.param(name, form, marks=[BSBR_LEAK] if name == "BSBR" and form in leaking else [])
-            for name in list_models() for form in forms]
+def nonfinite_cases(forms):
+    """(mechanism, form) for every registered mechanism."""
+    return [(name, form) for name in list_models() for form in forms]
 
 
 def run_layer(attn, x, form, mask=None):
@@ -346,7 +336,7 @@ def poisoned_embedding(lm, token: int, value: float):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.parametrize(("model_name", "form"), nonfinite_cases(LAYER_FORMS, BSBR_LEAKING_FORMS))
+@pytest.mark.parametrize(("model_name", "form"), nonfinite_cases(LAYER_FORMS))
 def test_nonfinite_token_reaches_no_earlier_position(model_name, form, value):
     """A layer whose input is NaN / inf at position s of row 1: row 0 and row 1's positions before s are the clean
     run's, finite; position s itself stays non-finite (the value is not hidden)."""
@@ -362,7 +352,7 @@ def test_nonfinite_token_reaches_no_earlier_position(model_name, form, value):
         assert not torch.isfinite(y[1, s]).any(), f"{model_name} {form}: the {value} at {s} vanished from its output"
 
 
-@pytest.mark.parametrize(("model_name", "form"), nonfinite_cases(MODEL_FORMS, BSBR_LEAKING_FORMS))
+@pytest.mark.parametrize(("model_name", "form"), nonfinite_cases(MODEL_FORMS))
 def test_nonfinite_embedding_reaches_no_earlier_logits(model_name, form):
     """The language model with a NaN put into the embedding output at position s of row 1: the logits of row 0 and
     of row 1 before s are the clean run's, finite; the logits at s are NaN."""
