@@ -7,13 +7,14 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
 from bsbr.evals import analyze_results, load_results
 from bsbr.evals.measure import time_interleaved
-from bsbr.evals.noise import FLOOR_LIMIT, WAIT_LIMIT, Probe, assess, cores, noise_warning
+from bsbr.evals.noise import FLOOR_LIMIT, WAIT_LIMIT, NoisyTimingWarning, Probe, assess, cores, noise_warning
 from bsbr.evals.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,6 +149,24 @@ def test_memory_crossovers_are_exact():
     r["metrics"].append("memory_usage")
     [c] = analyze_results(r, "memory_usage")["crossovers"]["A vs B"]
     assert c["resolved"] is True
+
+
+def test_scaling_analysis_keeps_the_repeats_waits_and_noise_record():
+    from bsbr.evals import scaling_analysis, validate_results
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoisyTimingWarning)  # this test reads the record, whatever the load
+        r = scaling_analysis([32, 64], models=["Linear", "BSBR"], metrics=["time", "flops"], hidden_dim=16,
+                             num_heads=2, repeats=3, progress=False)
+    validate_results(r)
+    assert r["schema"] == 2 and isinstance(r["noise"]["noisy"], bool) and len(r["noise"]["control"]["ratios"]) == 3
+    for name in ("Linear", "BSBR"):
+        row = r[name]
+        for j in range(2):
+            reps = row["time_repeats"][j]
+            assert len(reps) == len(row["time_waits"][j]) == 3
+            assert row["time_min"][j] == min(reps) <= row["time_spread"][j][0] <= row["time"][j] == sorted(reps)[1]
+            assert row["time_spread"][j][1] <= max(reps)
 
 
 # --- old files, report, plots --------------------------------------------------------------------------------------
