@@ -69,6 +69,7 @@ def test_analyze_results_fits_classes_crossovers_and_relative_table():
     ({"metrics": ["speed"]}, "speed"),
     ({"seq_lengths": []}, "seq_lengths"),
     ({"seq_lengths": [64, 0]}, "seq_lengths"),
+    ({"seq_lengths": [64, 128, 64]}, r"seq_lengths must be distinct, got \[64, 128, 64\]"),
     ({"metrics": []}, "metrics"),
 ])
 def test_bad_arguments_fail_before_any_work(kwargs, match, monkeypatch):

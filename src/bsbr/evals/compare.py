@@ -37,6 +37,8 @@ def _validate(seq_lengths, models, metrics, allowed) -> tuple[list[int], list[st
     if not isinstance(seq_lengths, list | tuple) or not seq_lengths:
         raise ValueError(f"seq_lengths must be a non-empty list of positive ints, got {seq_lengths!r}")
     lengths = [_checks.positive_int("seq_lengths[]", t) for t in seq_lengths]
+    if len(set(lengths)) != len(lengths):  # each length is one cell of every model
+        raise ValueError(f"seq_lengths must be distinct, got {list(seq_lengths)!r}")
     models = list(list_models() if models is None else models)
     if not models:
         raise ValueError("models must name at least one registered model; known: " + ", ".join(list_models()))

@@ -188,7 +188,8 @@ def _write_all(results: dict, out: Path) -> None:
              "Times are medians of warm repeats"
              + (f" ({s.get('repeats')} per cell), timed in interleaved rounds: every round times every (model, "
              "length) cell once, in a new random order, so that background load falls on "
-             "all cells alike; in brackets the quartiles; the fastest and each repeat are in <metric>_repeats.csv"
+             "all cells alike; in brackets the quartiles; the fastest and each repeat are in "
+             + ", ".join(f"{m}_repeats.csv" for m in results["metrics"] if m in TIMED)
              if s.get("timing") == "interleaved rounds" else "") + "; memory is "
              + str(s.get("memory_kind", "activation bytes")) + ".", "", *_noise_line(results)]
     analyses = {}
@@ -209,15 +210,12 @@ def _write_all(results: dict, out: Path) -> None:
             lines += [f"![{metric}]({metric}.png)", ""]
             continue
         a = analyses[metric] = analyze_results(results, metric)
-        judged = any(fit.get("reliable") is False for fit in a["fits"].values())
-        lines += ["| model | k (fit) | R^2 | class | range |" + (" reliable |" if judged else ""),
-                  "|---|---|---|---|---|" + ("---|" if judged else "")]
+        lines += ["| model | k (fit) | R^2 | class | range |", "|---|---|---|---|---|"]
         for name, fit in a["fits"].items():
             if "k" in fit:
-                cls = fit["class"] if fit.get("reliable") is not False else f"unreliable ({fit['why']})"
+                cls = fit["class"] if fit.get("reliable") is not False else f"**unreliable** ({fit['why']})"
                 lines.append(f"| {name} | {fit['k']:.3f} | {fit['r2']:.4f} | {cls} | "
-                             f"{fit['range'][0]}..{fit['range'][1]} |"
-                             + ((" yes |" if fit.get("reliable") else " **no** |") if judged else ""))
+                             f"{fit['range'][0]}..{fit['range'][1]} |")
         for pair, found in a["crossovers"].items():
             for c in found:
                 lines.append("\n" + _crossover_lines(pair, c))
