@@ -177,53 +177,58 @@ def compare_models(seq_lengths=(64, 128, 256, 512, 1024), models=None, metrics=(
     for T / 16 pairs up to T = 1,984; the task's own 8,192 makes the LM head and its softmax most of the cost,
     ~30x slower per step on CPU).  Returns {"schema", "seq_lengths", "models", "metrics", "settings", "noise"
     (when timed), model: {metric: [value per length], ..., "parameters": n}} (layout: :mod:`bsbr.evals.results`);
-    a failed cell holds None and its error under ``model["errors"]``.
+    a failed cell holds None and its error under ``model["errors"]``.  ``threads``: torch's intra-op threads for
+    the measurement (default: as set; the caller's setting is restored on return).
     """
     lengths, names, metrics = _validate(seq_lengths, models, metrics, COMPARE_METRICS)
     for arg, v in (("hidden_dim", hidden_dim), ("num_layers", num_layers), ("num_heads", num_heads),
                    ("batch_size", batch_size), ("repeats", repeats), ("accuracy_steps", accuracy_steps)):
         _checks.positive_int(arg, v)
+    previous = torch.get_num_threads()  # restored on return: the caller's process keeps its setting
     if threads is not None:
         torch.set_num_threads(_checks.positive_int("threads", threads))
-    ff_dim = ff_dim or 4 * hidden_dim
-    device = torch.device(device)
-    if accuracy_task_options is None:
-        accuracy_task_options = {"vocab_size": 256} if accuracy_task == "mqar" else {}
-    settings = _settings(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
-                         vocab_size=vocab_size, batch_size=batch_size, dtype=str(dtype), device=str(device),
-                         repeats=repeats, seed=seed, accuracy_task=accuracy_task,
-                         accuracy_task_options=dict(accuracy_task_options or {}), accuracy_steps=accuracy_steps,
-                         accuracy_batch_size=accuracy_batch_size, accuracy_lr=accuracy_lr,
-                         memory_kind="cuda_peak_allocated" if device.type == "cuda" else "saved_for_backward",
-                         timing="interleaved rounds")
-    settings["device"] = device
-    results = _empty(names, lengths, metrics, settings)
-    built, inputs = {}, {}
-    untimed = [m for m in metrics if m != "inference_time"]
-    cells = [(n, t) for n in names for t in lengths]
-    for name, T in tqdm(cells, desc="building" + ("" if not untimed else " and measuring " + ", ".join(untimed)),
-                        disable=not progress, file=sys.stderr):
-        try:
-            model = built.setdefault(name, _build(name, vocab_size, hidden_dim, num_layers, num_heads, ff_dim,
-                                                  device, dtype))
-            ids = torch.randint(0, vocab_size, (batch_size, T), generator=torch.Generator().manual_seed(seed + T))
-            inputs[name, T] = ids.to(device)
-            j = lengths.index(T)
-            if "memory_usage" in metrics:
-                results[name]["memory_usage"][j] = activation_bytes(model, inputs[name, T])["bytes"]
-            if "accuracy" in metrics:
-                results[name]["accuracy"][j] = _accuracy(name, T, settings)
-        except RuntimeError as err:  # e.g. out of memory: recorded for the cell, the sweep goes on
-            inputs.pop((name, T), None)
-            _fail(results, name, T, err)
-    if "inference_time" in metrics:
-        fns = {key: (lambda m=built[key[0]], x=ids: m(x)) for key, ids in inputs.items()}
-        with torch.inference_mode():
-            _timed_rounds(results, fns, repeats, seed, progress)
-    settings["device"] = str(device)
-    for name in names:
-        results[name]["parameters"] = built[name].num_parameters() if name in built else None
-    return results
+    try:
+        ff_dim = ff_dim or 4 * hidden_dim
+        device = torch.device(device)
+        if accuracy_task_options is None:
+            accuracy_task_options = {"vocab_size": 256} if accuracy_task == "mqar" else {}
+        settings = _settings(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
+                             vocab_size=vocab_size, batch_size=batch_size, dtype=str(dtype), device=str(device),
+                             repeats=repeats, seed=seed, accuracy_task=accuracy_task,
+                             accuracy_task_options=dict(accuracy_task_options or {}), accuracy_steps=accuracy_steps,
+                             accuracy_batch_size=accuracy_batch_size, accuracy_lr=accuracy_lr,
+                             memory_kind="cuda_peak_allocated" if device.type == "cuda" else "saved_for_backward",
+                             timing="interleaved rounds")
+        settings["device"] = device
+        results = _empty(names, lengths, metrics, settings)
+        built, inputs = {}, {}
+        untimed = [m for m in metrics if m != "inference_time"]
+        cells = [(n, t) for n in names for t in lengths]
+        for name, T in tqdm(cells, desc="building" + ("" if not untimed else " and measuring " + ", ".join(untimed)),
+                            disable=not progress, file=sys.stderr):
+            try:
+                model = built.setdefault(name, _build(name, vocab_size, hidden_dim, num_layers, num_heads, ff_dim,
+                                                      device, dtype))
+                ids = torch.randint(0, vocab_size, (batch_size, T), generator=torch.Generator().manual_seed(seed + T))
+                inputs[name, T] = ids.to(device)
+                j = lengths.index(T)
+                if "memory_usage" in metrics:
+                    results[name]["memory_usage"][j] = activation_bytes(model, inputs[name, T])["bytes"]
+                if "accuracy" in metrics:
+                    results[name]["accuracy"][j] = _accuracy(name, T, settings)
+            except RuntimeError as err:  # e.g. out of memory: recorded for the cell, the sweep goes on
+                inputs.pop((name, T), None)
+                _fail(results, name, T, err)
+        if "inference_time" in metrics:
+            fns = {key: (lambda m=built[key[0]], x=ids: m(x)) for key, ids in inputs.items()}
+            with torch.inference_mode():
+                _timed_rounds(results, fns, repeats, seed, progress)
+        settings["device"] = str(device)
+        for name in names:
+            results[name]["parameters"] = built[name].num_parameters() if name in built else None
+        return results
+    finally:
+        torch.set_num_threads(previous)
 
 
 def scaling_analysis(seq_lengths=(256, 512, 1024, 2048), models=None, metrics=("time", "memory", "flops"),
