@@ -58,7 +58,9 @@ def test_analyze_results_fits_classes_crossovers_and_relative_table():
     a = analyze_results(results)
     assert a["fits"]["A"]["class"] == "linear" and a["fits"]["Standard"]["class"] == "quadratic"
     # A is slower at 100 and 200 (4e-3 vs 1e-3, 8e-3 vs 4e-3), equal at 400 (16e-3), faster at 800
-    assert a["crossovers"] == {"A vs Standard": [{"between": [400, 800], "first_faster_after": True}]}
+    [c] = a["crossovers"]["A vs Standard"]
+    assert c["between"] == [400, 800] and c["first_faster_after"] is True and c["ratios"] == pytest.approx([1.0, 0.5])
+    assert c["resolved"] is None  # no spread in this dict: the crossover cannot be checked against the noise
     assert a["relative"]["Standard"] == [1.0] * 4 and a["relative"]["A"][0] == pytest.approx(4.0)
 
 
@@ -67,6 +69,7 @@ def test_analyze_results_fits_classes_crossovers_and_relative_table():
     ({"metrics": ["speed"]}, "speed"),
     ({"seq_lengths": []}, "seq_lengths"),
     ({"seq_lengths": [64, 0]}, "seq_lengths"),
+    ({"seq_lengths": [64, 128, 64]}, r"seq_lengths must be distinct, got \[64, 128, 64\]"),
     ({"metrics": []}, "metrics"),
 ])
 def test_bad_arguments_fail_before_any_work(kwargs, match, monkeypatch):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
+import warnings
 from pathlib import Path
 
 from ..utils.memory import fix_malloc_thresholds, malloc_setting
 from .analysis import analyze_results
 from .compare import compare_models, scaling_analysis
+from .noise import NoisyTimingWarning, noise_warning
 from .report import write_report
 from .results import load_results, results_path
 
@@ -48,24 +52,46 @@ def _kwargs(args) -> dict:
             "repeats": args.repeats, "threads": args.threads, "device": args.device}
 
 
+@contextlib.contextmanager
+def _say_noise():
+    """NoisyTimingWarnings printed to stderr as they come, as plain text (no file:line prefix)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", NoisyTimingWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if issubclass(category, NoisyTimingWarning):
+                print(message, file=sys.stderr, flush=True)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 def _compare(args) -> int:
     _prepare(args)
     options = {"vocab_size": 256, "answers_in_input": True} if args.mqar_answers_in_input else None
-    results = compare_models(args.lengths, args.models, args.metrics, accuracy_steps=args.accuracy_steps,
-                             accuracy_task_options=options, **_kwargs(args))
+    with _say_noise():
+        results = compare_models(args.lengths, args.models, args.metrics, accuracy_steps=args.accuracy_steps,
+                                 accuracy_task_options=options, **_kwargs(args))
     print(f"report written to {write_report(results, args.out)}")
     return 0
 
 
 def _scaling(args) -> int:
     _prepare(args)
-    results = scaling_analysis(args.lengths, args.models, args.metrics, **_kwargs(args))
+    with _say_noise():
+        results = scaling_analysis(args.lengths, args.models, args.metrics, **_kwargs(args))
     print(f"report written to {write_report(results, args.out)}")
     return 0
 
 
 def _analyze(args) -> int:
     results = load_results(args.results)
+    message = noise_warning(results)
+    if message:
+        print(message.replace("  The report opens", "  `bsbr report` opens its report"), file=sys.stderr)
     for metric in results["metrics"]:
         if metric == "accuracy":
             continue
@@ -73,10 +99,15 @@ def _analyze(args) -> int:
         print(f"{metric} (relative to {a['baseline']}):")
         for name, fit in a["fits"].items():
             if "k" in fit:
-                print(f"  {name:14s} k = {fit['k']:.3f}  R^2 = {fit['r2']:.4f}  {fit['class']:10s} "
-                      f"x{a['relative'][name][-1]:.2f} at {a['seq_lengths'][-1]}")
+                last = a["relative"][name][-1]
+                cls = fit["class"] if fit.get("reliable") is not False else f"UNRELIABLE ({fit['why']})"
+                print(f"  {name:14s} k = {fit['k']:.3f}  R^2 = {fit['r2']:.4f}  {cls:10s} "
+                      + (f"x{last:.2f}" if last is not None else "x-") + f" at {a['seq_lengths'][-1]}")
         for pair, found in a["crossovers"].items():
-            print(f"  crossover {pair}: " + "; ".join(f"{c['between'][0]}..{c['between'][1]}" for c in found))
+            notes = {False: " (not resolved: {why})", None: " (spread not recorded)", True: ""}
+            shown = [f"{c['between'][0]}..{c['between'][1]}" + notes[c.get("resolved", True)].format(why=c.get("why"))
+                     for c in found]
+            print(f"  crossover {pair}: " + "; ".join(shown))
     return 0
 
 

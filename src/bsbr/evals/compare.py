@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,7 +15,8 @@ from .. import _checks
 from ..models import build_model, list_models
 from ..models.registry import canonical_name
 from .flops import analytic_flops
-from .measure import activation_bytes, count_flops, time_callable
+from .measure import activation_bytes, count_flops, summarize, time_interleaved
+from .noise import NoisyTimingWarning, Probe, assess, busy_warning, cores, loadavg, noise_warning
 from .results import RESULTS_SCHEMA
 
 COMPARE_METRICS = ("inference_time", "memory_usage", "accuracy")
@@ -35,6 +37,8 @@ def _validate(seq_lengths, models, metrics, allowed) -> tuple[list[int], list[st
     if not isinstance(seq_lengths, list | tuple) or not seq_lengths:
         raise ValueError(f"seq_lengths must be a non-empty list of positive ints, got {seq_lengths!r}")
     lengths = [_checks.positive_int("seq_lengths[]", t) for t in seq_lengths]
+    if len(set(lengths)) != len(lengths):  # each length is one cell of every model
+        raise ValueError(f"seq_lengths must be distinct, got {list(seq_lengths)!r}")
     models = list(list_models() if models is None else models)
     if not models:
         raise ValueError("models must name at least one registered model; known: " + ", ".join(list_models()))
@@ -89,24 +93,64 @@ def _accuracy(name, T, settings) -> float:
                           device=settings["device"])["accuracy"])
 
 
-def _sweep(lengths, names, metrics, settings, cell, progress) -> dict:
+TIME_KEYS = ("", "_spread", "_min", "_repeats", "_waits")  # inference_time + these: what a timed cell records
+
+
+def _empty(names, lengths, metrics, settings) -> dict:
     results = {"schema": RESULTS_SCHEMA, "seq_lengths": lengths, "models": names, "metrics": metrics,
                "settings": settings}
-    cells = [(n, t) for n in names for t in lengths]
     for name in names:
-        results[name] = {m: [] for m in metrics}
-        for m in metrics:
-            if m in ("inference_time", "time"):
-                results[name][f"{m}_spread"] = []
-    for name, T in tqdm(cells, desc="measuring", disable=not progress, file=sys.stderr):
-        try:
-            values = cell(name, T)
-        except RuntimeError as err:  # e.g. out of memory: recorded for the cell, the sweep goes on
-            values = {key: None for key in results[name] if key != "errors"}  # spreads too: lists stay aligned
-            results[name].setdefault("errors", {})[str(T)] = str(err).splitlines()[0]
-        for key, value in values.items():
-            results[name][key].append(value)
+        results[name] = {m: [None] * len(lengths) for m in metrics if m != "inference_time"}
+        if "inference_time" in metrics:
+            results[name].update({f"inference_time{k}": [None] * len(lengths) for k in TIME_KEYS})
     return results
+
+
+def _record_time(row: dict, j: int, times: list[float], waits: list) -> None:
+    s = summarize(times)
+    row["inference_time"][j] = s["median"]
+    row["inference_time_spread"][j] = [s["p25"], s["p75"]]
+    row["inference_time_min"][j] = s["min"]
+    row["inference_time_repeats"][j] = list(times)
+    row["inference_time_waits"][j] = list(waits)
+
+
+def _fail(results: dict, name: str, T: int, err: Exception) -> None:
+    """A failed cell (e.g. out of memory) holds None everywhere and its message under ``errors``."""
+    j = results["seq_lengths"].index(T)
+    for values in results[name].values():
+        if isinstance(values, list):
+            values[j] = None
+    results[name].setdefault("errors", {})[str(T)] = (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def _timed_rounds(results: dict, fns: dict, repeats: int, seed: int, progress: bool) -> None:
+    """Interleaved rounds over every live cell (see :func:`~bsbr.evals.measure.time_interleaved`), the A/A
+    control and the load probe; fills the inference_time fields and ``results["noise"]``."""
+    threads, n_cores = torch.get_num_threads(), cores()
+    probe = Probe(threads)
+    before = {"others": probe.sample_others(), "loadavg": loadavg()}
+    note = busy_warning(before["others"], threads, n_cores)
+    if note:
+        warnings.warn(note, NoisyTimingWarning, stacklevel=3)
+    names, lengths = results["models"], results["seq_lengths"]
+    middle = (names[0], lengths[len(lengths) // 2])
+    control = middle if middle in fns else next(iter(fns), None)
+    bar = tqdm(total=len(fns) * (repeats + 1) + (repeats if control else 0), desc="timing (interleaved rounds)",
+               disable=not progress, file=sys.stderr)
+    with bar:
+        run = time_interleaved(fns, repeats, control=control, seed=seed, probe=probe, progress=bar.update)
+    for (name, T), message in run["errors"].items():
+        _fail(results, name, T, RuntimeError(message))
+    cells = {key: c for key, c in run["cells"].items() if key not in run["errors"]}
+    for (name, T), c in cells.items():
+        _record_time(results[name], lengths.index(T), c["times"], c["waits"])
+    ctrl = {"model": control[0], "seq_length": control[1], "ratios": [round(r, 4) for r in run["control_ratios"]]} \
+        if control else None
+    results["noise"] = assess(cells, ctrl, run["others"], before, threads, n_cores, probe.method)
+    message = noise_warning(results)
+    if message:
+        warnings.warn(message, NoisyTimingWarning, stacklevel=3)
 
 
 def compare_models(seq_lengths=(64, 128, 256, 512, 1024), models=None, metrics=("inference_time", "memory_usage"),
@@ -118,61 +162,80 @@ def compare_models(seq_lengths=(64, 128, 256, 512, 1024), models=None, metrics=(
                    progress: bool = True) -> dict:
     """Measure each model at each length, every model in the same generic LM (only the attention differs).
 
-    ``inference_time``: seconds per forward of [batch_size, T] tokens, median of ``repeats`` warm runs (the
-    quartiles go to ``inference_time_spread``).  ``memory_usage``: activation bytes of one forward + backward
-    (see :func:`~bsbr.evals.measure.activation_bytes`; CPU: bytes saved for backward, CUDA: allocator peak).
+    ``inference_time``: seconds per forward of [batch_size, T] tokens, median of ``repeats`` warm runs, timed in
+    interleaved rounds: one warm-up round, then ``repeats`` rounds that each time every (model, length) cell
+    once in a new random order (:func:`~bsbr.evals.measure.time_interleaved`), so that background load falls on
+    all cells alike.  Per cell it keeps every repeat (``inference_time_repeats``), the quartiles
+    (``inference_time_spread``: [p25, p75]), the fastest (``inference_time_min``) and our threads' run-queue wait
+    per repeat (``inference_time_waits``); the load before and during the run, the A/A control and the verdict
+    go to ``results["noise"]`` (:func:`bsbr.evals.noise.assess`), and a noisy run also raises a
+    :class:`~bsbr.evals.noise.NoisyTimingWarning` naming the noisy cells and what to do.  ``memory_usage``:
+    activation bytes of one forward + backward (see :func:`~bsbr.evals.measure.activation_bytes`; CPU: bytes
+    saved for backward, CUDA: allocator peak).
     ``accuracy``: test accuracy on ``accuracy_task`` after ``accuracy_steps`` AdamW steps (small: read it as
     what that budget buys).  ``accuracy_task_options`` default for MQAR: ``{"vocab_size": 256}`` (enough keys
     for T / 16 pairs up to T = 1,984; the task's own 8,192 makes the LM head and its softmax most of the cost,
-    ~30x slower per step on CPU).  Returns {"seq_lengths", "models", "metrics", "settings", model: {metric: [value
-    per length], "parameters": n}}; a failed cell holds None and its error under ``model["errors"]``.
+    ~30x slower per step on CPU).  Returns {"schema", "seq_lengths", "models", "metrics", "settings", "noise"
+    (when timed), model: {metric: [value per length], ..., "parameters": n}} (layout: :mod:`bsbr.evals.results`);
+    a failed cell holds None and its error under ``model["errors"]``.  ``threads``: torch's intra-op threads for
+    the measurement (default: as set; the caller's setting is restored on return).
     """
     lengths, names, metrics = _validate(seq_lengths, models, metrics, COMPARE_METRICS)
     for arg, v in (("hidden_dim", hidden_dim), ("num_layers", num_layers), ("num_heads", num_heads),
                    ("batch_size", batch_size), ("repeats", repeats), ("accuracy_steps", accuracy_steps)):
         _checks.positive_int(arg, v)
+    previous = torch.get_num_threads()  # restored on return: the caller's process keeps its setting
     if threads is not None:
         torch.set_num_threads(_checks.positive_int("threads", threads))
-    ff_dim = ff_dim or 4 * hidden_dim
-    device = torch.device(device)
-    if accuracy_task_options is None:
-        accuracy_task_options = {"vocab_size": 256} if accuracy_task == "mqar" else {}
-    settings = _settings(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
-                         vocab_size=vocab_size, batch_size=batch_size, dtype=str(dtype), device=str(device),
-                         repeats=repeats, seed=seed, accuracy_task=accuracy_task,
-                         accuracy_task_options=dict(accuracy_task_options or {}), accuracy_steps=accuracy_steps,
-                         accuracy_batch_size=accuracy_batch_size, accuracy_lr=accuracy_lr,
-                         memory_kind="cuda_peak_allocated" if device.type == "cuda" else "saved_for_backward")
-    settings["device"] = device
-    built = {}
-
-    def cell(name, T):
-        model = built.setdefault(name, _build(name, vocab_size, hidden_dim, num_layers, num_heads, ff_dim, device,
-                                              dtype))
-        ids = torch.randint(0, vocab_size, (batch_size, T), generator=torch.Generator().manual_seed(seed + T))
-        ids = ids.to(device)
-        out = {}
+    try:
+        ff_dim = ff_dim or 4 * hidden_dim
+        device = torch.device(device)
+        if accuracy_task_options is None:
+            accuracy_task_options = {"vocab_size": 256} if accuracy_task == "mqar" else {}
+        settings = _settings(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
+                             vocab_size=vocab_size, batch_size=batch_size, dtype=str(dtype), device=str(device),
+                             repeats=repeats, seed=seed, accuracy_task=accuracy_task,
+                             accuracy_task_options=dict(accuracy_task_options or {}), accuracy_steps=accuracy_steps,
+                             accuracy_batch_size=accuracy_batch_size, accuracy_lr=accuracy_lr,
+                             memory_kind="cuda_peak_allocated" if device.type == "cuda" else "saved_for_backward",
+                             timing="interleaved rounds")
+        settings["device"] = device
+        results = _empty(names, lengths, metrics, settings)
+        built, inputs = {}, {}
+        untimed = [m for m in metrics if m != "inference_time"]
+        cells = [(n, t) for n in names for t in lengths]
+        for name, T in tqdm(cells, desc="building" + ("" if not untimed else " and measuring " + ", ".join(untimed)),
+                            disable=not progress, file=sys.stderr):
+            try:
+                model = built.setdefault(name, _build(name, vocab_size, hidden_dim, num_layers, num_heads, ff_dim,
+                                                      device, dtype))
+                ids = torch.randint(0, vocab_size, (batch_size, T), generator=torch.Generator().manual_seed(seed + T))
+                inputs[name, T] = ids.to(device)
+                j = lengths.index(T)
+                if "memory_usage" in metrics:
+                    results[name]["memory_usage"][j] = activation_bytes(model, inputs[name, T])["bytes"]
+                if "accuracy" in metrics:
+                    results[name]["accuracy"][j] = _accuracy(name, T, settings)
+            except RuntimeError as err:  # e.g. out of memory: recorded for the cell, the sweep goes on
+                inputs.pop((name, T), None)
+                _fail(results, name, T, err)
         if "inference_time" in metrics:
+            fns = {key: (lambda m=built[key[0]], x=ids: m(x)) for key, ids in inputs.items()}
             with torch.inference_mode():
-                t = time_callable(lambda: model(ids), repeats=repeats)
-            out["inference_time"] = t["median"]
-            out["inference_time_spread"] = [t["p25"], t["p75"]]
-        if "memory_usage" in metrics:
-            out["memory_usage"] = activation_bytes(model, ids)["bytes"]
-        if "accuracy" in metrics:
-            out["accuracy"] = _accuracy(name, T, settings)
-        return out
-
-    results = _sweep(lengths, names, metrics, settings, cell, progress)
-    settings["device"] = str(device)
-    for name in names:
-        results[name]["parameters"] = built[name].num_parameters() if name in built else None
-    return results
+                _timed_rounds(results, fns, repeats, seed, progress)
+        settings["device"] = str(device)
+        for name in names:
+            results[name]["parameters"] = built[name].num_parameters() if name in built else None
+        return results
+    finally:
+        torch.set_num_threads(previous)
 
 
 def scaling_analysis(seq_lengths=(256, 512, 1024, 2048), models=None, metrics=("time", "memory", "flops"),
                      **kwargs) -> dict:
-    """Like :func:`compare_models` with the scaling metrics: ``time`` (median forward seconds), ``memory``
+    """Like :func:`compare_models` with the scaling metrics: ``time`` (median forward seconds, timed in
+    interleaved rounds with ``time_spread``, ``time_min``, ``time_repeats``, ``time_waits`` and the run's
+    ``"noise"`` record as compare_models keeps them for ``inference_time``), ``memory``
     (activation bytes, as ``memory_usage``) and ``flops``: analytic forward FLOPs of each mechanism
     (:func:`bsbr.evals.flops.analytic_flops`, matmuls over the blocks the fast path computes) in ``flops``, with
     FlopCounterMode's count of the same forward beside it in ``flops_counted`` (it does not see the fused CPU
@@ -192,8 +255,12 @@ def scaling_analysis(seq_lengths=(256, 512, 1024, 2048), models=None, metrics=("
                 continue
             src = {"time": "inference_time", "memory": "memory_usage"}[m]
             results[name][m] = base[name][src]
-            if m == "time":
-                results[name]["time_spread"] = base[name]["inference_time_spread"]
+            if m == "time":  # the spread, every repeat and the waits too, as time_spread, time_repeats, ...
+                results[name].update({f"time{k}": base[name][f"inference_time{k}"] for k in TIME_KEYS})
+        if base and "errors" in base[name]:
+            results[name]["errors"] = base[name]["errors"]
+    if base and "noise" in base:
+        results["noise"] = base["noise"]
     if "flops" in metrics:
         hd, nl = kwargs.get("hidden_dim", 128), kwargs.get("num_layers", 2)
         nh, ff = kwargs.get("num_heads", 4), kwargs.get("ff_dim") or 4 * kwargs.get("hidden_dim", 128)

@@ -25,9 +25,13 @@ def time_callable(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3  # within [min, max]
-    return {"median": statistics.median(times), "p25": q[0], "p75": q[2], "min": min(times), "max": max(times),
-            "repeats": repeats, "times": times}
+    return {**summarize(times), "repeats": repeats, "times": times}
+
+
+def summarize(times: list[float]) -> dict:
+    """{"median", "p25", "p75", "min", "max"} of a non-empty list (quartiles interpolated within [min, max])."""
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+    return {"median": statistics.median(times), "p25": q[0], "p75": q[2], "min": min(times), "max": max(times)}
 
 
 def activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> dict:
@@ -72,3 +76,72 @@ def count_flops(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(input_ids)
     return int(counter.get_total_flops())
+
+
+def time_interleaved(fns: dict, rounds: int, *, control=None, seed: int = 0, probe=None, progress=None) -> dict:
+    """Time every callable of ``fns`` ({key: fn}) once per round for ``rounds`` rounds after one warm-up round,
+    each round in a new random order, so that a burst of background load falls on every cell alike instead of
+    on the cells that happened to run during it.
+
+    ``control`` (a key of ``fns``) is timed a second time in every round, at a random place in the other half of
+    the round from its first timing: the A/A control whose max / min is 1 on a steady machine.  ``probe`` (a
+    :class:`bsbr.evals.noise.Probe`) reads the run-queue wait share of our threads during each call and the runnable
+    threads of other processes before it.  A key whose call raises RuntimeError (out of memory) is dropped from
+    later rounds and its message kept.  ``progress(n)`` is called after each call (a tqdm's ``update``).
+
+    Returns {"cells": {key: {"times": [s per round], "waits": [wait per round or None]}}, "errors": {key:
+    message}, "control_ratios": [max/min of the control's two timings per round], "others": [mean runnable
+    threads of other processes per round or None]}; times in seconds, CUDA synchronised.
+    """
+    import random
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    rng = random.Random(seed)
+    cells = {key: {"times": [], "waits": []} for key in fns}
+    errors: dict = {}
+    ratios, others = [], []
+
+    def timed(key):
+        mark = probe.mark() if probe else None
+        t0 = time.perf_counter()
+        fns[key]()
+        sync()
+        dt = time.perf_counter() - t0
+        return dt, (probe.wait(mark) if probe else None)
+
+    for r in range(rounds + 1):  # round 0 warms up
+        live = [k for k in fns if k not in errors]
+        order = rng.sample(live, len(live))
+        extra = None
+        if r and control in live:  # the control's second timing goes into the half its first timing is not in
+            i, half = order.index(control), (len(order) + 1) // 2  # halves of the round: [0, half), [half, n + 1)
+            extra = rng.randint(half, len(order)) if i < half else rng.randint(0, half - 1)
+            order.insert(extra, control)
+        seen, pair, load = set(), [], []
+        for pos, key in enumerate(order):
+            if key in errors:
+                continue
+            if probe:
+                load.append(probe.others())
+            try:
+                dt, wait = timed(key)
+            except RuntimeError as err:  # e.g. out of memory: recorded, the other cells go on
+                errors[key] = str(err).splitlines()[0] if str(err) else type(err).__name__
+                continue
+            finally:
+                if progress:
+                    progress(1)
+            if key == control and r:
+                pair.append(dt)
+            if r and (key not in seen) and not (key == control and pos == extra):
+                seen.add(key)
+                cells[key]["times"].append(dt)
+                cells[key]["waits"].append(wait)
+        if len(pair) == 2 and min(pair) > 0:
+            ratios.append(max(pair) / min(pair))
+        if r:
+            load = [v for v in load if v is not None]
+            others.append(statistics.fmean(load) if load else None)
+    for key in errors:
+        cells[key] = {"times": [], "waits": []}
+    return {"cells": cells, "errors": errors, "control_ratios": ratios, "others": others}

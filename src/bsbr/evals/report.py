@@ -8,23 +8,106 @@ import os
 import tempfile
 from pathlib import Path
 
-from .analysis import analyze_results
-from .results import validate_results
+from .analysis import TIMED, analyze_results
+from .noise import WAIT_LIMIT, noise_warning
+from .results import METRIC_UNITS, validate_results
 
-UNITS = {"inference_time": ("s", 1.0), "time": ("s", 1.0), "memory_usage": ("MiB", 2**-20), "memory": ("MiB", 2**-20),
-         "flops": ("GFLOP", 1e-9), "flops_counted": ("GFLOP", 1e-9), "accuracy": ("", 1.0)}
+
+def _noisy_cells(results: dict) -> set:
+    noise = results.get("noise")
+    return {(m, T) for m, T in noise.get("noisy_cells", [])} if isinstance(noise, dict) else set()
 
 
 def _table(results: dict, metric: str) -> list[str]:
-    unit, scale = UNITS.get(metric, ("", 1.0))
+    """One row per model; a timed metric shows "median (p25-p75)" and marks noisy cells with "!"."""
+    label, unit, scale = METRIC_UNITS.get(metric, (metric, "", 1.0))
     lengths = results["seq_lengths"]
+    noisy = _noisy_cells(results) if metric in TIMED else set()
     rows = [f"| model | params | {' | '.join(str(t) for t in lengths)} |", "|---" * (len(lengths) + 2) + "|"]
     for name in results["models"]:
-        vals = [("-" if v is None else f"{v * scale:.4g}") for v in results[name][metric]]
+        spread = results[name].get(f"{metric}_spread") or []
+        vals = []
+        for j, v in enumerate(results[name][metric]):
+            text = "-" if v is None else f"{v * scale:.4g}"
+            if v is not None and j < len(spread) and spread[j]:
+                text += f" ({spread[j][0] * scale:.3g}–{spread[j][1] * scale:.3g})"
+            vals.append(text + (" !" if (name, lengths[j]) in noisy else ""))
         params = results[name].get("parameters")
         rows.append(f"| {name} | {params:,} | " if params else f"| {name} | - | ")
         rows[-1] += " | ".join(vals) + " |"
-    return [f"**{metric}** ({unit})" if unit else f"**{metric}**", "", *rows, ""]
+    title = f"**{metric}**: {label}" + (f" ({unit})" if unit else "")
+    if metric in TIMED and any(results[n].get(f"{metric}_spread") for n in results["models"]):
+        title += ", median (quartiles) of the repeats"
+    notes = [f"! = noisy cell: our threads waited for a CPU more than {WAIT_LIMIT:.0%} of the time they were ready "
+             "to run (median over the repeats)."] \
+        if noisy & {(n, T) for n in results["models"] for T in lengths} else []
+    return [title, "", *rows, "", *notes, *([""] if notes else [])]
+
+
+def _banner(results: dict) -> list[str]:
+    """The warning that opens the report of a noisy run."""
+    text = noise_warning(results)
+    if not text:
+        return []
+    lines = text.splitlines()
+    out = ["> **Warning: this run was noisy; read its timings as noise, not findings.** "
+           + lines[0].removeprefix("warning: this run's timings are noise, not findings: ")]
+    out += ["> " + line.strip() for line in lines[1:-1]]
+    out.append("> Fits and crossovers that the noise can explain are marked unreliable below.")
+    return [*out, ""]
+
+
+def _noise_line(results: dict) -> list[str]:
+    """What the run measured about the machine, or that the file predates these measurements."""
+    noise = results.get("noise")
+    if not isinstance(noise, dict):
+        if any(m in TIMED for m in results["metrics"]):
+            return [f"Noise: not recorded (results schema {results.get('schema', 0)}, from before the load checks "
+                    "and the A/A control); crossovers are judged by the quartiles alone.", ""]
+        return []
+    parts = [f"{noise.get('threads')} threads on {noise.get('cores')} cores"]
+    if noise.get("others_before") is not None:
+        during = [o for o in noise.get("others_during", []) if o is not None]
+        parts.append(f"other processes' runnable threads {noise['others_before']:.1f} before the run"
+                     + (f", {min(during):.1f}..{max(during):.1f} per round during it" if during else ""))
+    if noise.get("loadavg_before"):
+        parts.append(f"1-min load average {noise['loadavg_before'][0]} before, "
+                     f"{(noise.get('loadavg_after') or ['?'])[0]} after")
+    c = noise.get("control")
+    if c and c.get("ratios"):
+        floor = noise.get("noise_floor")
+        parts.append(f"A/A control {c['model']} at {c['seq_length']} timed twice per round: ratios "
+                     + ", ".join(f"{r:.3f}" for r in c["ratios"])
+                     + (f", noise floor {floor:.1%}" if floor is not None else ""))
+    verdict = "noisy" if noise.get("noisy") else "quiet"
+    return [f"Noise ({noise.get('method')}): " + "; ".join(parts) + f". Verdict: {verdict}.", ""]
+
+
+def _crossover_lines(pair: str, c: dict) -> str:
+    first = pair.split(" vs ")[0 if c["first_faster_after"] else 1]
+    where = f"between {c['between'][0]} and {c['between'][1]}"
+    if c.get("resolved") is False:
+        return f"Unreliable, not a finding: {pair} swap order {where} ({c['why']})."
+    if c.get("resolved") is None and "resolved" in c:
+        return f"Crossover {pair}: {first} becomes the smaller {where} ({c['why']}: not checked against the noise)."
+    return f"Crossover {pair}: {first} becomes the smaller {where}."
+
+
+def _repeats_csv(results: dict, metric: str) -> str:
+    """Long form: one row per (model, length) with min, quartiles, median, max, each repeat and its wait."""
+    rows = ["model,seq_length,min,p25,median,p75,max,repeats,waits"]
+    for name in results["models"]:
+        row = results[name]
+        for j, T in enumerate(results["seq_lengths"]):
+            reps = (row.get(f"{metric}_repeats") or [None] * (j + 1))[j]
+            waits = (row.get(f"{metric}_waits") or [None] * (j + 1))[j]
+            spread = (row.get(f"{metric}_spread") or [])
+            p25, p75 = spread[j] if j < len(spread) and spread[j] else (None, None)
+            cols = [min(reps) if reps else None, p25, row[metric][j], p75, max(reps) if reps else None]
+            rows.append(",".join([name, str(T), *("" if v is None else repr(v) for v in cols),
+                                  " ".join(repr(v) for v in reps or []),
+                                  " ".join("" if w is None else repr(w) for w in waits or [])]))
+    return "\n".join(rows) + "\n"
 
 
 def _attention_section(results: dict, out: Path, T: int = 320) -> list[str]:
@@ -97,12 +180,18 @@ def _write_all(results: dict, out: Path) -> None:
 
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     s = results["settings"]
-    lines = ["# bsbr comparison report", "",
+    lines = ["# bsbr comparison report", "", *_banner(results),
              f"Machine: {s.get('processor')} ({s.get('machine')}), {s.get('threads')} threads, torch {s.get('torch')}, "
              f"commit {s.get('commit')}, device {s.get('device')}, {s.get('dtype')}.", "",
              "Settings: " + ", ".join(f"{k}={v}" for k, v in s.items()
                                       if k not in ("processor", "machine", "threads", "torch", "commit")), "",
-             "Times are medians of warm repeats; memory is " + str(s.get("memory_kind", "activation bytes")) + ".", ""]
+             "Times are medians of warm repeats"
+             + (f" ({s.get('repeats')} per cell), timed in interleaved rounds: every round times every (model, "
+             "length) cell once, in a new random order, so that background load falls on "
+             "all cells alike; in brackets the quartiles; the fastest and each repeat are in "
+             + ", ".join(f"{m}_repeats.csv" for m in results["metrics"] if m in TIMED)
+             if s.get("timing") == "interleaved rounds" else "") + "; memory is "
+             + str(s.get("memory_kind", "activation bytes")) + ".", "", *_noise_line(results)]
     analyses = {}
     for metric in results["metrics"]:
         lines += [f"## {metric}", ""] + _table(results, metric)
@@ -114,6 +203,8 @@ def _write_all(results: dict, out: Path) -> None:
         csv += [name + "," + ",".join("" if v is None else repr(v) for v in results[name][metric])
                 for name in results["models"]]
         (out / f"{metric}.csv").write_text("\n".join(csv) + "\n")
+        if metric in TIMED and any(results[n].get(f"{metric}_spread") for n in results["models"]):
+            (out / f"{metric}_repeats.csv").write_text(_repeats_csv(results, metric))
         if metric == "accuracy":
             plot_metric(results, metric, str(out / f"{metric}.png"))
             lines += [f"![{metric}]({metric}.png)", ""]
@@ -122,13 +213,12 @@ def _write_all(results: dict, out: Path) -> None:
         lines += ["| model | k (fit) | R^2 | class | range |", "|---|---|---|---|---|"]
         for name, fit in a["fits"].items():
             if "k" in fit:
-                lines.append(f"| {name} | {fit['k']:.3f} | {fit['r2']:.4f} | {fit['class']} | "
+                cls = fit["class"] if fit.get("reliable") is not False else f"**unreliable** ({fit['why']})"
+                lines.append(f"| {name} | {fit['k']:.3f} | {fit['r2']:.4f} | {cls} | "
                              f"{fit['range'][0]}..{fit['range'][1]} |")
         for pair, found in a["crossovers"].items():
             for c in found:
-                first = pair.split(" vs ")[0 if c["first_faster_after"] else 1]
-                lines.append(f"\nCrossover {pair}: {first} becomes the smaller between {c['between'][0]} and "
-                             f"{c['between'][1]}.")
+                lines.append("\n" + _crossover_lines(pair, c))
         plot_metric(results, metric, str(out / f"{metric}.png"))
         plot_relative_heatmap(a, str(out / f"{metric}_relative.png"))
         lines += ["", f"![{metric}]({metric}.png)", "", f"![{metric} relative]({metric}_relative.png)", ""]
