@@ -35,7 +35,19 @@ def _curriculum_flags(b: dict) -> str:
             f"{'' if b.get('zero_filler') else ' --no-zero-filler'}"
             + (f" --eval-every {b['eval_every']}" if b.get("eval_every") else "")
             + (f" --gau-qk-scale-init {b['gau_qk_scale_init']:g}" if b.get("gau_qk_scale_init") is not None else "")
-            + ("" if b.get("flush_denormals") else " --no-flush-denormals"))
+            + ("" if b.get("flush_denormals") else " --no-flush-denormals")
+            + (f" --blocks-chunk-size {b['blocks_chunk_size']} --top-k {b['top_k']} --block-summary "
+               f"{b['block_summary']} --selection-grad {b['selection_grad']}"
+               if "BSBRBlocks" in b.get("models", ()) and "blocks_chunk_size" in b else ""))
+
+
+def _blocks_text(b: dict) -> str:
+    """The BSBRBlocks settings of a budget that trained it, for the section's description ("" otherwise)."""
+    if "BSBRBlocks" not in b.get("models", ()) or "blocks_chunk_size" not in b:
+        return ""
+    return (f", BSBRBlocks chunk {b['blocks_chunk_size']}, top_k {b['top_k']}, {b['block_summary']} summary, "
+            f"selection gradient {b['selection_grad']}, no sink (each query sees its own chunk and the top_k chunks "
+            "it selects)")
 
 
 def _budget_differences(runs: list[dict], b: dict) -> list[str]:
@@ -62,6 +74,10 @@ def _budget_differences(runs: list[dict], b: dict) -> list[str]:
                             max(1, hidden // b["head_dim"]) if "head_dim" in b and hidden is not missing else missing),
                   "random filler": (get(r, "task", "random_filler"),
                                     not b["zero_filler"] if "zero_filler" in b else missing)}
+        if r.get("model") == "BSBRBlocks":
+            for field, key in (("chunk_size", "blocks_chunk_size"), ("top_k", "top_k"),
+                               ("block_summary", "block_summary"), ("selection_grad", "selection_grad")):
+                expect[f"BSBRBlocks {field}"] = (get(r, "model_options", field), b.get(key, missing))
         if "curriculum" in r["task"] and "stage_lengths" in b and "stage_steps" in b and seq_len is not missing:
             with contextlib.suppress(ValueError):  # a budget whose stage steps do not fit its lengths: not compared
                 expect["curriculum"] = tuple([(st["seq_len"], st["steps"]) for st in stages] for stages in (
@@ -217,8 +233,8 @@ def recall_curriculum(lines: list[str], name: str) -> None:
               f"{b['batch_size']}, "
               f"warmup {b['warmup']}, cosine decay, AdamW (weight decay 0.1), vocabulary {b['vocab_size']}, {filler}, "
               f"{answers}, "
-              f"{b['layers']} layers, heads = hidden / {b['head_dim']}, BSBR chunk {b['chunk_size']}, GAU "
-              f"qk_scale_init {b.get('gau_qk_scale_init')}. Test-split accuracy on the scored values "
+              f"{b['layers']} layers, heads = hidden / {b['head_dim']}, BSBR chunk {b['chunk_size']}{_blocks_text(b)}, "
+              f"GAU qk_scale_init {b.get('gau_qk_scale_init')}. Test-split accuracy on the scored values "
               f"({b['test_batches']} batches of {b['batch_size']}, always at the final T). {len(runs)} runs, "
               f"{minutes:.0f} CPU minutes of training (one thread each). {env(data)}", "",
               ] + _curriculum_commands(runs, b, tag) + [""]
