@@ -83,14 +83,24 @@ def _noise_line(results: dict) -> list[str]:
     return [f"Noise ({noise.get('method')}): " + "; ".join(parts) + f". Verdict: {verdict}.", ""]
 
 
-def _crossover_lines(pair: str, c: dict) -> str:
-    first = pair.split(" vs ")[0 if c["first_faster_after"] else 1]
-    where = f"between {c['between'][0]} and {c['between'][1]}"
-    if c.get("resolved") is False:
-        return f"Unreliable, not a finding: {pair} swap order {where} ({c['why']})."
-    if c.get("resolved") is None and "resolved" in c:
-        return f"Crossover {pair}: {first} becomes the smaller {where} ({c['why']}: not checked against the noise)."
-    return f"Crossover {pair}: {first} becomes the smaller {where}."
+def _crossover_lines(crossovers: dict) -> list[str]:
+    """Crossovers larger than the noise as findings; the others listed apart, each with its reason."""
+    stated, unreliable = [], []
+    for pair, found in crossovers.items():
+        for c in found:
+            first = pair.split(" vs ")[0 if c["first_faster_after"] else 1]
+            where = f"between {c['between'][0]} and {c['between'][1]}"
+            if c.get("resolved") is False:
+                unreliable.append(f"- {pair}, {where}: {c['why']}")
+            elif c.get("resolved") is None and "resolved" in c:
+                stated += [f"Crossover {pair}: {first} becomes the smaller {where} ({c['why']}: not checked "
+                           "against the noise).", ""]
+            else:
+                stated += [f"Crossover {pair}: {first} becomes the smaller {where}.", ""]
+    if unreliable:
+        unreliable = [f"Unreliable, not findings: {len(unreliable)} swap(s) of order within the noise", "",
+                      *unreliable, ""]
+    return stated + unreliable
 
 
 def _repeats_csv(results: dict, metric: str) -> str:
@@ -216,9 +226,7 @@ def _write_all(results: dict, out: Path) -> None:
                 cls = fit["class"] if fit.get("reliable") is not False else f"**unreliable** ({fit['why']})"
                 lines.append(f"| {name} | {fit['k']:.3f} | {fit['r2']:.4f} | {cls} | "
                              f"{fit['range'][0]}..{fit['range'][1]} |")
-        for pair, found in a["crossovers"].items():
-            for c in found:
-                lines.append("\n" + _crossover_lines(pair, c))
+        lines += ["", *_crossover_lines(a["crossovers"])]
         plot_metric(results, metric, str(out / f"{metric}.png"))
         plot_relative_heatmap(a, str(out / f"{metric}_relative.png"))
         lines += ["", f"![{metric}]({metric}.png)", "", f"![{metric} relative]({metric}_relative.png)", ""]
