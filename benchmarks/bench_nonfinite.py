@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "src"), str(Path(__file__).resolve().parent)]  # this checkout's bsbr, not an installed one
 from common import environment, header, write_json  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 MODULES = ("ops.softmax", "ops.hopfield", "ops.window", "ops.linear", "ops.deltanet", "ops.gau", "models")
 
 
@@ -147,6 +147,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         old = import_old(args.old, Path(tmp))
         new = old if args.aa else {m: importlib.import_module(f"bsbr.{m}") for m in MODULES}
+        where = Path(importlib.import_module("bsbr").__file__).resolve()
+        if where.parents[1] != ROOT / "src":
+            raise SystemExit(f"imported bsbr from {where}, not from this checkout's src/")
         env = environment()
         env.update(old_commit=args.old, clock=args.clock, aa=args.aa, load_before=os.getloadavg())
         print(header(env), f"| clock {args.clock} | old {args.old}{' | A/A control' if args.aa else ''} | load "

@@ -58,15 +58,18 @@ def gather_tokens(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     return x.gather(1, index)
 
 
-def zero_padding(x: torch.Tensor, num_valid: torch.Tensor | None) -> torch.Tensor:
+def zero_padding(x: torch.Tensor, num_valid: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
     """x: [B, T, ...] left-aligned -> x with the positions after each row's ``num_valid`` real tokens set to zero
-    (x itself when no row is padded).  Padding's contents are then finite whatever the caller put there."""
+    (x itself when no row is padded).  Padding's contents are then finite whatever the caller put there.
+    ``in_place``: x is the caller's own new tensor (a gather's or an embedding's result), overwritten instead of
+    copied (autograd allows it: neither op keeps its output for backward)."""
     if num_valid is None:
         return x
     keep = torch.arange(x.shape[1], device=x.device) < num_valid[:, None]
     if bool(keep.all()):
         return x
-    return x.masked_fill(~keep.reshape(*keep.shape, *([1] * (x.dim() - 2))), 0.0)
+    pad = ~keep.reshape(*keep.shape, *([1] * (x.dim() - 2)))
+    return x.masked_fill_(pad, 0.0) if in_place else x.masked_fill(pad, 0.0)
 
 
 def scatter_tokens(y: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
@@ -119,7 +122,7 @@ class CausalAttention(nn.Module):
         x = _checks.hidden_states(hidden_states, self.hidden_dim)
         mask = _checks.attention_mask(attention_mask, tuple(x.shape[:2]))
         perm, num_valid = left_align(mask, x.shape[1])
-        x = zero_padding(gather_tokens(x, perm), num_valid)
+        x = zero_padding(gather_tokens(x, perm), num_valid, in_place=perm is not None)
         if cache is None:
             if self.impl not in IMPLS:
                 raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
@@ -152,7 +155,8 @@ class CausalAttention(nn.Module):
         x = _checks.hidden_states(hidden_states, self.hidden_dim)
         mask = _checks.attention_mask(attention_mask, tuple(x.shape[:2]))
         perm, num_valid = left_align(mask, x.shape[1])
-        maps = self._attention_weights(zero_padding(gather_tokens(x, perm), num_valid))  # aligned token order
+        x = zero_padding(gather_tokens(x, perm), num_valid, in_place=perm is not None)
+        maps = self._attention_weights(x)  # aligned token order
         if not isinstance(maps, dict):
             maps = {"total": maps}
         for key, w in maps.items():

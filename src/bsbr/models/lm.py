@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import _checks
-from ..layers.base import IMPLS, gather_tokens, left_align, scatter_tokens
+from ..layers.base import IMPLS, gather_tokens, left_align, scatter_tokens, zero_padding
 from ..layers.block import Block, make_norm
 from ..layers.cache import LayerCache
 from .config import ModelConfig
@@ -107,9 +107,8 @@ class TransformerModel(nn.Module):
         if segment:
             x = self._forward_segments(ids, segment)
         else:
-            x = self.dropout(self.embed(ids))
-            if prefix is not None and not bool(prefix.all()):  # padding's hidden states stay finite (see layers.base)
-                x = x.masked_fill(~prefix[..., None], 0.0)
+            # padding's hidden states stay finite whatever the embedding gave them (see layers.base)
+            x = zero_padding(self.dropout(self.embed(ids)), num_valid, in_place=True)
             for i, block in enumerate(self.blocks):
                 layer_cache = None if cache is None else cache.layers[i]
                 if self.gradient_checkpointing and self.training and layer_cache is None and torch.is_grad_enabled():
