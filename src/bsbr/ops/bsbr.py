@@ -254,13 +254,13 @@ def bsbr_parallel(q, k, v, r, h, chunk: int, *, scaling: float | None = None, ga
             None if pr is None else (pr[0][sl], pr[1][sl]),
             None if sr is None else (sr[0][sl], sr[1][sl]), None if gr is None else gr[sl], chunk=chunk,
             scaling=scaling, readout=readout, window=window, compress=compress, restore=restore, dropout=dropout,
-            first_chunk=first_chunk, inplace=not differentiable, retrieve=retrieve)
+            first_chunk=first_chunk, inplace=not differentiable, retrieve=retrieve, need_states=need_states)
         outs.append(o)
         zs.append(z)
         mixes.append(last)
     cat = lambda ts: torch.cat(ts) if len(ts) > 1 else ts[0]  # noqa: E731
     out = cat(outs).view(B, H, C * chunk, d)
-    z = cat(zs).view(B, Hk, C, -1)[:, :, :done] if retrieve else None
+    z = cat(zs).view(B, Hk, C, -1)[:, :, :done] if retrieve and need_states else None
     mixture = cat(mixes).view(B, H, d, d) if retrieve and L % chunk else None
     if guard is not None:
         out, z, mixture = guard.poison(out, z, mixture)

@@ -73,14 +73,14 @@ def local_attention(qc, kc, vc, scaling, dropout: float, first_chunk: int, sinks
 
 
 def chunked_rows(qc, kc, vc, r, keys, past, sinks, gate, *, chunk: int, scaling, readout: float, window, compress,
-                 restore, dropout: float, first_chunk: int, inplace: bool, retrieve: bool):
+                 restore, dropout: float, first_chunk: int, inplace: bool, retrieve: bool, need_states: bool):
     """BSBR for n independent rows: qc [n, G, C, chunk, d]; kc, vc [n, C, chunk, d]; r [n, G, C, d] meta queries;
     keys [n, done, d] meta keys of the complete chunks; ``past`` = (states [n, C0, m], keys [n, C0, d]) or None;
     ``sinks`` as in :func:`local_attention`; gate [n, G] or None; ``readout`` = scaling * norm.
 
-    Returns (out [n, G, C * chunk, d], raw states [n, C, m] of every chunk (the last, if incomplete, is never
-    retrieved), the last chunk's mixture [n, G, d, d]); both None without ``retrieve``.  ``inplace`` adds the readout
-    into SDPA's output (no autograd)."""
+    Returns (out [n, G, C * chunk, d], raw states [n, C, m] of every chunk if ``need_states`` (the last, if
+    incomplete, is never retrieved), the last chunk's mixture [n, G, d, d]); both None without ``retrieve``.
+    ``inplace`` adds the readout into SDPA's output (no autograd)."""
     n, G, C, ch, d = qc.shape
     local = local_attention(qc, kc, vc, scaling, dropout, first_chunk, sinks)
     if not retrieve:
@@ -95,7 +95,8 @@ def chunked_rows(qc, kc, vc, r, keys, past, sinks, gate, *, chunk: int, scaling,
     for rows in row_sets:
         # 1. chunk states K_j^T V_j (raw sums), stored compressed if asked: [rows, C, m]
         z = compress_states((kc[rows].transpose(-1, -2) @ vc[rows]).flatten(-2), compress)
-        states.append(z)
+        if need_states:  # else each row's states are freed before the next row's are made
+            states.append(z)
         all_z, all_h = z, keys[rows]
         if past is not None:
             all_z, all_h = torch.cat([past[0][rows], z], dim=1), torch.cat([past[1][rows], keys[rows]], dim=1)
@@ -125,7 +126,7 @@ def chunked_rows(qc, kc, vc, r, keys, past, sinks, gate, *, chunk: int, scaling,
             pieces = [torch.cat(pieces[i : i + len(groups)], dim=2) for i in range(0, len(pieces), len(groups))]
         out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
     cat = lambda ts: torch.cat(ts) if len(ts) > 1 else ts[0]  # noqa: E731
-    return out.reshape(n, G, C * ch, d), cat(states), cat(lasts)
+    return out.reshape(n, G, C * ch, d), cat(states) if need_states else None, cat(lasts)
 
 
 def _readout_into(local, qc, S, rows: slice, lo: int, hi: int, readout: float) -> None:
