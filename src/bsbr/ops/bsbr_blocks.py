@@ -369,16 +369,23 @@ def _parallel_fused(q, k, v, spec: BlockSpec, idx, ok, start: int, Ctot: int):
         kchunks, vchunks = k.reshape(B * Hk * Ctot, ch, d), v.reshape(B * Hk * Ctot, ch, d)
         g = torch.arange(G, device=dev)
         hide_sink = 0 < s < ch  # chunk 0 is a candidate and its sink tokens are counted with the sink part
-        for t0, t1 in _slabs(slots, ch, d, q.element_size()):
+        slabs = _slabs(slots, ch, d, q.element_size())
+        most = max(t1 - t0 for t0, t1 in slabs)  # gathers reuse three buffers (fresh pages per slab cost ~1 s at 32k)
+        qbuf, kbuf, vbuf = q.new_empty(most * tile, G * d), k.new_empty(most, ch * d), v.new_empty(most, ch * d)
+        qflat, kflat, vflat = qrows.reshape(-1, G * d), kchunks.reshape(-1, ch * d), vchunks.reshape(-1, ch * d)
+        for t0, t1 in slabs:
             sl, chunks = slots[t0:t1], tile_chunk[t0:t1]
             n = sl.shape[0]
-            qt = qrows[row[sl.clamp(min=0)]].reshape(1, n, tile * G, d)
+            qt = torch.index_select(qflat, 0, row[sl.clamp(min=0)].reshape(-1), out=qbuf[: n * tile])
+            qt = qt.view(1, n, tile * G, d)
+            kt = torch.index_select(kflat, 0, chunks, out=kbuf[:n]).view(1, n, ch, d)
+            vt = torch.index_select(vflat, 0, chunks, out=vbuf[:n]).view(1, n, ch, d)
             mask = None
             if hide_sink and bool((chunks % Ctot == 0).any()):
                 hidden = (chunks % Ctot == 0)[:, None] & (torch.arange(ch, device=dev) < s)
                 mask = q.new_zeros(1, n, 1, ch).masked_fill(hidden[None, :, None], float("-inf"))
                 mask = mask.expand(1, n, tile * G, ch)
-            o, lse = _flash(qt, kchunks[chunks][None], vchunks[chunks][None], scale, mask=mask)
+            o, lse = _flash(qt, kt, vt, scale, mask=mask)
             # flat (b, hk, g, t) of [B, H, Tqp] each entry adds to; empty entries go to a spare row at the end
             r = row[sl.clamp(min=0)]
             dest = ((r // Tqp)[..., None] * G + g) * Tqp + (r % Tqp)[..., None]  # [n, tile, G]
