@@ -1,6 +1,6 @@
 """Shared pieces of the experiment scripts: one training run from a spec, results saved as each run finishes.
 
-A results file ``results/<experiment>.json`` holds {"environment", "budget", "runs": {key: summary}}; it is
+A results file ``results/<experiment>.json`` holds {"environment", "budget", "runs": {key: summary}, "jobs"}; it is
 rewritten after every run, and a run whose key is already there is skipped, so an interrupted experiment
 resumes where it stopped (a key recorded with other settings stops the grid instead: run it under another --tag).
 Run from the repository root: ``PYTHONPATH=src python experiments/<script>.py``.
@@ -28,7 +28,7 @@ _spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).re
                                                "common.py")
 _bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bench)
-environment = _bench.environment  # cpu, threads, torch version, commit, date
+environment = _bench.environment  # cpu, threads, torch version, commit (+dirty and dirty_paths), date
 
 # BSBR_EXP_RESULTS redirects results (smoke tests write elsewhere than the committed ones)
 RESULTS = Path(os.environ.get("BSBR_EXP_RESULTS", Path(__file__).resolve().parent / "results"))
@@ -124,7 +124,13 @@ def run_grid(name: str, budget: dict, jobs: list[tuple[str, dict]], fn, pass_key
     Each save re-reads the file and adds this run under a lock, so two processes given disjoint cells (e.g.
     ``--models`` split between them, one thread each) can fill one results file side by side.  The file also
     records each cell's job ("jobs"); a cell whose key is there but whose job differs (another --steps, batch
-    size, curriculum...) stops the grid with the differences rather than being skipped as done."""
+    size, curriculum...) stops the grid with the differences rather than being skipped as done.
+
+    Each run records its own "environment" (machine, threads, torch, and the commit of the code this process
+    imported, taken when the grid starts; ``<sha>+dirty`` with "dirty_paths" and a printed warning when src/ or the
+    scripts had uncommitted changes).  The file-level "environment" and "budget" are the last writer's, so in a
+    file filled by several invocations only the runs' own records say which commit produced which run."""
+    started = environment()  # the code this process runs is the code imported now, whatever changes later
     for i, (key, job) in enumerate(jobs):
         done = load(name)
         if key in done["runs"]:
@@ -138,10 +144,11 @@ def run_grid(name: str, budget: dict, jobs: list[tuple[str, dict]], fn, pass_key
         print(f"[{i + 1}/{len(jobs)}] {key}", file=sys.stderr)
         t0 = time.perf_counter()
         result = fn(key=key, **job) if pass_key else fn(**job)
+        run_env = {**started, "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
         with _locked(name):
             data = load(name)
-            data["budget"], data["environment"] = budget, environment()
-            data["runs"][key] = result
+            data["budget"], data["environment"] = budget, run_env
+            data["runs"][key] = {**result, "environment": run_env}
             data.setdefault("jobs", {})[key] = _settings(job)
             save(name, data)
         print(f"[{i + 1}/{len(jobs)}] {key}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)

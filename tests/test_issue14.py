@@ -225,8 +225,48 @@ def test_run_grid_keeps_cells_another_process_saved(tmp_path, monkeypatch):
     data = exp.run_grid("grid", {"who": "this"}, [("a", {}), ("b", {}), ("c", {})], fn, pass_key=True)
     assert trained == ["a", "b"]  # c was done by the other process before this one reached it
     on_disk = json.loads((tmp_path / "grid.json").read_text())
-    assert on_disk == data and on_disk["runs"] == {"x": {"by": "other"}, "c": {"by": "other"}, "a": {"by": "this"},
-                                                   "b": {"by": "this"}}
+    assert on_disk == data
+    assert {k: r["by"] for k, r in on_disk["runs"].items()} == {"x": "other", "c": "other", "a": "this", "b": "this"}
+
+
+def test_run_grid_records_each_runs_environment(tmp_path, monkeypatch):
+    """Every run keeps the environment (commit included) of the process that trained it: the file-level one is the
+    last writer's, so a file filled by several invocations would otherwise lose which commit made which run."""
+    exp = _exp_module(tmp_path, monkeypatch)
+    monkeypatch.setattr(exp, "environment", lambda: {"threads": 1, "commit": "aaa"})
+    exp.run_grid("grid", {}, [("a", {})], lambda: {"ok": 1})
+    monkeypatch.setattr(exp, "environment", lambda: {"threads": 1, "commit": "bbb+dirty", "dirty_paths": ["src/x.py"]})
+    data = exp.run_grid("grid", {}, [("a", {}), ("b", {})], lambda: {"ok": 1})
+    assert data["runs"]["a"]["environment"]["commit"] == "aaa"
+    assert data["runs"]["b"]["environment"]["commit"] == "bbb+dirty"
+    assert data["runs"]["b"]["environment"]["dirty_paths"] == ["src/x.py"]
+    assert data["environment"]["commit"] == "bbb+dirty"  # the last writer's
+
+
+def test_code_state_names_uncommitted_source(tmp_path, capsys):
+    """A change to tracked code makes the commit "<sha>+dirty" with the paths and a warning; a changed results file
+    (an output every grid rewrites) does not."""
+    import subprocess
+
+    bench = _load_experiment("_exp.py")._bench  # benchmarks/common.py
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "m.py").write_text("x = 1\n")
+    (tmp_path / "experiments" / "results").mkdir(parents=True)
+    (tmp_path / "experiments" / "results" / "r.json").write_text("{}")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    (tmp_path / "experiments" / "results" / "r.json").write_text('{"runs": {}}')
+    clean = bench.code_state(tmp_path)
+    assert "+dirty" not in clean["commit"] and "dirty_paths" not in clean
+    (tmp_path / "src" / "m.py").write_text("x = 2\n")
+    dirty = bench.code_state(tmp_path)
+    assert dirty["commit"] == clean["commit"] + "+dirty" and dirty["dirty_paths"] == ["src/m.py"]
+    assert "src/m.py" in capsys.readouterr().err
 
 
 def test_run_grid_refuses_a_done_cell_trained_with_other_settings(tmp_path, monkeypatch):
@@ -243,7 +283,7 @@ def test_run_grid_refuses_a_done_cell_trained_with_other_settings(tmp_path, monk
     with pytest.raises(SystemExit, match=r"cell 'a', trained with other settings \(recorded -> now: "
                                          r"train_opts\.batch_size: 32 -> 128\); give this grid its own --tag"):
         exp.run_grid("grid", {}, [("a", other)], lambda **j: trained.append(j))
-    assert trained == [] and json.loads((tmp_path / "grid.json").read_text())["runs"] == {"a": {"ok": 1}}
+    assert trained == [] and json.loads((tmp_path / "grid.json").read_text())["runs"]["a"]["ok"] == 1
 
 
 def test_recall_sweep_with_evals_draws_its_curve(tmp_path, monkeypatch):
