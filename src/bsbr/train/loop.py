@@ -31,7 +31,7 @@ from ..tasks.base import derive_seed
 from .checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import _autocast, evaluate
-from .memory import PeakMemory
+from .peak_memory import PeakMemory
 
 
 @dataclass
