@@ -37,6 +37,7 @@ def load_experiment(script: str):
     try:
         spec = importlib.util.spec_from_file_location(f"exp_{script[:-3]}", ROOT / "experiments" / script)
         mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # (dataclasses look their module up there)
         spec.loader.exec_module(mod)
     finally:
         sys.path.remove(str(ROOT / "experiments"))

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from experiment_helpers import load_experiment
+from experiment_helpers import ROOT, load_experiment
 
 
 def test_report_commands_ask_for_the_earlier_task_where_runs_used_it(tmp_path):
@@ -132,3 +132,35 @@ def test_report_stage_losses_and_curves_keep_each_final_length_apart(tmp_path, m
     monkeypatch.setattr(plt, "subplots", lambda *a, **k: drawn.append(a) or subplots(*a, **k))
     assert report._curves([run(256, 0, 1.0), run(512, 0, 2.0)], "c", lambda r: "x")
     assert drawn == [(1, 2)] and (tmp_path / "c_curves.png").stat().st_size > 0
+
+
+def test_results_commit_counts_each_runs_commit_and_flags_what_is_not_pinned():
+    """A file whose runs record their own commits is pinned unless one is +dirty; an older file (one environment for
+    the file) names the last writer's commit and says the earlier runs' are not recorded; none is not pinned."""
+    index = load_experiment("_report_index.py")
+    own = {"runs": {"a": {"environment": {"commit": "aaa"}}, "b": {"environment": {"commit": "aaa"}}}}
+    assert index.results_commit(own) == ("aaa", True)
+    mixed = {"runs": {"a": {"environment": {"commit": "aaa"}}, "b": {"environment": {"commit": "bbb+dirty"}}}}
+    assert index.results_commit(mixed) == ("aaa (1 runs), bbb+dirty (1 runs)", False)
+    old = {"environment": {"commit": "ccc"}, "runs": {"a": {}, "b": {}}}
+    text, pinned = index.results_commit(old)
+    assert pinned and text.startswith("ccc (the last of 2 runs")
+    assert index.results_commit({"environment": {"commit": "ddd+dirty"}, "runs": {"a": {}}}) == ("ddd+dirty", False)
+    assert index.results_commit({"rows": []}) == ("none recorded", False)
+
+
+def test_experiments_doc_opens_with_the_results_of_record_and_their_commands():
+    """docs/experiments.md (generated) shows the index of current results, each file's command, before any section,
+    within its first 150 lines; the superseded ones are in the archive, each with a reason."""
+    index = load_experiment("_report_index.py")
+    head = (ROOT / "docs" / "experiments.md").read_text().splitlines()[:150]
+    text = "\n".join(head)
+    assert "## Results of record" in text and "### Commands of record" in text
+    for rec in index.RECORD:
+        for stem in rec.stems:
+            if rec.kind != "doc" and (ROOT / "experiments" / "results" / f"{stem}.json").exists():
+                assert f"`{stem}.json`" in text and f"- `{stem}`: `PYTHONPATH=src" in text, stem
+    archive = (ROOT / "docs" / "experiments-archive.md").read_text()
+    for stem, why in index.ARCHIVE.items():
+        if (ROOT / "experiments" / "results" / f"{stem}.json").exists():
+            assert f"`{stem}.json`" in archive and why in archive, stem
