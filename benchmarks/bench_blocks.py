@@ -16,6 +16,7 @@ Targets (issue 27): module >= 6x the SDPA module, op >= 12x SDPA causal, exponen
 decode at 1k.
 
 Run:  PYTHONPATH=src python benchmarks/bench_blocks.py          (about 5 minutes on 2 cores; --quick: T = 8,192)
+      PYTHONPATH=src python benchmarks/bench_blocks.py --select chunk --tag chunk   (one selection per chunk)
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ D, H, CHUNK, TOP_K = 512, 8, 128, 4
 TARGETS = {"module_vs_sdpa_module": 6.0, "op_vs_sdpa": 12.0, "exponent": 1.15, "decode_long_over_short": 1.5}
 
 
+SELECT = "token"  # --select: one selection per token, or per chunk (shared by the chunk's queries)
+
+
 def blocks_module() -> BSBRAttention:
     torch.manual_seed(0)
-    return BSBRAttention(D, H, CHUNK, dropout=0.0, retrieval="blocks", top_k=TOP_K, sink_tokens=CHUNK).eval()
+    return BSBRAttention(D, H, CHUNK, dropout=0.0, retrieval="blocks", top_k=TOP_K, sink_tokens=CHUNK,
+                         block_select=SELECT).eval()
 
 
 def keys_share(T: int) -> float:
@@ -56,7 +61,7 @@ def module_section(T: int, rounds: int) -> dict:
     x = torch.randn(1, T, D)
     with torch.inference_mode():
         q, k, v = blocks.qkv(x, 0)
-        spec = BlockSpec(chunk=CHUNK, top_k=TOP_K, sink=CHUNK)
+        spec = BlockSpec(chunk=CHUNK, top_k=TOP_K, sink=CHUNK, select=SELECT)
         fns = [lambda: blocks(x), lambda: standard(x), lambda: blocks_parallel(q, k, v, spec),
                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)]
         for fn in fns:  # warm-up
@@ -107,7 +112,8 @@ def markdown(res: dict) -> str:
     m, e, dcd = res["module"], res["exponent"], res["decode"]
     ok = lambda good: "met" if good else "**missed**"  # noqa: E731
     lines = [f"# Block retrieval against softmax attention\n\n{header(res['environment'])}\n",
-             f"Module and op at T = {m['T']:,} (D {D}, H {H}, chunk {CHUNK}, top_k {TOP_K}, first chunk in view; "
+             f"Module and op at T = {m['T']:,} (D {D}, H {H}, chunk {CHUNK}, top_k {TOP_K}, first chunk in view, "
+             f"one selection per {res['select']}; "
              f"each query attends {m['keys_share']:.3f} of causal attention's keys), fastest of {m['rounds']} "
              "interleaved rounds (median in brackets):\n",
              "| what | seconds | ratio | target |", "|---|---|---|---|"]
@@ -133,11 +139,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="T = 8,192 and shorter: a minute, for a first look")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tag", default="", help="results go to bench_blocks_<tag>.{json,md}")
+    p.add_argument("--select", choices=("token", "chunk"), default="token",
+                   help="block_select of the module and op: per token (the default) or per chunk")
     args = p.parse_args()
+    global SELECT
+    SELECT = args.select
     T = 8192 if args.quick else 32768
     lengths = [1024, 4096, 8192] if args.quick else [4096, 16384, 65536]
     long = 8192 if args.quick else 65536
-    res = {"environment": environment(), "targets": TARGETS}
+    res = {"environment": environment(), "targets": TARGETS, "select": SELECT}
     print(header(res["environment"]), file=sys.stderr)
     res["module"] = module_section(T, args.rounds)
     print(f"module: {res['module']['module_vs_sdpa_module']:.1f}x, op {res['module']['op_vs_sdpa']:.1f}x",

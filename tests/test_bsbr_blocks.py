@@ -23,6 +23,7 @@ SPECS = [
     BlockSpec(chunk=4, top_k=3, sink=4, select="chunk"),
     BlockSpec(chunk=4, top_k=2, sink=1, grad="straight_through"),
     BlockSpec(chunk=3, top_k=1, prev_chunk=True, select="chunk", summary="minmax", grad="straight_through"),
+    BlockSpec(chunk=4, top_k=2, sink=3, select="chunk"),  # chunk 0 a candidate: its sink hidden per head
 ]
 SHAPES = [(2, 4, 2, 23, 6), (1, 2, 2, 7, 4), (2, 3, 1, 3, 5), (1, 2, 1, 40, 6)]  # B, H, Hk, T, d
 
@@ -82,7 +83,8 @@ def test_top_k_covering_every_chunk_is_causal_softmax(G):
     q, k, v = _qkv(2, 2 * G, 2, 61, 8)
     expected = F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=True)
     for spec in (BlockSpec(chunk=7, top_k=9), BlockSpec(chunk=7, top_k=9, sink=3, prev_chunk=True),
-                 BlockSpec(chunk=7, top_k=8, sink=7, summary="minmax", grad="straight_through")):
+                 BlockSpec(chunk=7, top_k=8, sink=7, summary="minmax", grad="straight_through"),
+                 BlockSpec(chunk=7, top_k=9, sink=2, select="chunk")):
         assert_close(f"{spec} reference", blocks_reference(q, k, v, spec), expected, rel_tol=1e-10)
         assert_close(f"{spec} parallel", blocks_parallel(q, k, v, spec)[0], expected, rel_tol=1e-10)
         with torch.no_grad():
@@ -98,11 +100,11 @@ def test_selection_is_a_choice_top_k_1_misses_what_top_k_all_sees():
     assert_close("first two chunks", out[:, :, :8], full[:, :, :8])  # chunk 1 sees chunk 0, the only candidate
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_causality_is_bitwise_in_both_parallel_paths(fused):
+@pytest.mark.parametrize(("fused", "select"), [(False, "token"), (True, "token"), (False, "chunk"), (True, "chunk")])
+def test_causality_is_bitwise_in_every_parallel_path(fused, select):
     """Changing token t changes no earlier output, bit for bit, although the tiles of queries that read each chunk
-    are laid out from every query's selection."""
-    spec = BlockSpec(chunk=4, top_k=2, sink=2)
+    are laid out from every query's selection (and with select="chunk" each query chunk's block is gathered)."""
+    spec = BlockSpec(chunk=4, top_k=2, sink=2, select=select)
     q, k, v = _qkv(2, 4, 2, 64, 8)
     with torch.set_grad_enabled(not fused):
         base = blocks_parallel(*(t.requires_grad_(not fused) for t in (q, k, v)), spec)[0]
@@ -130,6 +132,30 @@ def test_non_finite_values_stay_where_they_are(spec):
         for name, out in forms.items():
             assert torch.isfinite(out[:, :, :p]).all(), f"{name}: NaN in {'qkv'[which]} at {p} leaked backwards"
             assert_close(f"{name} before the NaN", out[:, :, :p], clean[:, :, :p])
+
+
+def test_chunk_selection_takes_the_gathered_block_path(monkeypatch):
+    """select="chunk" runs one fused SDPA call per slab of query chunks, with and without autograd, and steps
+    aside for non-finite values and for a straight-through term that needs a gradient."""
+    import bsbr.ops.bsbr_blocks as ops
+
+    calls = []
+    real = ops._parallel_chunkwise
+    monkeypatch.setattr(ops, "_parallel_chunkwise", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = _qkv(1, 4, 2, 30, 6, grad=True)
+    spec = BlockSpec(chunk=4, top_k=2, sink=3, select="chunk")
+    ref = blocks_reference(q, k, v, spec)
+    assert_close("chunkwise", blocks_parallel(q, k, v, spec)[0], ref)
+    assert len(calls) == 1
+    blocks_parallel(q, k, v, BlockSpec(chunk=4, top_k=2, select="chunk", grad="straight_through"))
+    assert len(calls) == 1  # the straight-through term needs the explicit path's gradient
+    bad = [t.detach().clone() for t in (q, k, v)]
+    bad[1][:, :, 20] = float("nan")
+    out = blocks_parallel(*bad, spec)[0]
+    assert len(calls) == 1 and torch.isfinite(out[:, :, :20]).all()
+    with torch.no_grad():  # many slabs: a small block bound splits the query chunks
+        monkeypatch.setattr(ops, "_BLOCK_BYTES", 1)
+        assert_close("chunkwise, one chunk per slab", blocks_parallel(q, k, v, spec)[0], ref)
 
 
 def test_straight_through_changes_gradients_not_outputs():

@@ -18,7 +18,7 @@ from bsbr.evals.noise import FLOOR_LIMIT, WAIT_LIMIT, NoisyTimingWarning, Probe,
 from bsbr.evals.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ROOT / "docs" / "results" / "compare" / "results.json"
+COMMITTED = ROOT / "tests" / "data" / "compare-schema0" / "results.json"  # the default run as committed before schema 1
 
 
 # --- interleaved rounds ------------------------------------------------------------------------------------------
@@ -167,6 +167,19 @@ def test_scaling_analysis_keeps_the_repeats_waits_and_noise_record():
             assert len(reps) == len(row["time_waits"][j]) == 3
             assert row["time_min"][j] == min(reps) <= row["time_spread"][j][0] <= row["time"][j] == sorted(reps)[1]
             assert row["time_spread"][j][1] <= max(reps)
+
+
+def test_the_control_is_standard_at_the_middle_length_when_measured():
+    """A model whose time depends on its place in the round would read as machine noise; Standard is the
+    steadiest cell (docs/harness.md), so it is the control whenever it is measured."""
+    from bsbr.evals.compare import _control_cell
+
+    fns = {(m, T): None for m in ("BSBR", "Linear", "Standard") for T in (64, 128, 256)}
+    assert _control_cell(["BSBR", "Linear", "Standard"], [64, 128, 256], fns) == ("Standard", 128)
+    fns.pop(("Standard", 128))  # failed at that length: the first model there
+    assert _control_cell(["BSBR", "Linear", "Standard"], [64, 128, 256], fns) == ("BSBR", 128)
+    assert _control_cell(["Linear"], [64, 128], {("Linear", 64): None}) == ("Linear", 64)
+    assert _control_cell(["Linear"], [64], {}) is None
 
 
 # --- old files, report, plots --------------------------------------------------------------------------------------

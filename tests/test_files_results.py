@@ -36,13 +36,16 @@ SMALL_RESULTS = {
                  "inference_time_repeats": [[0.0009, 0.001, 0.0011], [0.0029, 0.003, 0.0031], [0.009]],
                  "parameters": 1200, "errors": {"256": "out of memory"}},
 }
-COMMITTED = [ROOT / "docs/results/compare/results.json", ROOT / "docs/results/compare-accuracy/results.json"]
+# runs committed before the schema field (the default run as it was, kept as a test file), and runs of schema 2
+COMMITTED = [ROOT / "tests/data/compare-schema0/results.json", ROOT / "docs/results/compare-accuracy/results.json",
+             ROOT / "docs/results/compare/results.json", ROOT / "docs/results/compare-hog/results.json"]
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.parent.name)
-def test_committed_results_from_before_the_schema_field_still_load(path):
+def test_committed_results_load_and_analyse(path):
     results = load_results(path)
-    assert "schema" not in results and results["models"] and load_results(path.parent) == results
+    assert results.get("schema", 0) in (0, RESULTS_SCHEMA) and results["models"]
+    assert load_results(path.parent) == results
     for metric in results["metrics"]:
         analyze_results(results, metric)
 

@@ -71,7 +71,9 @@ def test_bsbr_options_and_row_groups(options):
 
 
 @pytest.mark.parametrize("options", [{"prev_chunk": True, "sink_tokens": 16, "block_summary": "minmax"},
-                                     {"top_k": 40}, {"retrieval": "none", "sink_tokens": 3}], ids=str)
+                                     {"top_k": 40}, {"retrieval": "none", "sink_tokens": 3},
+                                     {"block_select": "chunk", "prev_chunk": True},
+                                     {"block_select": "chunk", "sink_tokens": 16, "top_k": 40}], ids=str)
 def test_bsbr_blocks_options(options):
     """Every pair counted: with top_k above the number of chunks nothing is padded beyond the tiles' own."""
     from bsbr.ops.bsbr_blocks import _tile
@@ -79,6 +81,9 @@ def test_bsbr_blocks_options(options):
     for T in (40, 300):
         model = small("BSBRBlocks", **options)
         a = analytic_flops(model, T, batch_size=2)["total"]
+        if options.get("block_select") == "chunk":  # one gathered block per query chunk: no tiles, exact
+            assert a == counted(model, T)
+            continue
         padding = 2 * 2 * 2 * (T // 16) * (_tile(16) - 1) * 4 * 16 * 32
         assert a <= counted(model, T) <= a + padding
 

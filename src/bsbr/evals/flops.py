@@ -126,7 +126,8 @@ def _bsbr(a, T):
 
 
 def _bsbr_blocks(a, T):
-    """Block retrieval (``retrieval="blocks"`` or ``"none"``): the exact pairs its parallel form computes.  The
+    """Block retrieval (``retrieval="blocks"`` or ``"none"``): the exact pairs its parallel form computes (with
+    ``block_select="chunk"`` and no straight-through term: the gathered blocks, empty slots included).  The
     selected chunks run in tiles of queries that read one chunk, padded to whole tiles: that padding depends on the
     selection (the data) and is not counted, so FlopCounterMode counts at least this and at most a tile of padding
     per (row, key/value head, chunk) more (tests/test_flops.py)."""
@@ -136,6 +137,15 @@ def _bsbr_blocks(a, T):
     s = a.sink_tokens
     S = 2 * d if a.block_summary == "minmax" else d
     top_k = a.top_k if a.retrieval == "blocks" else 0
+    if a.block_select == "chunk" and a.selection_grad == "none":
+        # one gathered block per query chunk (bsbr.ops.bsbr_blocks._parallel_chunkwise): [chunk 0 if sink |
+        # previous | K = min(top_k, Cc) slots, filled or not | own], every row against all of it; scores by the
+        # chunks' first rows only
+        m = (1 if s else 0) + (1 if a.prev_chunk else 0) + min(top_k, Cc) + 1
+        return {"projections": _projections(D, T),
+                "selection": (H * 2 * Cq * Cc * S) if top_k and Cc else 0,
+                "local": H * 4 * Tp * (m - min(top_k, Cc)) * ch * d,  # own chunk and chunks in view
+                "selected": H * 4 * Tp * min(top_k, Cc) * ch * d}
     pairs = 0
     for c in range(1, Cq):  # chunk c's queries choose among chunks j < c less those always in view
         cand = c - (1 if a.prev_chunk else 0) - (1 if s >= ch and not (a.prev_chunk and c == 1) else 0)

@@ -206,6 +206,18 @@ def widest_cells(results: dict, key: str, n: int = 3) -> list[list]:
     return [[name, T] for _, name, T in sorted(spread, reverse=True)[:n]]
 
 
+def describe_control(noise: dict, digits: int = 2) -> str | None:
+    """The A/A control in one phrase (its cell, the ratio of its two timings per round, the noise floor), or None
+    where the record has none; ``digits`` decimals for the ratios (the floor, a percentage, gets two fewer)."""
+    c = noise.get("control")
+    if not (c and c.get("ratios")):
+        return None
+    floor = noise.get("noise_floor")
+    return (f"A/A control ({c['model']} at {c['seq_length']}, timed twice per round): ratios "
+            + ", ".join(f"{r:.{digits}f}" for r in c["ratios"])
+            + (f" -> noise floor {floor:.{max(digits - 2, 0)}%}" if floor is not None else ""))
+
+
 def noise_warning(results: dict) -> str | None:
     """The text ``bsbr compare`` / ``bsbr scaling`` print (and compare_models warns) for a noisy run, else None."""
     noise = results.get("noise")
@@ -222,12 +234,9 @@ def noise_warning(results: dict) -> str | None:
         if widest:
             lines.append("  no cell waited measurably for a CPU; the repeats that disagree most: "
                          + ", ".join(cell_label(results, name, T, key) for name, T in widest))
-    c = noise.get("control")
-    if c and c.get("ratios"):
-        floor = noise.get("noise_floor")
-        lines.append(f"  A/A control ({c['model']} at {c['seq_length']}, timed twice per round): ratios "
-                     + ", ".join(f"{r:.2f}" for r in c["ratios"])
-                     + (f" -> noise floor {floor:.0%}" if floor is not None else ""))
+    control = describe_control(noise)
+    if control:
+        lines.append("  " + control)
     todo = []
     n = suggested_threads(noise)
     if n is not None:

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from .analysis import TIMED, analyze_results
-from .noise import WAIT_LIMIT, noise_warning
+from .noise import WAIT_LIMIT, describe_control, noise_warning
 from .results import METRIC_UNITS, validate_results
 
 
@@ -73,12 +73,9 @@ def _noise_line(results: dict) -> list[str]:
     if noise.get("loadavg_before"):
         parts.append(f"1-min load average {noise['loadavg_before'][0]} before, "
                      f"{(noise.get('loadavg_after') or ['?'])[0]} after")
-    c = noise.get("control")
-    if c and c.get("ratios"):
-        floor = noise.get("noise_floor")
-        parts.append(f"A/A control {c['model']} at {c['seq_length']} timed twice per round: ratios "
-                     + ", ".join(f"{r:.3f}" for r in c["ratios"])
-                     + (f", noise floor {floor:.1%}" if floor is not None else ""))
+    control = describe_control(noise, digits=3)
+    if control:
+        parts.append(control)
     verdict = "noisy" if noise.get("noisy") else "quiet"
     return [f"Noise ({noise.get('method')}): " + "; ".join(parts) + f". Verdict: {verdict}.", ""]
 
