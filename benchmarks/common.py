@@ -6,6 +6,7 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,6 +19,34 @@ from bsbr.evals.analysis import fit_power_law
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+# The code a number depends on: a tracked change under these paths makes a result unpinned.  Results files,
+# docs and figures are outputs: writing them (as every grid does after each cell) does not unpin the code.
+CODE_PATHS = ("src", "experiments/*.py", "benchmarks/*.py", "pyproject.toml")
+
+
+def code_state(root: Path | None = None) -> dict:
+    """{"commit": short sha} when the code (``CODE_PATHS``) matches the commit, else
+    {"commit": "<sha>+dirty", "dirty_paths": [the changed files]}; "unknown" outside a git checkout.
+
+    A dirty state is also printed to stderr, since a result recorded with it cannot be reproduced from the commit."""
+    root = root or Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, check=False).stdout
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)
+    except OSError:
+        return {"commit": "unknown"}
+    paths = sorted(line[3:] for line in changed.splitlines() if line.strip())  # "XY path"
+    if not paths:
+        return {"commit": commit}
+    print(f"warning: uncommitted changes to {', '.join(paths)}: results will record commit {commit}+dirty and "
+          "cannot be reproduced from it; commit first to pin them", file=sys.stderr)
+    return {"commit": f"{commit}+dirty", "dirty_paths": paths}
+
+
 def environment() -> dict:
     """What the numbers were measured on: recorded beside every result."""
     cpu = platform.processor() or platform.machine()
@@ -28,16 +57,9 @@ def environment() -> dict:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=False).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
-        commit += "+dirty" if dirty else ""
-    except OSError:
-        commit = "unknown"
+    state = code_state()
     return {"cpu": cpu, "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "device": "cpu", "commit": commit,
+            "python": platform.python_version(), "device": "cpu", **state,
             "date": datetime.now(UTC).isoformat(timespec="seconds")}
 
 

@@ -1,6 +1,6 @@
 """Shared pieces of the experiment scripts: one training run from a spec, results saved as each run finishes.
 
-A results file ``results/<experiment>.json`` holds {"environment", "budget", "runs": {key: summary}}; it is
+A results file ``results/<experiment>.json`` holds {"environment", "budget", "runs": {key: summary}, "jobs"}; it is
 rewritten after every run, and a run whose key is already there is skipped, so an interrupted experiment
 resumes where it stopped (a key recorded with other settings stops the grid instead: run it under another --tag).
 Run from the repository root: ``PYTHONPATH=src python experiments/<script>.py``.
@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,12 +24,13 @@ from bsbr._files import json_differences
 from bsbr.models import build_model
 from bsbr.tasks import curriculum, get_task
 from bsbr.train import TrainConfig, evaluate, train
+from bsbr.utils.cells import run_cells
 
 _spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).resolve().parents[1] / "benchmarks" /
                                                "common.py")
 _bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_bench)
-environment = _bench.environment  # cpu, threads, torch version, commit, date
+environment = _bench.environment  # cpu, threads, torch version, commit (+dirty and dirty_paths), date
 
 # BSBR_EXP_RESULTS redirects results (smoke tests write elsewhere than the committed ones)
 RESULTS = Path(os.environ.get("BSBR_EXP_RESULTS", Path(__file__).resolve().parent / "results"))
@@ -119,33 +121,56 @@ def _row_tokens(task, steps: int) -> int:
 
 def run_grid(name: str, budget: dict, jobs: list[tuple[str, dict]], fn, pass_key: bool = False) -> dict:
     """Run ``fn(**job)`` (``fn(key=key, **job)`` with ``pass_key``) for every (key, job) not yet in
-    results/<name>.json, saving after each.
+    results/<name>.json, saving after each (the loop is :func:`bsbr.utils.cells.run_cells`, the one
+    ExperimentRunner uses; the store is the results file, :class:`ResultsFile`).
 
     Each save re-reads the file and adds this run under a lock, so two processes given disjoint cells (e.g.
     ``--models`` split between them, one thread each) can fill one results file side by side.  The file also
     records each cell's job ("jobs"); a cell whose key is there but whose job differs (another --steps, batch
-    size, curriculum...) stops the grid with the differences rather than being skipped as done."""
-    for i, (key, job) in enumerate(jobs):
-        done = load(name)
-        if key in done["runs"]:
-            earlier = done.get("jobs", {}).get(key)  # files written before 2026-12-04 do not record it
-            if earlier is not None and (diff := json_differences(earlier, _settings(job))):
-                raise SystemExit(f"results/{name}.json already holds cell {key!r}, trained with other settings "
-                                 f"(recorded -> now: {'; '.join(diff)}); give this grid its own --tag rather than "
-                                 f"skipping the cell as done")
-            print(f"[{i + 1}/{len(jobs)}] {key}: done earlier, skipped", file=sys.stderr)
-            continue
-        print(f"[{i + 1}/{len(jobs)}] {key}", file=sys.stderr)
-        t0 = time.perf_counter()
-        result = fn(key=key, **job) if pass_key else fn(**job)
-        with _locked(name):
-            data = load(name)
-            data["budget"], data["environment"] = budget, environment()
-            data["runs"][key] = result
-            data.setdefault("jobs", {})[key] = _settings(job)
-            save(name, data)
-        print(f"[{i + 1}/{len(jobs)}] {key}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    size, curriculum...) stops the grid with the differences rather than being skipped as done.
+
+    Each run records its own "environment" (machine, threads, torch, and the commit of the code this process
+    imported, taken when the grid starts; ``<sha>+dirty`` with "dirty_paths" and a printed warning when src/ or the
+    scripts had uncommitted changes).  The file-level "environment" and "budget" are the last writer's, so in a
+    file filled by several invocations only the runs' own records say which commit produced which run."""
+    store = ResultsFile(name, budget, dict(jobs), environment())  # the code this process runs is imported now
+
+    def announce(i: int, key: str, what) -> None:
+        note = f": {what:.0f} s" if isinstance(what, float) else {"skipped": ": done earlier, skipped"}.get(what, "")
+        print(f"[{i + 1}/{len(jobs)}] {key}{note}", file=sys.stderr)
+
+    run_cells([(key, partial(fn, key=key, **job) if pass_key else partial(fn, **job)) for key, job in jobs], store,
+              announce)
     return load(name)
+
+
+class ResultsFile:
+    """results/<name>.json as a cell store for :func:`bsbr.utils.cells.run_cells`: a cell is finished when its key
+    is in "runs" (recorded with the same job: another job stops the grid); saving adds the run, its job and its
+    environment under a lock, re-reading the file first so that another process's cells are kept."""
+
+    def __init__(self, name: str, budget: dict, jobs: dict[str, dict], started: dict):
+        self.name, self.budget, self.jobs, self.started = name, budget, jobs, started
+
+    def finished(self, key: str) -> dict | None:
+        done = load(self.name)
+        if key not in done["runs"]:
+            return None
+        earlier = done.get("jobs", {}).get(key)  # files written before 2026-12-04 do not record it
+        if earlier is not None and (diff := json_differences(earlier, _settings(self.jobs[key]))):
+            raise SystemExit(f"results/{self.name}.json already holds cell {key!r}, trained with other settings "
+                             f"(recorded -> now: {'; '.join(diff)}); give this grid its own --tag rather than "
+                             f"skipping the cell as done")
+        return done["runs"][key]
+
+    def save(self, key: str, result: dict) -> None:
+        run_env = {**self.started, "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
+        with _locked(self.name):
+            data = load(self.name)
+            data["budget"], data["environment"] = self.budget, run_env
+            data["runs"][key] = {**result, "environment": run_env}
+            data.setdefault("jobs", {})[key] = _settings(self.jobs[key])
+            save(self.name, data)
 
 
 def _settings(job: dict) -> dict:

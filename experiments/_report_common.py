@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from _report_index import results_commit  # noqa: E402
 
 from bsbr.models import list_models  # noqa: E402
 
@@ -28,9 +29,11 @@ def load(name: str) -> dict | None:
 
 
 def env(data: dict) -> str:
+    """Where and at which commit(s) a results file was measured (the last writer's machine and date)."""
     e = data.get("environment", {})
+    commit, pinned = results_commit(data)
     return (f"Measured on {e.get('cpu', '?')}, {e.get('threads', '?')} torch thread(s), torch {e.get('torch', '?')}, "
-            f"commit {e.get('commit', '?')}, {e.get('date', '?')}.")
+            f"commit {commit}{'' if pinned else ' (not pinned: see the index)'}, {e.get('date', '?')}.")
 
 
 def table(header: list[str], rows: list[list]) -> str:

@@ -1,4 +1,4 @@
-"""Section 1b of docs/experiments.md, MQAR with a curriculum (issue 14): one section per results file
+"""The MQAR-with-a-curriculum sections of docs/experiments.md (formerly section 1b): one section per results file
 ``recall_curriculum*.json`` with its table (mean ± half-range over seeds, or one row per run), the commands that
 reproduce it, bar and curve figures, the loss at the end of each curriculum stage and the breakdowns."""
 
@@ -228,7 +228,7 @@ def recall_curriculum(lines: list[str], name: str) -> None:
               "No curriculum stage (every stage length is at least the final T): the final T throughout")
     answers = ("each answer also written into the input after its query (the task before 2026-12-04)"
                if answers_flag(runs) else "answers as labels only")
-    lines += [f"## 1b. MQAR with a curriculum{f' ({tag})' if tag else ''}", "",
+    lines += [f"## MQAR with a curriculum{f' ({tag})' if tag else ''}", "",
               f"{stages}; {b['steps']} steps in all of batch "
               f"{b['batch_size']}, "
               f"warmup {b['warmup']}, cosine decay, AdamW (weight decay 0.1), vocabulary {b['vocab_size']}, {filler}, "

@@ -2,15 +2,18 @@
 
     PYTHONPATH=src python experiments/report.py
 
-Sections 1, 2-3, 4, 5 and 6 are here; section 1b (MQAR with a curriculum) is in _report_mqar.py, and what the
-sections share (paths, tables, colours, the MQAR breakdowns) in _report_common.py.
+docs/experiments.md opens with the results of record (the index, built from _report_index.py's RECORD) and
+docs/experiments-archive.md holds the superseded budgets and probes (its ARCHIVE, one line each on why).  The
+sections of most kinds are here; MQAR with a curriculum is in _report_mqar.py, and what the sections share
+(paths, tables, colours, the MQAR breakdowns) in _report_common.py.
 """
 
 from __future__ import annotations
 
-import json
+import re
 
 import _report_common as common
+import _report_index as index
 import matplotlib.pyplot as plt
 import numpy as np
 from _report_common import RUN, MiB, answers_flag, breakdowns, env, model_color, table
@@ -34,7 +37,7 @@ def recall(lines: list[str], name: str = "recall_vs_length") -> None:
     gau = (f" GAU's Q/K scales initialised with std {gau_init:g} (qk_scale_init; the layer's default is 0.02)."
            if gau_init is not None else "")
     gau_flag = f" --gau-qk-scale-init {gau_init:g}" if gau_init is not None else ""
-    lines += [f"## 1. Associative recall (MQAR) vs sequence length{f' ({tag})' if tag else ''}", "",
+    lines += [f"## MQAR vs sequence length{f' ({tag})' if tag else ''}", "",
               f"Budget: {b['steps']} steps of batch {b['batch_size']}, vocabulary {b['vocab_size']}, "
               f"num_kv_pairs = T/16, hidden 128, 2 layers, 4 heads, BSBR chunk {b['chunk_size']}, learning rates "
               f"{b['lrs']} (best valid accuracy kept), seed {b['seed']}. Test-split accuracy on the scored values "
@@ -95,7 +98,7 @@ def convergence(lines: list[str], name: str = "convergence_prose") -> None:
     runs = list(data["runs"].values())
     corpus = b["corpus"]
     tag = f" --tag {b['tag']}" if b.get("tag") else ""
-    lines += [f"## 2-3. Convergence and perplexity (byte-level LM, {corpus} corpus, T = {b['lengths']})", "",
+    lines += [f"## Convergence and perplexity (byte-level LM, {corpus} corpus, T = {b['lengths']})", "",
               f"Budget: {b['steps']} steps of batch {b['batch_size']} at T = {b['lengths']}, lr {b['lr']:g} "
               f"(warmup {max(1, b['steps'] // 10)}, cosine), hidden 128, 2 layers, 4 heads, BSBR chunk "
               f"{b['chunk_size']}, seed {b['seed']}; valid loss every {b['eval_every']} steps on 4 batches; the final "
@@ -141,7 +144,7 @@ def ablations(lines: list[str], task: str = "mqar") -> None:
     if not data:
         return
     b = data["budget"]
-    lines += [f"## 4. BSBR ablations: chunk size and compression factor ({task}, T = {b['seq_len']})", "",
+    lines += [f"## BSBR ablations: chunk size and compression factor ({task}, T = {b['seq_len']})", "",
               f"Budget per variant: {b['steps']} steps of batch {b['batch_size']}, lr {b['lr']:g}, "
               f"hidden 128, 2 layers, seed {b['seed']}. Inference columns: one [1, {b['speed_len']}] forward "
               f"pass of the trained model (median of 3) and the streaming cache's bytes after "
@@ -168,7 +171,7 @@ def long_document(lines: list[str]) -> None:
     if not data:
         return
     b = data["budget"]
-    lines += ["## 5. Long document: streaming a trained BSBR model through its cache", "",
+    lines += ["## Long document: streaming a trained BSBR model through its cache", "",
               f"Newest run: {env(data)}", ""]
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for r in data["runs"].values():
@@ -217,7 +220,7 @@ def passkey_depth(lines: list[str], name: str) -> None:
     train_min = sum(r["seconds"] for r in runs.values()) / 60
     test_min = sum(r["test_grid_seconds"] for r in runs.values()) / 60
     stages = " ".join(map(str, b["stage_lengths"]))
-    lines += [f"## 6. Passkey retrieval by depth and length{f' ({tag})' if tag else ''}", "",
+    lines += [f"## Passkey retrieval by depth and length{f' ({tag})' if tag else ''}", "",
               f"Each model (hidden {b['hidden']}, {b['layers']} layers, {b['heads']} heads, BSBR chunk "
               f"{b['chunk_size']}, GAU qk_scale_init {b.get('gau_qk_scale_init')}) trained {b['steps']} steps of "
               f"batch {b['batch_size']} at lr {b['lr']:g} on byte-level passkey rows with the needle at a random "
@@ -275,59 +278,144 @@ def passkey_depth(lines: list[str], name: str) -> None:
     lines += [f"![passkey accuracy by depth and length](figures/{name}.png)", ""]
 
 
-def _all_runs() -> list[dict]:
-    # (convert_*.json are written by experiments/convert.py in another layout, reported in docs/convert.md)
-    return [r for path in sorted(common.RESULTS.glob("*.json"))
-            for r in json.loads(path.read_text()).get("runs", {}).values()]
+def _ablations_file(lines: list[str], name: str) -> None:
+    ablations(lines, name.removeprefix("ablations_"))
+
+
+# One function per kind of results file: each appends the section of one file (its table, figure and command).
+SECTIONS = {"recall": recall, "curriculum": recall_curriculum, "convergence": convergence,
+            "ablations": _ablations_file, "long_document": lambda lines, name: long_document(lines),
+            "passkey": passkey_depth}
+_KIND_OF_PREFIX = {"recall_vs_length": "recall", "recall_curriculum": "curriculum", "convergence_": "convergence",
+                   "ablations_": "ablations", "long_document": "long_document", "passkey_depth": "passkey"}
+_COMMAND = re.compile(r"`(PYTHONPATH=src[^`]*)`")
+
+
+def _kind(stem: str) -> str | None:
+    """The section kind of a results file not in the index (None: a file with no section, such as gau_rows_*)."""
+    return next((kind for prefix, kind in _KIND_OF_PREFIX.items() if stem.startswith(prefix)), None)
+
+
+def _section(stem: str, kind: str | None) -> list[str]:
+    """The section of results/<stem>.json, headed by an anchor named after the stem (the index links to it)."""
+    body: list[str] = []
+    if kind in SECTIONS:
+        SECTIONS[kind](body, stem)
+    if not body:
+        return []
+    return [f'<a id="{stem}"></a>', "", body[0], "", f"Results file: `experiments/results/{stem}.json`.", *body[1:]]
+
+
+def _unpinned(everything: dict[str, dict]) -> list[str]:
+    rows = []
+    for stem, data in everything.items():
+        commit, pinned = index.results_commit(data)
+        if not pinned:
+            where = ("of record" if any(stem in r.stems for r in index.RECORD) else
+                     "archived" if stem in index.ARCHIVE else "not classified")
+            rows.append([f"`{stem}.json`", where, commit])
+    if not rows:
+        return []
+    return ["### Results files that cannot be pinned to a commit", "",
+            "Their code is not pinned: a commit marked `+dirty` was taken with uncommitted changes, and a file with "
+            "no environment records no commit at all. Until 2026-12-06 `+dirty` also followed from an uncommitted "
+            "results file (every grid rewrites its own after each run), so for these files it may mean only that; "
+            "which it was is not recorded. Rerunning a file's command at a clean commit pins it (runs now record "
+            "their own commit, and `+dirty` only for changes to src/, the scripts or pyproject.toml, with the paths "
+            "in `dirty_paths`).", "",
+            table(["results file", "status", "commit recorded"], rows), ""]
+
+
+def _index(record_sections: dict[str, list[str]], everything: dict[str, dict]) -> list[str]:
+    rows, commands = [], []
+    for rec in index.RECORD:
+        for stem in rec.stems:
+            data = everything.get(stem)
+            if data is None:
+                continue
+            commit, pinned = index.results_commit(data)
+            where = f"[docs/{rec.doc}]({rec.doc})" if rec.kind == "doc" else f"[below](#{stem})"
+            result = (f"reported in [docs/{rec.doc}]({rec.doc})" if rec.kind == "doc"
+                      else index.headline(rec.kind, data))
+            rows.append([rec.claim if stem == rec.stems[0] else "″", result, where,
+                         f"`experiments/{rec.script}`", f"`{stem}.json`", commit + ("" if pinned else " (not pinned)")])
+            for cmd in _COMMAND.findall("\n".join(record_sections.get(stem, []))):
+                commands.append(f"- `{stem}`: `{cmd}`")
+    return ["## Results of record", "",
+            "One row per results file that holds a current result: the question, the result (the file's numbers, "
+            "rounded as its section rounds them), its section, the script and file, and the commit that produced "
+            "it. Everything superseded (earlier budgets, probes, the MQAR task before 2026-12-04) is in "
+            "[experiments-archive.md](experiments-archive.md), one line each on why.", "",
+            table(["claim", "current result", "section", "script", "results file", "commit"], rows), "",
+            "### Commands of record", "",
+            "Each reproduces its results file; with the file in place a command trains only the cells that are "
+            "missing:", "", *commands, "",
+            f"The conversion commands are in [docs/convert.md](convert.md). {NOTES_GUIDE}", ""]
+
+
+NOTES_GUIDE = ("The notes written by hand at the end of the page name sections by their former numbers: 1 = MQAR "
+               "vs sequence length, 1b = MQAR with a curriculum, 2-3 = convergence and perplexity, 4 = BSBR "
+               "ablations, 5 = long document, 6 = passkey by depth and length.")
 
 
 def main() -> None:
     common.FIGS.mkdir(parents=True, exist_ok=True)
-    runs = _all_runs()
+    everything = index.load_all(common.RESULTS)
+    runs = [r for data in everything.values() if isinstance(data.get("runs"), dict) for r in data["runs"].values()]
     minutes = sum(r.get("seconds", 0.0) for r in runs) / 60
-    def tagged_minutes(pattern):
-        return sum(r.get("seconds", 0.0) for path in common.RESULTS.glob(pattern)
-                   for r in json.loads(path.read_text())["runs"].values()) / 60
-
-    probes, recipes = tagged_minutes("recall_vs_length_*.json"), tagged_minutes("recall_curriculum_*.json")
+    of_record = [stem for rec in index.RECORD for stem in rec.stems]
+    record_sections = {stem: _section(stem, rec.kind) for rec in index.RECORD for stem in rec.stems
+                       if stem in everything and rec.kind != "doc"}
+    unclassified = [s for s in everything if s not in of_record and s not in index.ARCHIVE]
+    other = [f"- `{stem}.json` ({index.results_commit(everything[stem])[0]})" for stem in unclassified]
+    if other:
+        other += [""] + [line for stem in unclassified for line in _section(stem, _kind(stem))]
     lines = ["# Quality experiments", "",
-             "Generated by `PYTHONPATH=src python experiments/report.py` from `experiments/results/*.json`; every "
+             "Generated by `PYTHONPATH=src python experiments/report.py` from `experiments/results/*.json` (which "
+             "results are of record, and why the others were superseded: `experiments/_report_index.py`); every "
              "number below was measured by the command given with it, on this repository's 2-core CPU machine "
-             "shared with other jobs (timings are wall-clock with one torch thread; most runs shared the 2 cores "
-             f"with one other run). The {len(runs)} training runs recorded here took {minutes:.0f} minutes of "
-             "training in all (the sum of their train s columns, evaluation not included; about half that in "
-             "wall-clock when two single-thread runs share the cores). The MQAR sections with a tag in their "
-             f"title are other budgets and probes run to find where recall starts to be learnt: {probes:.0f} "
-             f"minutes in section 1 and {recipes:.0f} in section 1b. Most runs are a few hundred to a few "
-             "thousand steps: read them as what that buys, not as converged results.", "",
+             f"shared with other jobs (wall-clock timings, one torch thread a run). The {len(runs)} training runs "
+             f"in experiments/results/ took {minutes:.0f} CPU minutes of training in all; most are a few thousand "
+             "steps: read them as what that buys, not as converged results.", ""]
+    lines += _index(record_sections, everything)
+    lines += _unpinned(everything)
+    for stem in of_record:
+        lines += record_sections.get(stem, [])
+    if other:
+        lines += ["## Results not yet classified", "",
+                  "Files in experiments/results/ that `experiments/_report_index.py` lists neither as of record nor "
+                  "as archived.", "", *other]
+    notes = common.ROOT / "experiments" / "NOTES.md"
+    if notes.exists():
+        lines += ["# Notes written by hand", "", "What the numbers above say, dated, from experiments/NOTES.md.", "",
+                  notes.read_text()]
+    (common.DOCS / "experiments.md").write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {common.DOCS / 'experiments.md'}")
+    archive(everything)
+
+
+def archive(everything: dict[str, dict]) -> None:
+    """docs/experiments-archive.md: the superseded budgets and probes, each with why, then their sections."""
+    stems = [s for s in index.ARCHIVE if s in everything]
+    rows = [[f"[`{s}.json`](#{s})" if _kind(s) else f"`{s}.json`", index.ARCHIVE[s],
+             index.results_commit(everything[s])[0]] for s in stems]
+    lines = ["# Quality experiments: archive", "",
+             "Generated by `PYTHONPATH=src python experiments/report.py` with docs/experiments.md. The budgets and "
+             "probes that a later result superseded, kept with their commands so that every number stays "
+             "reproducible. The current results are in [experiments.md](experiments.md).", "",
              "**MQAR changed on 2026-12-04.** Until then this library's MQAR also wrote each answer into the input "
              "after its query, so a model could answer a query with \"a pair value not yet given as an answer\" "
              "without looking the key up (1/remaining per query, H_N / N over a row); see the notes at the end. "
-             "Every MQAR run recorded before that date (section 4, and the sections 1 and 1b whose text says "
-             "that each answer is also written into the input) used that task, and its command carries "
-             "`--answers-in-input`; the others (section 1 small_labels_only, the 1b grid and its labels_only "
-             "probes) use today's task, answers as labels only, as in Zoology.",
-             ""]
-    for path in sorted(common.RESULTS.glob("recall_vs_length*.json")):
-        recall(lines, path.stem)
-    def order(path):  # today's task first (the grid, then its probes), then the runs with answers in the input
-        earlier = bool(answers_flag(json.loads(path.read_text())["runs"].values()))
-        return earlier, path.stem != "recall_curriculum", "sweep" not in path.stem, path.stem
-
-    for path in sorted(common.RESULTS.glob("recall_curriculum*.json"), key=order):
-        recall_curriculum(lines, path.stem)
-    for path in sorted(common.RESULTS.glob("convergence_*.json")):
-        convergence(lines, path.stem)
-    ablations(lines)
-    ablations(lines, "lm")
-    long_document(lines)
-    for path in sorted(common.RESULTS.glob("passkey_depth*.json")):
-        passkey_depth(lines, path.stem)
-    notes = common.ROOT / "experiments" / "NOTES.md"
+             "The runs on that task carry `--answers-in-input` in their commands.", "",
+             table(["results file", "why superseded", "commit"], rows), "", NOTES_GUIDE, ""]
+    for s in stems:
+        lines += _section(s, _kind(s))
+    notes = common.ROOT / "experiments" / "NOTES-archive.md"
     if notes.exists():
-        lines += [notes.read_text()]
-    (common.DOCS / "experiments.md").write_text("\n".join(lines).rstrip() + "\n")
-    print(f"wrote {common.DOCS / 'experiments.md'}")
+        lines += ["# Notes written by hand", "",
+                  "What the archived numbers say, dated, from experiments/NOTES-archive.md.", "", notes.read_text()]
+    (common.DOCS / "experiments-archive.md").write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {common.DOCS / 'experiments-archive.md'}")
 
 
 if __name__ == "__main__":

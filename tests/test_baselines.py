@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from bsbr.layers.common import split_heads
+from bsbr.layers.qkv import split_heads
 from bsbr.layers.standard import StandardAttention
 from bsbr.models import build_model
 from bsbr.models.registry import attention_class, attention_defaults

@@ -1,4 +1,5 @@
-"""Invariants every registered mechanism holds, run over the whole registry (DESIGN.md §2-3).
+"""Invariants every registered mechanism holds, run over the whole registry (docs/bsbr.md,
+"Invariants" and "Three forms of one op"; docs/baselines.md, "Tests").
 
 reference == parallel (outputs and gradients), parallel == streaming (any split), causality, padding
 invariance, non-finite values that stay where they are (a NaN or inf at a later or padded position changes no other

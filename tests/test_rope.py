@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bsbr.layers.common import split_heads
+from bsbr.layers.qkv import split_heads
 from bsbr.models import list_models
 from bsbr.ops import rope
 from bsbr.ops.rope import apply_rope, rope_angles, rope_cos_sin, rope_tables, split_heads_rotary
@@ -72,7 +72,7 @@ def test_inference_path_equals_autograd_path(name, blocks, monkeypatch):
     long inputs go through row-block workspaces (``blocks``: workspaces of a few rows, so that every projection,
     FFN and output projection runs in many blocks): the outputs under no_grad and inference_mode equal those of
     the out-of-place autograd path, and gradients flow; streaming in pieces through the blocked path too."""
-    from bsbr.layers import common
+    from bsbr.layers import qkv as common
 
     if blocks:
         monkeypatch.setattr(common, "BLOCK_BYTES", 7 * 64 * 8)  # 7 rows of 64 fp64 numbers: blocks cross rows
@@ -124,7 +124,7 @@ def test_segmented_inference_forward_equals_parallel(name, monkeypatch):
 def test_blocked_heads_with_per_row_positions(monkeypatch):
     """Streaming pieces with per-row positions ([B, T] rotary tables: DeltaNet with rope) through the blocked
     projections equal one parallel forward."""
-    from bsbr.layers import common
+    from bsbr.layers import qkv as common
 
     monkeypatch.setattr(common, "BLOCK_BYTES", 5 * 64 * 8)
     lm = make_lm("DeltaNet", rope=True)

@@ -24,12 +24,19 @@ SCALING_METRICS = ("time", "memory", "flops")
 
 
 def _commit() -> str:
+    """The commit of the bsbr source this process runs, "<sha>+dirty" when that source (the package directory) has
+    uncommitted changes, "unknown" outside a git checkout (an installed wheel)."""
+    package = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                             cwd=package).stdout.strip()
+        if not sha:
+            return "unknown"
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                                 capture_output=True, text=True, check=False, cwd=package).stdout.strip()
     except OSError:
         return "unknown"
+    return f"{sha}+dirty" if changed else sha
 
 
 def _validate(seq_lengths, models, metrics, allowed) -> tuple[list[int], list[str], list[str]]:

@@ -8,7 +8,7 @@ from torch import nn
 from .. import _checks
 from .base import CausalAttention
 from .cache import LayerCache
-from .common import blocked, linear_into, no_graph, row_blocks
+from .qkv import blocked, linear_into, no_graph, row_blocks
 
 
 def make_norm(kind: str, dim: int) -> nn.Module:
@@ -34,7 +34,7 @@ class FeedForward(nn.Module):
     def residual(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x + forward(norm(x)).  Without autograd on CPU (and without dropout) long inputs go in row blocks through
         one bounded [rows, ff] workspace, the GELU in place and the residual added by the second product, so the
-        [T, ff] hidden layer is never made whole (see :mod:`bsbr.layers.common` for why)."""
+        [T, ff] hidden layer is never made whole (see :mod:`bsbr.layers.qkv` for why)."""
         rows = blocked(x, self.fc_in.out_features, self.fc_in.weight, self.fc_out.weight)
         if rows:  # the norm's weights are looked at only for long inputs: short ones skip the Python work
             norm_params = tuple(norm.parameters())

@@ -14,7 +14,7 @@ from ..ops.bsbr_blocks import GRADS, SELECTIONS, SUMMARIES
 from . import bsbr_blocks
 from .block import Block
 from .cache import GrowableBuffer, LayerCache, write_slot
-from .common import QKVAttention, split_heads
+from .qkv import QKVAttention, split_heads
 
 META_QUERIES = ("first", "prev_last")
 RETRIEVALS = ("states", "blocks", "none")
@@ -80,7 +80,7 @@ class BSBRAttention(QKVAttention):
             (by the chunk's first query); how the scores learn ("none": only through q and k, as in MoBA;
             "straight_through": Landmark's grouped-softmax gradient, zero in value).  docs/bsbr.md has the
             numbers that chose the defaults.
-        rope, rope_base, bias: see :class:`~bsbr.layers.common.QKVAttention`.
+        rope, rope_base, bias: see :class:`~bsbr.layers.qkv.QKVAttention`.
 
     Shapes: hidden_states [B, T, D] -> [B, T, D].  Extra weights beyond standard attention: ``meta_q_proj``
     (W_r) and ``meta_k_proj`` (W_h), each D x D, and with compression ``compress`` (m x d*d) and
@@ -184,8 +184,9 @@ class BSBRAttention(QKVAttention):
                 "restore": restore}
 
     def _definition_meta(self, x: torch.Tensor):
-        """Meta queries and keys [B, H, C, d] of every chunk of x [B, T, D], as DESIGN.md §2 defines them: r_i at
-        the chunk's first token (or the previous chunk's last; chunk 0 retrieves nothing), h_j at its last token."""
+        """Meta queries and keys [B, H, C, d] of every chunk of x [B, T, D], as docs/bsbr.md ("Definition") defines
+        them: r_i at the chunk's first token (or the previous chunk's last; chunk 0 retrieves nothing), h_j at its last
+        token."""
         T, ch = x.shape[1], self.chunk_size
         starts = list(range(0, T, ch))
         h = self._meta(self.meta_k_proj, x[:, [min(s + ch, T) - 1 for s in starts]])

@@ -15,7 +15,7 @@ from .. import _checks
 from ..ops.deltanet import delta_chunkwise, delta_recurrent
 from ..ops.linear import work_dtype
 from .cache import LayerCache
-from .common import QKVAttention
+from .qkv import QKVAttention
 
 
 @dataclass
@@ -32,7 +32,7 @@ class DeltaNetAttention(QKVAttention):
         hidden_dim, num_heads, dropout: as for every mechanism.
         chunk_size: tokens per chunk of the parallel form (a speed knob only).
         rope: rotary positions on q and k (off by default, as in the paper; rotation keeps the unit norm).
-        rope_base, bias: see :class:`~bsbr.layers.common.QKVAttention`.
+        rope_base, bias: see :class:`~bsbr.layers.qkv.QKVAttention`.
 
     Shapes: hidden_states [B, T, D] -> [B, T, D].  Weights: the four D x D projections and ``beta_proj``
     (D -> H, with bias).

@@ -65,7 +65,7 @@ class GAUAttention(CausalAttention):
             relu^2 attention starts almost silent (relu^2 of a product is fourth order in gamma: row sums of A
             ~1e-10 at hidden 128), which a short training budget may never leave: on MQAR at T = 64 (batch 32,
             4,000 steps) test accuracy was 0.029 at 0.02 and 0.979 at 0.5; at 1,500 steps 0.021 and 0.151
-            (docs/experiments.md, sections small and gau_init_*).
+            (docs/experiments-archive.md, tags small and gau_init_*).
 
     Shapes: hidden_states [B, T, D] -> [B, T, D].  Weights: uv_proj (D -> 2e), z_proj (D -> s), gamma and
     beta (4 x s), out_proj (e -> D); the block's ff_dim is not used.

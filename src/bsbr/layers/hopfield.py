@@ -22,7 +22,7 @@ from .. import _checks
 from ..ops.hopfield import association, association_reference
 from ..ops.rope import apply_rope
 from .cache import GrowableBuffer, LayerCache
-from .common import QKVAttention, split_heads
+from .qkv import QKVAttention, split_heads
 
 
 @dataclass
@@ -42,7 +42,7 @@ class HopfieldAttention(QKVAttention):
         beta: inverse temperature; None means 1/sqrt(head_dim).
         normalize: layer norms on the stored, state and projection patterns before their projections.
         rope: rotary positions on state and stored patterns (off by default: the paper has none).
-        rope_base, bias: see :class:`~bsbr.layers.common.QKVAttention`.
+        rope_base, bias: see :class:`~bsbr.layers.qkv.QKVAttention`.
 
     Shapes: hidden_states [B, T, D] -> [B, T, D].  Weights: the four D x D projections and, with
     ``normalize``, three LayerNorm(D).

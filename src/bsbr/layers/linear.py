@@ -20,7 +20,7 @@ from .. import _checks
 from ..ops.linear import linear_chunkwise, linear_recurrent, with_ones, work_dtype
 from ..ops.rope import apply_rope
 from .cache import LayerCache
-from .common import QKVAttention
+from .qkv import QKVAttention
 
 
 @dataclass
@@ -37,7 +37,7 @@ class LinearAttention(QKVAttention):
         hidden_dim, num_heads, dropout: as for every mechanism.
         chunk_size: tokens per chunk of the parallel form (a speed knob only: the result does not depend on it).
         rope: rotary positions on q and k after the feature map (off by default: the paper has none).
-        rope_base, bias: see :class:`~bsbr.layers.common.QKVAttention`.
+        rope_base, bias: see :class:`~bsbr.layers.qkv.QKVAttention`.
 
     Shapes: hidden_states [B, T, D] -> [B, T, D].  Weights: the four D x D projections, nothing else.
     """

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import _checks
 from ..ops.window import window_attention, window_attention_reference
 from .cache import LayerCache, write_slot
-from .common import QKVAttention
+from .qkv import QKVAttention
 
 
 @dataclass
@@ -34,7 +34,7 @@ class SlidingWindowAttention(QKVAttention):
     Args:
         hidden_dim, num_heads, dropout: as for every mechanism.
         window_size: W, the number of keys each query sees (itself included).
-        rope, rope_base, bias: see :class:`~bsbr.layers.common.QKVAttention`.
+        rope, rope_base, bias: see :class:`~bsbr.layers.qkv.QKVAttention`.
 
     Shapes: hidden_states [B, T, D] -> [B, T, D].  Weights: the four D x D projections, nothing else.
     """

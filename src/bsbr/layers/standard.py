@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..ops.softmax import softmax_attention, softmax_attention_reference
 from .cache import GrowableBuffer, LayerCache
-from .common import QKVAttention
+from .qkv import QKVAttention
 
 
 @dataclass

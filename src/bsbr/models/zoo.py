@@ -75,35 +75,83 @@ class StandardTransformer(TransformerModel):
 
 
 class StandardForCausalLM(CausalLM):
+    """Softmax-attention language model: logits, loss, streaming cache and ``generate``."""
+
     def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
                  dropout: float = 0.1, **options):
         super().__init__(make_config("Standard", vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout,
                                      **options))
 
 
-def _named(mechanism: str, class_name: str, base: type, doc: str) -> type:
-    """A named model class: ``class_name(vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout=0.1,
-    **options)`` building ``base`` (TransformerModel or CausalLM) with attention ``mechanism``."""
+class _NamedModel:
+    """A named model class: ``Class(vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout=0.1, **options)``
+    builds its base (TransformerModel or CausalLM) with the registered attention ``mechanism``."""
+
+    mechanism: str
 
     def __init__(self, vocab_size: int, hidden_dim: int, num_layers: int, num_heads: int, ff_dim: int,
                  dropout: float = 0.1, **options):
-        base.__init__(self, make_config(mechanism, vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout,
-                                        **options))
-
-    return type(class_name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+        super().__init__(make_config(self.mechanism, vocab_size, hidden_dim, num_layers, num_heads, ff_dim, dropout,
+                                     **options))
 
 
-_HIDDEN = "backbone: input_ids [B, T] -> hidden states [B, T, hidden_dim]."
-_LM = "language model: logits, loss, streaming cache and ``generate``."
-LinearTransformer = _named("Linear", "LinearTransformer", TransformerModel, f"Linear-attention {_HIDDEN}")
-LinearForCausalLM = _named("Linear", "LinearForCausalLM", CausalLM, f"Linear-attention {_LM}")
-SlidingWindowTransformer = _named("SlidingWindow", "SlidingWindowTransformer", TransformerModel,
-                                  f"Sliding-window {_HIDDEN} Option: window_size.")
-SlidingWindowForCausalLM = _named("SlidingWindow", "SlidingWindowForCausalLM", CausalLM,
-                                  f"Sliding-window {_LM} Option: window_size.")
-DeltaNet = _named("DeltaNet", "DeltaNet", TransformerModel, f"DeltaNet {_HIDDEN}")
-DeltaNetForCausalLM = _named("DeltaNet", "DeltaNetForCausalLM", CausalLM, f"DeltaNet {_LM}")
-HopfieldNetwork = _named("Hopfield", "HopfieldNetwork", TransformerModel, f"Hopfield-layer {_HIDDEN}")
-HopfieldForCausalLM = _named("Hopfield", "HopfieldForCausalLM", CausalLM, f"Hopfield-layer {_LM}")
-GAU = _named("GAU", "GAU", TransformerModel, f"Gated-attention-unit (FLASH) {_HIDDEN} ff_dim is unused.")
-GAUForCausalLM = _named("GAU", "GAUForCausalLM", CausalLM, f"Gated-attention-unit (FLASH) {_LM} ff_dim is unused.")
+class LinearTransformer(_NamedModel, TransformerModel):
+    """Linear-attention backbone: input_ids [B, T] -> hidden states [B, T, hidden_dim]."""
+
+    mechanism = "Linear"
+
+
+class LinearForCausalLM(_NamedModel, CausalLM):
+    """Linear-attention language model: logits, loss, streaming cache and ``generate``."""
+
+    mechanism = "Linear"
+
+
+class SlidingWindowTransformer(_NamedModel, TransformerModel):
+    """Sliding-window backbone: input_ids [B, T] -> hidden states [B, T, hidden_dim]. Option: window_size."""
+
+    mechanism = "SlidingWindow"
+
+
+class SlidingWindowForCausalLM(_NamedModel, CausalLM):
+    """Sliding-window language model: logits, loss, streaming cache and ``generate``. Option: window_size."""
+
+    mechanism = "SlidingWindow"
+
+
+class DeltaNet(_NamedModel, TransformerModel):
+    """DeltaNet backbone: input_ids [B, T] -> hidden states [B, T, hidden_dim]."""
+
+    mechanism = "DeltaNet"
+
+
+class DeltaNetForCausalLM(_NamedModel, CausalLM):
+    """DeltaNet language model: logits, loss, streaming cache and ``generate``."""
+
+    mechanism = "DeltaNet"
+
+
+class HopfieldNetwork(_NamedModel, TransformerModel):
+    """Hopfield-layer backbone: input_ids [B, T] -> hidden states [B, T, hidden_dim]."""
+
+    mechanism = "Hopfield"
+
+
+class HopfieldForCausalLM(_NamedModel, CausalLM):
+    """Hopfield-layer language model: logits, loss, streaming cache and ``generate``."""
+
+    mechanism = "Hopfield"
+
+
+class GAU(_NamedModel, TransformerModel):
+    """Gated-attention-unit (FLASH) backbone: input_ids [B, T] -> hidden states [B, T, hidden_dim]. ff_dim is
+    unused."""
+
+    mechanism = "GAU"
+
+
+class GAUForCausalLM(_NamedModel, CausalLM):
+    """Gated-attention-unit (FLASH) language model: logits, loss, streaming cache and ``generate``. ff_dim is
+    unused."""
+
+    mechanism = "GAU"

@@ -1,4 +1,5 @@
-"""BSBR — Block Sparse attention with Block Retrieval — as pure tensor functions (DESIGN.md §2, §6).
+"""BSBR — Block Sparse attention with Block Retrieval — as pure tensor functions (docs/bsbr.md, "Definition" and
+"Implementation").
 
 Shapes: q [B, H, T, d]; k, v [B, Hk, T, d] with Hk dividing H — the G = H / Hk query heads of a group share one
 key/value head (multi-head attention: Hk = H; grouped-query attention, as in converted models: Hk < H).  Chunk size

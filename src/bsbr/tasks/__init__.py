@@ -11,8 +11,8 @@ import inspect
 
 from .base import SPLITS, Batch, Task
 from .curriculum import Curriculum, curriculum
+from .language_modeling import LanguageModeling
 from .listops import ListOps
-from .lm import LanguageModeling
 from .mqar import MQAR
 from .passkey import Passkey
 from .selective_copy import SelectiveCopy

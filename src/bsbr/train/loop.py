@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ from ..tasks.base import derive_seed
 from .checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import _autocast, evaluate
-from .memory import PeakMemory
+from .peak_memory import PeakMemory
 
 
 @dataclass
@@ -139,6 +140,46 @@ def train(lm: torch.nn.Module, task: Task, cfg: TrainConfig, callback=None) -> T
     KeyboardInterrupt.  ``callback(record)`` is called after every step (it may raise to stop the run).
     Returns a :class:`TrainResult`.
     """
+    _check_arguments(lm, task, cfg)
+    run = _Run.start(lm, task, cfg)
+    memory = PeakMemory(run.device)
+    bar = tqdm(total=cfg.steps, initial=run.state["step"], desc=f"train {task.name}", unit="step", file=sys.stderr,
+               disable=not cfg.progress or run.rank != 0, leave=False)
+    lm.train()
+    session_start = time.perf_counter()
+    seconds_before = run.state["seconds"]
+    try:
+        with _StopRequest() as stop:
+            while run.state["step"] < cfg.steps and run.state["stopped"] is None:
+                record = run.step()
+                run.state["step"] = record["step"]
+                run.state["seconds"] = record["seconds"] = seconds_before + time.perf_counter() - session_start
+                record["peak_memory_bytes"] = memory.peak()
+                run.log_record(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if cfg.eval_every and run.state["step"] % cfg.eval_every == 0 and run.state["step"] < cfg.steps:
+                    _evaluate_and_check(lm, task, cfg, run.device, run.bf16, run.state, run.evals, run.log)
+                run.state["peak_memory_bytes"] = max(run.state["peak_memory_bytes"], memory.peak())
+                if callback is not None:
+                    callback(record)
+                if cfg.checkpoint_every and run.state["step"] % cfg.checkpoint_every == 0:
+                    run.checkpoint()
+                if stop.requested:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if run.checkpoint():
+            print(f"\ninterrupted after step {run.state['step']}; checkpoint saved in {run.out / 'checkpoint'}",
+                  file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+        if run.log is not None:
+            run.log.close()
+    return run.finish(memory, seconds_before, session_start)
+
+
+def _check_arguments(lm: torch.nn.Module, task: Task, cfg: TrainConfig) -> None:
     if not isinstance(task, Task):
         raise TypeError(f"task must be a bsbr.tasks.Task (from get_task), got {type(task).__name__}")
     if not isinstance(cfg, TrainConfig):
@@ -146,110 +187,121 @@ def train(lm: torch.nn.Module, task: Task, cfg: TrainConfig, callback=None) -> T
     vocab = getattr(getattr(lm, "config", None), "vocab_size", None)
     if vocab is not None and vocab < task.vocab_size:
         raise ValueError(f"model vocab_size={vocab} is smaller than task {task.name!r} vocab_size={task.vocab_size}")
-    rank, world, local_rank = _setup_distributed("cuda" if cfg.device in ("auto", "cuda") and
-                                                 torch.cuda.is_available() else "cpu")
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
-    device = _resolve_device(cfg, local_rank)
-    bf16 = _use_bf16(cfg, device)
-    lm.to(device)
-    if cfg.gradient_checkpointing:
-        if not hasattr(lm, "gradient_checkpointing_enable"):
-            raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable()")
-        lm.gradient_checkpointing_enable()
-    optimizer = make_optimizer(lm, cfg)
-    torch.manual_seed(derive_seed("train", cfg.seed, rank))
 
-    out = Path(cfg.out_dir) if cfg.out_dir else None
-    description = _run_description(lm, task, cfg)
-    history: list[dict] = []
-    evals: list[dict] = []
-    state = {"step": 0, "seconds": 0.0, "best_loss": None, "bad_evals": 0, "stopped": None,
-             "steps_to_target": None, "peak_memory_bytes": 0}
-    if out is not None:
-        state, history, evals = _prepare_out_dir(out, lm, optimizer, description, device, state, rank)
 
-    model = lm
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(lm, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    per_rank = cfg.batch_size // world
-    memory = PeakMemory(device)
-    log = open(out / "log.jsonl", "a") if out is not None and rank == 0 else None  # noqa: SIM115
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"train {task.name}", unit="step", file=sys.stderr,
-               disable=not cfg.progress or rank != 0, leave=False)
-    lm.train()
-    session_start = time.perf_counter()
-    seconds_before = state["seconds"]
-    try:
-        with _StopRequest() as stop:
-            while state["step"] < cfg.steps and state["stopped"] is None:
-                step = state["step"]
-                t0 = time.perf_counter()
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batch = task.batch("train", cfg.batch_size, step).rows(rank * per_rank, (rank + 1) * per_rank)
-                batch = batch.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                with _autocast(device, bf16):
-                    loss = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                                 return_logits=False).loss
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else
-                                                      float("inf"))
-                optimizer.step()
-                loss_value = loss.detach().float()
-                if world > 1:
-                    dist.all_reduce(loss_value)
-                    loss_value /= world
-                dt = time.perf_counter() - t0
-                tokens = cfg.batch_size * batch.input_ids.shape[1]  # (a curriculum's rows change length)
-                state["step"] = step + 1
-                state["seconds"] = seconds_before + time.perf_counter() - session_start
-                record = {"step": step + 1, "loss": float(loss_value), "lr": lr, "grad_norm": float(norm),
-                          "tokens_per_second": tokens / dt, "seconds": state["seconds"],
-                          "peak_memory_bytes": memory.peak()}
-                history.append(record)
-                if log is not None:
-                    log.write(json.dumps(record) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < cfg.steps:
-                    _evaluate_and_check(lm, task, cfg, device, bf16, state, evals, log)
-                state["peak_memory_bytes"] = max(state["peak_memory_bytes"], memory.peak())
-                if callback is not None:
-                    callback(record)
-                if out is not None and rank == 0 and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                    log.flush()  # the log holds every step the checkpoint does
-                    save_checkpoint(out / "checkpoint", lm, optimizer, state)
-                if stop.requested:
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if out is not None and rank == 0:
-            log.flush()
-            save_checkpoint(out / "checkpoint", lm, optimizer, state)
-            print(f"\ninterrupted after step {state['step']}; checkpoint saved in {out / 'checkpoint'}",
-                  file=sys.stderr)
-        raise
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-    final = evaluate(lm, task, "valid", cfg.batch_size, cfg.eval_batches, device, bf16)
-    final["step"] = state["step"]
-    state["seconds"] = seconds_before + time.perf_counter() - session_start
-    if state["stopped"] is None:
-        state["stopped"] = "completed"
-    result = TrainResult(history=history, final=final, seconds=state["seconds"],
-                         peak_memory_bytes=max(state["peak_memory_bytes"], memory.peak()), steps=state["step"],
-                         evals=evals, stopped=state["stopped"], steps_to_target=state["steps_to_target"],
-                         memory_kind=memory.kind, world_size=world)
-    if out is not None and rank == 0:
-        save_checkpoint(out / "checkpoint", lm, optimizer, state)
-        summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-        (out / "result.json").write_text(json.dumps(summary, indent=1))
-    return result
+@dataclass
+class _Run:
+    """What one call of :func:`train` works with: the model (``model`` is its DDP wrapper under torchrun), the
+    optimizer, device and process rank, the run's state (step, seconds, early-stop bookkeeping; what a checkpoint
+    holds besides weights, optimizer and RNG), the history and evaluations so far, and where it writes."""
+
+    lm: torch.nn.Module
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    task: Task
+    cfg: TrainConfig
+    device: torch.device
+    bf16: bool
+    rank: int
+    world: int
+    out: Path | None
+    state: dict
+    history: list[dict]
+    evals: list[dict]
+    log: TextIO | None = None
+
+    @classmethod
+    def start(cls, lm: torch.nn.Module, task: Task, cfg: TrainConfig) -> _Run:
+        """Place the model, build the optimizer, seed the process, and resume from ``cfg.out_dir`` if it holds a
+        checkpoint of the same run."""
+        rank, world, local_rank = _setup_distributed("cuda" if cfg.device in ("auto", "cuda") and
+                                                     torch.cuda.is_available() else "cpu")
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
+        device = _resolve_device(cfg, local_rank)
+        bf16 = _use_bf16(cfg, device)
+        lm.to(device)
+        if cfg.gradient_checkpointing:
+            if not hasattr(lm, "gradient_checkpointing_enable"):
+                raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable()")
+            lm.gradient_checkpointing_enable()
+        optimizer = make_optimizer(lm, cfg)
+        torch.manual_seed(derive_seed("train", cfg.seed, rank))
+
+        out = Path(cfg.out_dir) if cfg.out_dir else None
+        history: list[dict] = []
+        evals: list[dict] = []
+        state = {"step": 0, "seconds": 0.0, "best_loss": None, "bad_evals": 0, "stopped": None,
+                 "steps_to_target": None, "peak_memory_bytes": 0}
+        if out is not None:
+            state, history, evals = _prepare_out_dir(out, lm, optimizer, _run_description(lm, task, cfg), device,
+                                                     state, rank)
+        model = lm
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(lm, device_ids=[device.index] if device.type == "cuda"
+                                                              else None)
+        log = open(out / "log.jsonl", "a") if out is not None and rank == 0 else None  # noqa: SIM115
+        return cls(lm, model, optimizer, task, cfg, device, bf16, rank, world, out, state, history, evals, log)
+
+    def step(self) -> dict:
+        """One optimizer step on this process's share of the global batch of step ``state["step"]``; returns the
+        step's record (step, loss averaged over processes, lr, grad_norm, tokens_per_second)."""
+        cfg, step = self.cfg, self.state["step"]
+        per_rank = cfg.batch_size // self.world
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.task.batch("train", cfg.batch_size, step).rows(self.rank * per_rank, (self.rank + 1) * per_rank)
+        batch = batch.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with _autocast(self.device, self.bf16):
+            loss = self.model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                              return_logits=False).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.lm.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else
+                                              float("inf"))
+        self.optimizer.step()
+        loss_value = loss.detach().float()
+        if self.world > 1:
+            dist.all_reduce(loss_value)
+            loss_value /= self.world
+        dt = time.perf_counter() - t0
+        tokens = cfg.batch_size * batch.input_ids.shape[1]  # (a curriculum's rows change length)
+        return {"step": step + 1, "loss": float(loss_value), "lr": lr, "grad_norm": float(norm),
+                "tokens_per_second": tokens / dt}
+
+    def log_record(self, record: dict) -> None:
+        self.history.append(record)
+        if self.log is not None:
+            self.log.write(json.dumps(record) + "\n")
+
+    def checkpoint(self) -> bool:
+        """Save a checkpoint of the run as it stands (process 0 with an out_dir only); True if one was saved."""
+        if self.out is None or self.rank != 0:
+            return False
+        if self.log is not None and not self.log.closed:
+            self.log.flush()  # the log holds every step the checkpoint does
+        save_checkpoint(self.out / "checkpoint", self.lm, self.optimizer, self.state)
+        return True
+
+    def finish(self, memory: PeakMemory, seconds_before: float, session_start: float) -> TrainResult:
+        """Evaluate on the valid split, save the last checkpoint and result.json, and return the result (its seconds
+        count this session from ``session_start``, the final evaluation included, plus ``seconds_before``)."""
+        cfg, state = self.cfg, self.state
+        final = evaluate(self.lm, self.task, "valid", cfg.batch_size, cfg.eval_batches, self.device, self.bf16)
+        final["step"] = state["step"]
+        state["seconds"] = seconds_before + time.perf_counter() - session_start
+        if state["stopped"] is None:
+            state["stopped"] = "completed"
+        result = TrainResult(history=self.history, final=final, seconds=state["seconds"],
+                             peak_memory_bytes=max(state["peak_memory_bytes"], memory.peak()), steps=state["step"],
+                             evals=self.evals, stopped=state["stopped"], steps_to_target=state["steps_to_target"],
+                             memory_kind=memory.kind, world_size=self.world)
+        if self.checkpoint():
+            summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+            (self.out / "result.json").write_text(json.dumps(summary, indent=1))
+        return result
 
 
 def _evaluate_and_check(lm, task, cfg, device, bf16, state, evals, log) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from .. import _files
 from ..models import build_model
+from .cells import CellFiles, run_cells
 
 
 def _read_cell(path: Path) -> dict:
@@ -26,7 +27,8 @@ class ExperimentRunner:
     """Subclass and define ``setup`` (set ``self.models``: {name: model} or a list of registered names, and
     ``self.seq_lengths``), ``run_experiment(model, seq_length) -> dict`` and optionally ``analyze_results``.
 
-    ``run()`` iterates models x lengths with a progress bar, seeding torch with ``seed + seq_length`` before each
+    ``run()`` iterates models x lengths with a progress bar (through :func:`bsbr.utils.cells.run_cells`, the loop the
+    experiment scripts' grids use too), seeding torch with ``seed + seq_length`` before each
     cell.  With ``out_dir`` each finished cell is written to ``out_dir/cells/<model>__<length>.json`` at once; a
     later ``run()`` over the same ``out_dir`` skips cells already there, so an interrupted sweep loses nothing (a
     cell file that is not a JSON object is a ValueError naming it, raised before any cell is measured).
@@ -70,8 +72,13 @@ class ExperimentRunner:
             raise ValueError("labels has no scored position (all -100)")
         return float((logits.argmax(-1)[keep] == labels[keep]).float().mean())
 
-    def _cell_path(self, name: str, T: int) -> Path | None:
-        return None if self.out_dir is None else self.out_dir / "cells" / f"{name}__{T}.json"
+    def _measure(self, model, T: int) -> dict:
+        """One cell: seeded with ``seed + T``; a cell that raises is recorded as {"error", "traceback"}."""
+        torch.manual_seed(self.seed + T)
+        try:
+            return dict(self.run_experiment(model, T))
+        except (RuntimeError, ValueError, MemoryError) as err:
+            return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=3)}
 
     def run(self) -> dict:
         self.setup()
@@ -80,23 +87,23 @@ class ExperimentRunner:
             models = {n: build_model(n, **self.model_options) for n in models}
         if not models or not self.seq_lengths:
             raise ValueError("setup() must set self.models (non-empty) and self.seq_lengths (non-empty)")
+        cells = {f"{name}__{T}": (name, T) for name in models for T in self.seq_lengths}
+        store = CellFiles(self.out_dir / "cells", read=_read_cell) if self.out_dir is not None else None
+        if store is not None:  # every finished cell is read (and a damaged one refused) before any is measured
+            for key in cells:
+                store.finished(key)
+        bar = tqdm(total=len(cells), desc=type(self).__name__, disable=not self.progress, file=sys.stderr)
+
+        def advance(index: int, key: str, what) -> None:
+            if what != "started":
+                bar.update(1)
+
+        try:
+            done = run_cells([(key, partial(self._measure, models[name], T)) for key, (name, T) in cells.items()],
+                             store, advance)
+        finally:
+            bar.close()
         results: dict = {name: {} for name in models}
-        cells = [(n, T) for n in models for T in self.seq_lengths]
-        done = {(n, T): _read_cell(p) for n, T in cells if (p := self._cell_path(n, T)) is not None and p.exists()}
-        for name, T in tqdm(cells, desc=type(self).__name__, disable=not self.progress, file=sys.stderr):
-            path = self._cell_path(name, T)
-            if (name, T) in done:
-                results[name][T] = done[name, T]
-                continue
-            torch.manual_seed(self.seed + T)
-            try:
-                cell = dict(self.run_experiment(models[name], T))
-            except (RuntimeError, ValueError, MemoryError) as err:
-                cell = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=3)}
-            results[name][T] = cell
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(cell, default=float))
-                tmp.replace(path)  # a cell on disk is always complete
+        for key, (name, T) in cells.items():
+            results[name][T] = done[key]
         return results
