@@ -17,6 +17,8 @@ decode at 1k.
 
 Run:  PYTHONPATH=src python benchmarks/bench_blocks.py          (about 5 minutes on 2 cores; --quick: T = 8,192)
       PYTHONPATH=src python benchmarks/bench_blocks.py --select chunk --tag chunk   (one selection per chunk)
+      add --threads 1 where another process keeps one of the cores busy (two threads on one free core wait for each
+      other at every parallel op: 3-30x slower elementwise ops, a measurement of the machine, not of the code)
 """
 
 from __future__ import annotations
@@ -141,9 +143,13 @@ def main() -> None:
     p.add_argument("--tag", default="", help="results go to bench_blocks_<tag>.{json,md}")
     p.add_argument("--select", choices=("token", "chunk"), default="token",
                    help="block_select of the module and op: per token (the default) or per chunk")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's own); 1 where another process holds a core")
     args = p.parse_args()
     global SELECT
     SELECT = args.select
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     T = 8192 if args.quick else 32768
     lengths = [1024, 4096, 8192] if args.quick else [4096, 16384, 65536]
     long = 8192 if args.quick else 65536
