@@ -30,8 +30,9 @@ from bsbr.convert import BSBRCache, convert_to_bsbr, head_counts  # noqa: E402
 from bsbr.convert.attention import BSBRCacheLayer, StreamRow  # noqa: E402
 from bsbr.convert.models import smollm2  # noqa: E402
 
-VARIANTS = {"BSBR chunk 256": {}, "BSBR chunk 256, compression 4": {"compression_factor": 4},
-            "BSBR chunk 256, retrieval window 16": {"retrieval_window": 16}}
+VARIANTS = {"BSBR chunk 256": {"retrieval": "states"},
+            "BSBR chunk 256, compression 4": {"retrieval": "states", "compression_factor": 4},
+            "BSBR chunk 256, retrieval window 16": {"retrieval": "states", "retrieval_window": 16}}
 
 
 def kv_cache(model, n: int, real_ids=None):

@@ -40,7 +40,7 @@ def test_healing_transfer_lowers_its_loss_and_resumes_exactly(tmp_path):
     from bsbr.convert import HealConfig, heal
 
     def fresh():
-        return convert_to_bsbr(tiny("llama").float(), chunk_size=8, gate_init=0.0)
+        return convert_to_bsbr(tiny("llama").float(), chunk_size=8, retrieval="states", gate_init=0.0)
 
     data = torch.randint(0, VOCAB, (12, 1, 48), generator=torch.Generator().manual_seed(11))
     cfg = HealConfig(stage="transfer", steps=12, lr=3e-2, seq_len=48, warmup=2, save_every=3)
@@ -71,7 +71,7 @@ def test_healing_transfer_lowers_its_loss_and_resumes_exactly(tmp_path):
 def test_healing_finetune_trains_only_the_bsbr_weights(tmp_path):
     from bsbr.convert import HealConfig, heal
 
-    conv = convert_to_bsbr(tiny("gpt2").float(), chunk_size=8, gate_init=0.5)
+    conv = convert_to_bsbr(tiny("gpt2").float(), chunk_size=8, retrieval="states", gate_init=0.5)
     before = {n: p.clone() for n, p in conv.named_parameters()}
     data = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(12))
     records = heal(conv, lambda s: data, HealConfig(stage="finetune", steps=4, lr=1e-2, seq_len=40, warmup=1),
@@ -89,7 +89,7 @@ def test_distillation_teacher_is_the_original_and_the_stage_lowers_its_loss(tmp_
     data = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(13))
     whole = convert_to_bsbr(copy.deepcopy(original), chunk_size=64)  # one chunk covers the input: the original
     assert abs(distill_loss(whole, data).item()) < 1e-12
-    conv = convert_to_bsbr(copy.deepcopy(original), chunk_size=8, gate_init=0.1)
+    conv = convert_to_bsbr(copy.deepcopy(original), chunk_size=8, retrieval="states", gate_init=0.1)
     with torch.no_grad():  # the loss is KL(original || converted) against a separate copy of the original
         p = torch.log_softmax(original(data).logits, -1)
         q = torch.log_softmax(conv(data).logits, -1)
@@ -173,7 +173,7 @@ FUZZ_EXAMPLES = 30  # mutated model directories tried (each loads a tiny model: 
 @pytest.fixture(scope="module")
 def converted_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("converted")
-    conv = convert_to_bsbr(tiny("llama").float(), chunk_size=8)
+    conv = convert_to_bsbr(tiny("llama").float(), chunk_size=8, retrieval="states")
     conv.save_pretrained(path)
     return path
 

@@ -128,7 +128,7 @@ def run_conversion(original, tokenizer, plan: ConversionPlan, out_dir: str | Pat
     for p in original.parameters():
         p.requires_grad_(False)
     converted = convert_to_bsbr(copy.deepcopy(original), plan.chunk_size, plan.compression_factor,
-                                retrieval_window=plan.retrieval_window, gate_init=plan.gate_init,
+                                retrieval="states", retrieval_window=plan.retrieval_window, gate_init=plan.gate_init,
                                 meta_key=plan.meta_key)
     ev = windows(tokenizer, plan.seq_len, plan.eval_windows, plan.corpora)
     eval_tokens = sum(w["input_ids"].numel() for w in ev)
