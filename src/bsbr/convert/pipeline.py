@@ -91,8 +91,13 @@ def _stage(out: Path, name: str, compute):
 
 
 def _set_retrieval(model, on: bool) -> None:
+    """Retrieval on (the conversion) or off: local attention only, block diagonal (sink tokens off too)."""
     for meta in bsbr_modules(model):
         meta.retrieval = on
+        if not on:
+            meta.saved_sink, meta.sink_tokens = meta.sink_tokens, 0
+        elif hasattr(meta, "saved_sink"):
+            meta.sink_tokens = meta.saved_sink
 
 
 def _set_chunk(model, chunk: int) -> None:
