@@ -81,9 +81,10 @@ def plot(record: dict, path: Path) -> None:
     for ax, name in zip(axes[0], names, strict=True):
         cells = record["cells"][name]
         lengths = sorted({int(k.split("/")[0]) for k in cells})
-        grid = [[cells.get(f"{L}/{d}", {}).get("accuracy", float("nan")) for d in DEPTHS] for L in lengths]
+        depths = sorted({float(k.split("/")[1]) for c in record["cells"].values() for k in c})
+        grid = [[cells.get(f"{L}/{d}", {}).get("accuracy", float("nan")) for d in depths] for L in lengths]
         ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(DEPTHS)), [f"{int(d * 100)}%" for d in DEPTHS])
+        ax.set_xticks(range(len(depths)), [f"{int(d * 100)}%" for d in depths])
         ax.set_yticks(range(len(lengths)), [str(L) for L in lengths])
         for i, row in enumerate(grid):
             for j, a in enumerate(row):
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--trials", type=int, default=2, help="keys per (length, depth)")
+    p.add_argument("--depths", type=float, nargs="+", default=list(DEPTHS))
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--plot-only", action="store_true")
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
         for name in args.variants:
             model = build(original, VARIANTS[name])
             cells = record["cells"].setdefault(name, {})
-            for depth in DEPTHS:
+            for depth in args.depths:
                 key = f"{L}/{depth}"
                 if key in cells and cells[key]["trials"] >= args.trials:
                     continue
