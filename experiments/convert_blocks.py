@@ -5,6 +5,7 @@ attention's) and the ratio by position in the window, beside local-only and slid
     OMP_NUM_THREADS=1 PYTHONPATH=src python experiments/convert_blocks.py          # the grid of record
     OMP_NUM_THREADS=1 PYTHONPATH=src python experiments/convert_blocks.py --lengths 2048 --windows 2
     PYTHONPATH=src python experiments/convert_blocks.py --plot-only                # the figure from the JSON
+    PYTHONPATH=src python experiments/convert_blocks.py --table                    # Markdown tables from the JSON
 
 Writes experiments/results/convert_blocks.json after every variant (a killed run re-run with the same command
 skips what is done) and docs/figures/convert_blocks_tradeoff.png (ratio against fraction of keys, read from the
@@ -40,9 +41,12 @@ WINDOWS = {2048: 4, 4096: 2, 8192: 1}  # held-out windows per length (8,192 toke
 BUCKETS = 8  # positions of a window in this many equal buckets for the ratio by position
 
 
-def blocks(chunk, top_k, summary="mean", select="token", sink=None, prev=False):
-    return {"kind": "blocks", "chunk": chunk, "top_k": top_k, "summary": summary, "select": select,
-            "sink": chunk if sink is None else sink, "prev": prev}
+def blocks(chunk, top_k, summary="mean", select="token", sink=None, prev=False, heads="kv"):
+    v = {"kind": "blocks", "chunk": chunk, "top_k": top_k, "summary": summary, "select": select,
+         "sink": chunk if sink is None else sink, "prev": prev}
+    if heads != "kv":
+        v["heads"] = heads
+    return v
 
 
 def local(chunk, sink=0):
@@ -60,7 +64,8 @@ def name_of(v: dict) -> str:
         return f"local chunk {v['chunk']}" + (f" + {v['sink']} sinks" if v["sink"] else "")
     sink = "first chunk" if v["sink"] == v["chunk"] else (f"{v['sink']} sinks" if v["sink"] else "no sink")
     prev = " + previous chunk" if v["prev"] else ""
-    return f"blocks chunk {v['chunk']} top-{v['top_k']} {v['summary']}/{v['select']}, {sink}{prev}"
+    heads = ", per query head" if v.get("heads") == "query" else ""
+    return f"blocks chunk {v['chunk']} top-{v['top_k']} {v['summary']}/{v['select']}, {sink}{prev}{heads}"
 
 
 def grid(length: int) -> list[dict]:
@@ -71,7 +76,8 @@ def grid(length: int) -> list[dict]:
                 blocks(256, 1), blocks(256, 1, "minmax"), blocks(256, 2), blocks(256, 2, "minmax"),
                 blocks(64, 4), blocks(64, 4, "minmax"), blocks(64, 8, "minmax"), blocks(128, 2, "minmax"),
                 blocks(64, 8), window(512, 4), blocks(256, 2, sink=4), blocks(256, 2, sink=0),
-                blocks(256, 1, prev=True), blocks(256, 2, select="chunk"), blocks(64, 12)]
+                blocks(256, 1, prev=True), blocks(256, 2, select="chunk"), blocks(64, 12),
+                blocks(256, 2, heads="query"), blocks(64, 4, heads="query"), blocks(64, 8, heads="query")]
     if length == 4096:
         return [local(256), window(2048, 4), blocks(256, 2), blocks(256, 2, "minmax"), blocks(256, 4),
                 blocks(128, 4), window(1024, 4)]
@@ -91,6 +97,7 @@ def configure(model, v: dict) -> None:
         if v["kind"] == "blocks":
             meta.top_k, meta.block_summary, meta.block_select, meta.prev_chunk = (v["top_k"], v["summary"],
                                                                                    v["select"], v["prev"])
+            meta.block_heads = v.get("heads", "kv")
 
 
 def keys_per_query(v: dict, T: int) -> torch.Tensor:
@@ -187,7 +194,8 @@ def plot(record: dict, path: Path) -> None:
         for r in rows.values():
             v = r["variant"]
             if v["kind"] == "blocks" and v["sink"] == v["chunk"] and not v["prev"]:
-                key = f"blocks chunk {v['chunk']}, {v['summary']} / per {v['select']}"
+                key = (f"blocks chunk {v['chunk']}, {v['summary']} / per {v['select']}"
+                       + (" / per query head" if v.get("heads") == "query" else ""))
                 curves.setdefault(key, []).append((r["keys_fraction"], r["ppl_ratio"], v["top_k"]))
         for key, pts in sorted(curves.items()):
             pts.sort()
@@ -212,6 +220,26 @@ def plot(record: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def table(record: dict) -> str:
+    """The Markdown tables of docs/convert.md, one per length, rows in the JSON's order, and the ratio by position
+    of the blocks rows."""
+    out = []
+    for L in sorted(record["lengths"], key=int):
+        e = record["lengths"][L]
+        rows = list(e["rows"].values())
+        ppl0 = rows[0]["ppl_original"]
+        out += [f"**{int(L):,} tokens** ({e['windows']} held-out window(s), {rows[0]['scored_tokens']:,} scored "
+                f"tokens, original perplexity {ppl0:.3f})", "",
+                "| conversion | keys / causal | ratio | KL (nats) | top-1 | ratio by eighth of the window |",
+                "|---|---|---|---|---|---|"]
+        for r in rows:
+            pos = " ".join(f"{b['ratio']:.3f}" for b in r["by_position"])
+            out.append(f"| {r['name']} | {r['keys_fraction']:.3f} | {r['ppl_ratio']:.4f} | {r['kl']:.4f} | "
+                       f"{r['top1']:.3f} | {pos} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
@@ -219,9 +247,13 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", default=None, help="run only variants whose name contains one of these")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--table", action="store_true")
     args = p.parse_args(argv)
     path = Path(args.results)
     record = load(path)
+    if args.table:
+        print(table(record))
+        return 0
     if args.plot_only:
         plot(record, FIGURE)
         return 0

@@ -93,7 +93,8 @@ def test_one_chunk_is_the_original_model_also_left_padded(family):
 
 MODES = [{"retrieval": "states"}, {"retrieval": "blocks", "top_k": 1},
          {"retrieval": "blocks", "top_k": 2, "block_summary": "minmax", "sink_tokens": 3, "prev_chunk": True},
-         {"retrieval": "blocks", "top_k": 1, "block_select": "chunk", "sink_tokens": 0}]
+         {"retrieval": "blocks", "top_k": 1, "block_select": "chunk", "sink_tokens": 0},
+         {"retrieval": "blocks", "top_k": 1, "block_heads": "query"}]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -186,6 +187,7 @@ def test_generate_left_padded_batch_equals_rows_alone(mode):
 # ------------------------------------------------------------------------------------- block retrieval
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("options", [{}, {"block_summary": "minmax"}, {"block_select": "chunk"},
+                                     {"block_heads": "query"},
                                      {"block_summary": "minmax", "block_select": "chunk", "prev_chunk": True}],
                          ids=str)
 def test_blocks_selecting_every_chunk_is_the_original_also_padded(family, options):
@@ -208,7 +210,8 @@ def test_blocks_selecting_every_chunk_is_the_original_also_padded(family, option
 
 
 @pytest.mark.parametrize("options", [{"top_k": 1}, {"top_k": 2, "block_summary": "minmax", "sink_tokens": 3},
-                                     {"top_k": 1, "block_select": "chunk", "prev_chunk": True}], ids=str)
+                                     {"top_k": 1, "block_select": "chunk", "prev_chunk": True},
+                                     {"top_k": 2, "block_heads": "query"}], ids=str)
 def test_blocks_conversion_is_the_ops_definition(monkeypatch, options):
     """The conversion feeds the op the model's own rotated q, k, v, grouped-query heads and softmax scale: with the
     op's parallel form replaced by its dense-mask reference the logits are the same (and differ from the
@@ -241,6 +244,7 @@ def test_blocks_generate_is_the_argmax_chain_and_the_cache_keeps_every_key(famil
     assert row.length == n and row.summaries.shape[2] == n // 8
     assert torch.equal(conv.generate(ids, max_new_tokens=30, do_sample=False), seq)  # generate() makes the cache
     H, Hk, d = 6 if family == "llama" else 4, 2 if family == "llama" else 4, 8 if family == "llama" else 12
+    Hk = H if mode.get("block_heads") == "query" else Hk  # keys and values repeated to the query heads
     S = d * (2 if mode.get("block_summary") == "minmax" else 1)
     q_bytes = H * d * 8 if mode.get("block_select") == "chunk" else 0
     assert cache.layers[0].nbytes() == 8 * (2 * Hk * n * d + Hk * (n // 8) * S) + q_bytes  # fp64, live contents

@@ -40,7 +40,8 @@ WINDOW_IMPL = "bsbr_sliding_window"
 META_KEYS = ("last", "mean")
 META_INITS = ("identity", "zero")
 RETRIEVALS = ("blocks", "states", "none")
-BLOCK_OPTIONS = ("top_k", "block_summary", "block_select", "prev_chunk")
+BLOCK_OPTIONS = ("top_k", "block_summary", "block_select", "prev_chunk", "block_heads")
+BLOCK_HEADS = ("kv", "query")
 _CACHE_KEY = "bsbr_cache_layer"
 
 
@@ -52,6 +53,9 @@ class BSBRMeta(nn.Module):
     of the ``top_k`` best (``block_select="token"``: a choice per query; ``"chunk"``: per chunk, by its first
     query), its own chunk (causal), the stream's first ``sink_tokens`` (``= chunk_size``: the whole first chunk)
     and, with ``prev_chunk``, the previous chunk, in one exact softmax (:mod:`bsbr.ops.bsbr_blocks`).
+    ``block_heads="kv"`` (default): one selection per key/value group (the scores of its query heads summed, as the
+    keys are shared); ``"query"``: each query head selects its own chunks (keys and values repeated to the query
+    heads before the op, so the streaming cache holds H instead of Hk heads of them).
 
     ``retrieval="states"`` (the state readout) adds:
     meta_q [H, d, d]: per query head, the meta query of chunk i is r_i = meta_q[h] q_{first token of i};
@@ -75,7 +79,8 @@ class BSBRMeta(nn.Module):
                  compression_factor: int | None = None, state_norm: str = "mean", meta_key: str = "last",
                  retrieval_window: int | None = None, retrieval: str | bool = "states", gate_init: float = 1.0,
                  meta_init: str = "identity", sink_tokens: int = 0, top_k: int | None = None,
-                 block_summary: str | None = None, block_select: str | None = None, prev_chunk: bool | None = None):
+                 block_summary: str | None = None, block_select: str | None = None, prev_chunk: bool | None = None,
+                 block_heads: str | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.chunk_size = _checks.positive_int("chunk_size", chunk_size)
@@ -92,11 +97,12 @@ class BSBRMeta(nn.Module):
             raise ValueError(f"sink_tokens must be at most chunk_size={chunk_size}, got {sink_tokens}")
         _checks.one_of("meta_init", meta_init, META_INITS)
         blocks = {"top_k": top_k, "block_summary": block_summary, "block_select": block_select,
-                  "prev_chunk": prev_chunk}
+                  "prev_chunk": prev_chunk, "block_heads": block_heads}
         if self.retrieval_mode == "blocks":
             self.top_k = _checks.positive_int("top_k", 2 if top_k is None else top_k)
             self.block_summary = _checks.one_of("block_summary", block_summary or "mean", SUMMARIES)
             self.block_select = _checks.one_of("block_select", block_select or "token", SELECTIONS)
+            self.block_heads = _checks.one_of("block_heads", block_heads or "kv", BLOCK_HEADS)
             if prev_chunk is not None and not isinstance(prev_chunk, bool):
                 raise TypeError(f"prev_chunk must be a bool, got {prev_chunk!r}")
             self.prev_chunk = bool(prev_chunk)
@@ -112,6 +118,7 @@ class BSBRMeta(nn.Module):
             raise ValueError(f"{sorted(given)} belong to retrieval='blocks', got them with "
                              f"retrieval={self.retrieval_mode!r}")
         self.top_k, self.block_summary, self.block_select, self.prev_chunk = 0, "mean", "token", False
+        self.block_heads = "kv"
         d = head_dim
         eye = torch.eye(d) if meta_init == "identity" else torch.zeros(d, d)
         self.meta_q = nn.Parameter(eye.repeat(num_heads, 1, 1))
@@ -150,6 +157,13 @@ class BSBRMeta(nn.Module):
                          prev_chunk=self.prev_chunk, summary=self.block_summary, select=self.block_select,
                          scaling=scaling)
 
+    def block_kv(self, k: torch.Tensor, v: torch.Tensor, num_heads: int):
+        """k, v [B, Hk, T, d] as the op takes them: repeated to the query heads with ``block_heads="query"``."""
+        G = num_heads // k.shape[1]
+        if self.block_heads == "kv" or G == 1:
+            return k, v
+        return k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+
     def full(self, q, k, v, scaling: float, dropout: float = 0.0) -> torch.Tensor:
         """Outputs [B, H, T, d] of a whole sequence q [B, H, T, d], k, v [B, Hk, T, d] (no past)."""
         if not self.uses_blocks:
@@ -157,6 +171,7 @@ class BSBRMeta(nn.Module):
         if dropout:
             raise ValueError(f"retrieval='blocks' has no attention dropout; got dropout={dropout} (call model.eval(), "
                              "or set the model's attention_dropout to 0)")
+        k, v = self.block_kv(k, v, q.shape[1])
         return blocks_parallel(q, k, v, self.block_spec(scaling))[0]
 
     def meta_query(self, q_first: torch.Tensor) -> torch.Tensor:
@@ -172,7 +187,7 @@ class BSBRMeta(nn.Module):
         if self.uses_blocks:
             return {"chunk_size": self.chunk_size, "retrieval": "blocks", "top_k": self.top_k,
                     "block_summary": self.block_summary, "block_select": self.block_select,
-                    "prev_chunk": self.prev_chunk, "sink_tokens": self.sink_tokens}
+                    "block_heads": self.block_heads, "prev_chunk": self.prev_chunk, "sink_tokens": self.sink_tokens}
         return {"chunk_size": self.chunk_size, "compression_factor": self.compression_factor,
                 "state_norm": self.state_norm, "meta_key": self.meta_key_mode,
                 "retrieval_window": self.retrieval_window, "retrieval": self.retrieval_mode,
@@ -499,6 +514,7 @@ class BSBRCacheLayer(CacheLayerMixin):
         token is the op's decode step (:func:`blocks_step`), more go through :func:`blocks_parallel` from the
         start of the open chunk (the open chunk's earlier queries are zero placeholders whose outputs are dropped)."""
         spec = meta.block_spec(scaling)
+        k, v = meta.block_kv(k, v, q.shape[1])
         ch, n = spec.chunk, q.shape[2]
         row = self.rows[b]
         if row is None:
