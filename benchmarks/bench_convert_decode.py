@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/bench_convert_decode.py               # SmolLM2-135M, contexts 4k/16k/64k
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_convert_decode.py --lengths 2048 8192 32768 \
-        --variants "blocks chunk 256 top-2 minmax" --out benchmarks/results/convert_decode_blocks.json
+        --variants "blocks chunk 256 top-2" --out benchmarks/results/convert_decode_blocks.json
 
 For each context length n the original decodes with a transformers DynamicCache holding n keys and values per
 layer, and each BSBR variant with a BSBRCache holding the state a stream of n tokens leaves (n / chunk states
@@ -34,7 +34,7 @@ from bsbr.convert.attention import BlocksRow, BSBRCacheLayer, StreamRow  # noqa:
 from bsbr.convert.models import smollm2  # noqa: E402
 from bsbr.ops.bsbr_blocks import summarize  # noqa: E402
 
-VARIANTS = {"blocks chunk 256 top-2 minmax": {"retrieval": "blocks", "top_k": 2, "block_summary": "minmax"},
+VARIANTS = {"blocks chunk 256 top-2": {"retrieval": "blocks", "top_k": 2},
             "BSBR chunk 256": {"retrieval": "states"},
             "BSBR chunk 256, compression 4": {"retrieval": "states", "compression_factor": 4},
             "BSBR chunk 256, retrieval window 16": {"retrieval": "states", "retrieval_window": 16}}

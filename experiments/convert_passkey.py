@@ -41,7 +41,7 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 
 VARIANTS = {
     "original": None,
-    "blocks chunk 256 top-2 minmax, first chunk": {"chunk_size": 256, "top_k": 2, "block_summary": "minmax"},
+    "blocks chunk 256 top-2 mean, first chunk": {"chunk_size": 256, "top_k": 2, "block_summary": "mean"},
     "local chunk 256": {"chunk_size": 256, "retrieval": "none"},
     "sliding window 1024 + 4 sinks": "window",
 }
