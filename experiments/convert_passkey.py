@@ -43,6 +43,8 @@ VARIANTS = {
     "original": None,
     "blocks chunk 256 top-2 mean, first chunk": {"chunk_size": 256, "top_k": 2, "block_summary": "mean"},
     "local chunk 256": {"chunk_size": 256, "retrieval": "none"},
+    "blocks chunk 64 top-8 mean, first chunk, per query head": {"chunk_size": 64, "top_k": 8,
+                                                                 "block_heads": "query"},
     "sliding window 1024 + 4 sinks": "window",
 }
 
@@ -97,6 +99,21 @@ def plot(record: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def table(record: dict) -> str:
+    """Markdown: one row per (model, length), accuracy at each depth measured (trials in brackets)."""
+    depths = sorted({float(k.split("/")[1]) for c in record["cells"].values() for k in c})
+    lines = ["| conversion | tokens | " + " | ".join(f"depth {int(d * 100)}%" for d in depths) + " |",
+             "|---|---|" + "---|" * len(depths)]
+    for name, cells in record["cells"].items():
+        for L in sorted({int(k.split("/")[0]) for k in cells}):
+            vals = []
+            for d in depths:
+                c = cells.get(f"{L}/{d}")
+                vals.append("—" if c is None else f"{c['accuracy']:.2f} ({c['trials']})")
+            lines.append(f"| {name} | {L:,} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
@@ -105,17 +122,22 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--table", action="store_true", help="print the Markdown table of the JSON")
     args = p.parse_args(argv)
     path = Path(args.results)
     record = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
+    if args.table:
+        print(table(record))
+        return 0
     if args.plot_only:
         plot(record, FIGURE)
         return 0
     torch.set_num_threads(1)
     original, tok = smollm2(ROOT / "runs" / "models" / "smollm2-135m")
-    record["environment"] = environment()
-    record["command"] = "OMP_NUM_THREADS=1 PYTHONPATH=src python experiments/convert_passkey.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
+    record.setdefault("runs", []).append({
+        "environment": environment(),
+        "command": "OMP_NUM_THREADS=1 PYTHONPATH=src python experiments/convert_passkey.py " + " ".join(
+            argv if argv is not None else sys.argv[1:])})
     record["prompt"] = {"intro": INTRO, "filler": FILLER, "needle": NEEDLE, "question": QUESTION,
                         "decode": "greedy, 8 new tokens; correct when the digits generated start with the key"}
     for L in args.lengths:
