@@ -1,10 +1,13 @@
 """Decode cost of a converted model against the original with its KV cache, side by side in one run.
 
     PYTHONPATH=src python benchmarks/bench_convert_decode.py               # SmolLM2-135M, contexts 4k/16k/64k
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_convert_decode.py --lengths 2048 8192 32768 \
+        --variants "blocks chunk 256 top-2" --out benchmarks/results/convert_decode_blocks.json
 
 For each context length n the original decodes with a transformers DynamicCache holding n keys and values per
 layer, and each BSBR variant with a BSBRCache holding the state a stream of n tokens leaves (n / chunk states
-per key/value head, fewer with a retrieval window).  Caches at 16k and 64k are filled with random tensors of
+per key/value head, fewer with a retrieval window; under block retrieval every key and value and one summary per
+complete chunk).  Caches at 16k and 64k are filled with random tensors of
 exactly the sizes a prefill would leave (a 64k prefill of the original is quadratic: hours on this CPU); at 4k
 both are also filled by a real prefill, and the two latencies are printed side by side to show the fill does not
 matter.  Latency: the median of ``--steps`` single-token steps after two warm-up steps; BSBR's steps inside a
@@ -27,11 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from bsbr.convert import BSBRCache, convert_to_bsbr, head_counts  # noqa: E402
-from bsbr.convert.attention import BSBRCacheLayer, StreamRow  # noqa: E402
+from bsbr.convert.attention import BlocksRow, BSBRCacheLayer, StreamRow  # noqa: E402
 from bsbr.convert.models import smollm2  # noqa: E402
+from bsbr.ops.bsbr_blocks import summarize  # noqa: E402
 
-VARIANTS = {"BSBR chunk 256": {}, "BSBR chunk 256, compression 4": {"compression_factor": 4},
-            "BSBR chunk 256, retrieval window 16": {"retrieval_window": 16}}
+VARIANTS = {"blocks chunk 256 top-2": {"retrieval": "blocks", "top_k": 2},
+            "BSBR chunk 256": {"retrieval": "states"},
+            "BSBR chunk 256, compression 4": {"retrieval": "states", "compression_factor": 4},
+            "BSBR chunk 256, retrieval window 16": {"retrieval": "states", "retrieval_window": 16}}
 
 
 def kv_cache(model, n: int, real_ids=None):
@@ -56,6 +62,18 @@ def bsbr_cache(model, n: int, real_ids=None) -> BSBRCache:
         return cache
     H, Hk, d = head_counts(model)
     meta = model.model.layers[0].self_attn.bsbr
+    if meta.uses_blocks:  # every key and value, one summary per complete chunk (room for 1,024 more tokens)
+        g = torch.Generator().manual_seed(0)
+        ch = meta.chunk_size
+        for _ in range(model.config.num_hidden_layers):
+            layer = BSBRCacheLayer()
+            layer.lazy_initialization(torch.zeros(1, 1, 1, 1), None)
+            k, v = torch.randn(1, Hk, n + 1024, d, generator=g), torch.randn(1, Hk, n + 1024, d, generator=g)
+            summ = summarize(k[:, :, : n // ch * ch].unflatten(2, (n // ch, ch)), meta.block_summary)
+            layer.rows = [BlocksRow(k, v, summ, length=n)]
+            layer.seen = n
+            cache.layers.append(layer)
+        return cache
     ch, W = meta.chunk_size, meta.retrieval_window
     done = n // ch
     kept = done if W is None else min(done, W)
@@ -95,12 +113,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
     p.add_argument("--steps", type=int, default=9)
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "convert_decode.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
     original, _ = smollm2(ROOT / "runs" / "models" / "smollm2-135m")
     variants = {name: convert_to_bsbr(__import__("copy").deepcopy(original), 256, **opts).eval()
-                for name, opts in VARIANTS.items()}
+                for name, opts in VARIANTS.items() if name in args.variants}
     rows = []
     with torch.inference_mode():
         for n in args.lengths:
@@ -142,7 +161,8 @@ def main(argv=None) -> int:
                              f"{r['cache_bytes'] / 2**20:7.1f} MiB ({orig['cache_bytes'] / r['cache_bytes']:.1f}x)")
                 print(line, flush=True)
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "command": "PYTHONPATH=src python benchmarks/bench_convert_decode.py " + " ".join(sys.argv[1:])}
     Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     print(f"written to {args.out}")
     return 0

@@ -41,6 +41,10 @@ RECORD = [
            "long_document", ("long_document",), "long_document.py"),
     Record("Converting pretrained Hugging Face models (GPT-2, SmolLM2-135M) to BSBR", "doc",
            ("convert_gpt2", "convert_smollm2", "convert_smollm2_distill"), "convert.py", doc="convert.md"),
+    Record("Converting SmolLM2-135M with block retrieval, no training: perplexity ratio by keys kept, 2k-8k tokens",
+           "doc", ("convert_blocks",), "convert_blocks.py", doc="convert.md"),
+    Record("Passkey retrieval in converted SmolLM2-135M at 2k, 4k and 8k tokens", "doc", ("convert_passkey",),
+           "convert_passkey.py", doc="convert.md"),
 ]
 
 _OLD_TASK = "MQAR before 2026-12-04, answers written into the input (a shortcut: see the archive's notes)"
@@ -79,7 +83,8 @@ def results_commit(data: dict) -> tuple[str, bool]:
     Runs that carry their own "environment" (run_grid since 2026-12-07) are counted per commit; older files record
     only the last writer's environment, which says nothing of the commit of earlier runs in a file with several."""
     runs = data.get("runs")
-    runs = list(runs.values()) if isinstance(runs, dict) else []
+    runs = list(runs.values()) if isinstance(runs, dict) else [r for r in runs if isinstance(r, dict)] \
+        if isinstance(runs, list) else []  # a dict of cells (run_grid) or a list of invocations (convert_*.py)
     own = [r["environment"].get("commit") for r in runs if isinstance(r.get("environment"), dict)]
     if runs and len(own) == len(runs) and all(own):
         counts = Counter(own)

@@ -80,7 +80,7 @@ def init_study(model, tok, plan: ConversionPlan, out: Path) -> dict:
         ref = reference_outputs(model, ev)
         rows = {}
         for name, options in INITS.items():
-            conv = convert_to_bsbr(copy.deepcopy(model), plan.chunk_size, **options)
+            conv = convert_to_bsbr(copy.deepcopy(model), plan.chunk_size, retrieval="states", **options)
             m = compare_outputs(ref, conv, ev, bucket=plan.chunk_size, progress=False)
             rows[name] = {"options": options, "ppl_ratio": m["ppl_ratio"], "ppl": m["ppl_converted"],
                           "ppl_original": m["ppl_original"], "kl": m["kl"], "top1": m["top1"]}

@@ -490,8 +490,11 @@ def test_layer_and_lm_padding_with_nonfinite_hidden_states_gives_the_clean_outpu
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("options", [{}, {"sink_tokens": 3, "retrieval_window": 2},
-                                     {"retrieval": False, "sink_tokens": 2}], ids=str)
+@pytest.mark.parametrize("options", [{"retrieval": "states"},
+                                     {"retrieval": "states", "sink_tokens": 3, "retrieval_window": 2},
+                                     {"retrieval": False, "sink_tokens": 2}, {"retrieval": "blocks", "top_k": 1},
+                                     {"retrieval": "blocks", "top_k": 2, "block_summary": "minmax", "sink_tokens": 3,
+                                      "prev_chunk": True}], ids=str)
 def test_converted_model_nonfinite_hidden_state_changes_no_earlier_output(family, options):
     """The conversion path (Hugging Face attention backend and BSBRCache; GPT-2, and LLaMA with grouped-query
     attention): a NaN input embedding at position p changes no earlier logit, in one forward and streamed in any
@@ -513,6 +516,13 @@ def test_converted_model_nonfinite_hidden_state_changes_no_earlier_output(family
             start += n
         return torch.cat(pieces, dim=1)
 
+    def same(a, b):
+        # block retrieval's op steps off its fused path when any value is non-finite: the same sums, rounded in
+        # another order (test_bsbr_blocks.py); the state readout is bitwise
+        if options.get("retrieval") != "blocks":
+            return torch.equal(a, b)
+        return bool(torch.isfinite(a).all()) and (a.numel() == 0 or (a - b).abs().max().item() <= 1e-12)
+
     with torch.no_grad():
         forms = {"one forward": lambda e: conv(inputs_embeds=e).logits,
                  "pieces": lambda e: streamed(e, [5, 1, 1, 13, 3, 18]), "tokens": lambda e: streamed(e, [1] * 41)}
@@ -522,7 +532,7 @@ def test_converted_model_nonfinite_hidden_state_changes_no_earlier_output(family
                 e2 = e.clone()
                 e2[:, p] = float("nan")
                 out = run(e2)
-                assert torch.equal(out[:, :p], base[:, :p]), f"{form}: NaN at {p} leaked backwards"
+                assert same(out[:, :p], base[:, :p]), f"{form}: NaN at {p} leaked backwards"
                 assert not torch.isfinite(out[:, p]).all()
         mask = torch.ones(3, 30, dtype=torch.long)
         mask[1, 19:] = 0
@@ -532,4 +542,4 @@ def test_converted_model_nonfinite_hidden_state_changes_no_earlier_output(family
         clean = conv(inputs_embeds=e, attention_mask=mask, position_ids=pos).logits
         dirty = conv(inputs_embeds=e.masked_fill(mask[..., None] == 0, float("nan")), attention_mask=mask,
                      position_ids=pos).logits
-        assert torch.equal(dirty[mask.bool()], clean[mask.bool()])
+        assert same(dirty[mask.bool()], clean[mask.bool()])

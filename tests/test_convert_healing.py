@@ -40,7 +40,7 @@ def test_healing_transfer_lowers_its_loss_and_resumes_exactly(tmp_path):
     from bsbr.convert import HealConfig, heal
 
     def fresh():
-        return convert_to_bsbr(tiny("llama").float(), chunk_size=8, gate_init=0.0)
+        return convert_to_bsbr(tiny("llama").float(), chunk_size=8, retrieval="states", gate_init=0.0)
 
     data = torch.randint(0, VOCAB, (12, 1, 48), generator=torch.Generator().manual_seed(11))
     cfg = HealConfig(stage="transfer", steps=12, lr=3e-2, seq_len=48, warmup=2, save_every=3)
@@ -71,7 +71,7 @@ def test_healing_transfer_lowers_its_loss_and_resumes_exactly(tmp_path):
 def test_healing_finetune_trains_only_the_bsbr_weights(tmp_path):
     from bsbr.convert import HealConfig, heal
 
-    conv = convert_to_bsbr(tiny("gpt2").float(), chunk_size=8, gate_init=0.5)
+    conv = convert_to_bsbr(tiny("gpt2").float(), chunk_size=8, retrieval="states", gate_init=0.5)
     before = {n: p.clone() for n, p in conv.named_parameters()}
     data = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(12))
     records = heal(conv, lambda s: data, HealConfig(stage="finetune", steps=4, lr=1e-2, seq_len=40, warmup=1),
@@ -89,7 +89,7 @@ def test_distillation_teacher_is_the_original_and_the_stage_lowers_its_loss(tmp_
     data = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(13))
     whole = convert_to_bsbr(copy.deepcopy(original), chunk_size=64)  # one chunk covers the input: the original
     assert abs(distill_loss(whole, data).item()) < 1e-12
-    conv = convert_to_bsbr(copy.deepcopy(original), chunk_size=8, gate_init=0.1)
+    conv = convert_to_bsbr(copy.deepcopy(original), chunk_size=8, retrieval="states", gate_init=0.1)
     with torch.no_grad():  # the loss is KL(original || converted) against a separate copy of the original
         p = torch.log_softmax(original(data).logits, -1)
         q = torch.log_softmax(conv(data).logits, -1)
@@ -130,7 +130,8 @@ def test_cli_convert_writes_model_and_report_and_resumes(tmp_path, capsys):
 
     path, _ = _tiny_dir(tmp_path)
     out = tmp_path / "out"
-    args = ["convert", str(path), "--chunk-size", "8", "--transfer-steps", "2", "--heal-steps", "1",
+    args = ["convert", str(path), "--retrieval", "states", "--chunk-size", "8", "--transfer-steps", "2",
+            "--heal-steps", "1",
             "--finetune-steps", "1", "--seq-len", "32", "--eval-windows", "2", "--chunk-sweep", "4", "16",
             "--length-sweep", "16", "--out", str(out), "--no-progress"]
     assert main(args) == 0
@@ -148,8 +149,25 @@ def test_cli_convert_writes_model_and_report_and_resumes(tmp_path, capsys):
     assert (out / "stages" / "before.json").stat().st_mtime_ns == stamp
 
 
+def test_cli_convert_with_block_retrieval_measures_without_healing(tmp_path):
+    from bsbr.cli import main
+
+    path, _ = _tiny_dir(tmp_path)
+    out = tmp_path / "out"
+    assert main(["convert", str(path), "--chunk-size", "8", "--top-k", "1", "--block-summary", "minmax",
+                 "--seq-len", "32", "--eval-windows", "2", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["stages"]) == ["before"] and report["healing"] == {}
+    assert set(report["stages"]["before"]) >= {"bsbr", "local", "sliding_window"}
+    assert "Block retrieval" in (out / "report.md").read_text()
+    back = from_pretrained(out / "model")
+    assert back.config.bsbr["retrieval"] == "blocks" and back.config.bsbr["block_summary"] == "minmax"
+
+
 @pytest.mark.parametrize("extra,match", [(["--chunk-size", "0"], "--chunk-size must be a positive integer"),
-                                         (["--compression-factor", "7"], "must divide head_dim"),
+                                         (["--retrieval", "states", "--compression-factor", "7"],
+                                          "must divide head_dim"),
+                                         (["--heal-steps", "3"], "--heal-steps 3: only for --retrieval states"),
                                          ([], None)])
 def test_cli_convert_refuses_bad_input_before_any_work(tmp_path, capsys, extra, match):
     from bsbr.cli import main
@@ -173,7 +191,7 @@ FUZZ_EXAMPLES = 30  # mutated model directories tried (each loads a tiny model: 
 @pytest.fixture(scope="module")
 def converted_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("converted")
-    conv = convert_to_bsbr(tiny("llama").float(), chunk_size=8)
+    conv = convert_to_bsbr(tiny("llama").float(), chunk_size=8, retrieval="states")
     conv.save_pretrained(path)
     return path
 

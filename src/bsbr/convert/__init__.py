@@ -4,12 +4,16 @@
     model = convert_to_bsbr("path/to/model", chunk_size=256)     # same class, BSBR attention, generate() works
 
 See docs/convert.md for what is exact, what is measured and how healing trains the new weights.  The names below
-are imported on first use, so ``bsbr`` itself works without transformers installed.
+are imported on first use, so ``bsbr`` itself works without transformers installed.  Where transformers is
+installed, importing ``bsbr.convert`` registers the converted model types (``bsbr_llama``, ...) with its Auto
+classes, so that ``AutoModelForCausalLM.from_pretrained(saved_dir)`` returns the converted model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 
 _EXPORTS = {
     "BSBR_IMPL": "attention", "WINDOW_IMPL": "attention", "BSBRCache": "attention", "BSBRMeta": "attention",
@@ -25,6 +29,14 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+def _register() -> None:
+    if importlib.util.find_spec("transformers") is None:
+        return
+    # a transformers too old for bsbr.convert: the names below say so when used
+    with contextlib.suppress(ImportError):
+        importlib.import_module(".convert", __name__)  # registers the Auto classes on import
+
+
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'bsbr.convert' has no attribute {name!r}")
@@ -33,3 +45,6 @@ def __getattr__(name: str):
     except ImportError as err:
         raise ImportError(f"bsbr.convert needs transformers >= 5: pip install 'bsbr[hf]' ({err})") from err
     return getattr(module, name)
+
+
+_register()

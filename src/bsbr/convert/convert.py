@@ -4,6 +4,12 @@
 weights and forward code; it attaches a :class:`~bsbr.convert.attention.BSBRMeta` to every attention module,
 switches ``config._attn_implementation`` to ``"bsbr"`` and records the settings in ``config.bsbr``, so that
 ``save_pretrained`` writes one directory (safetensors + config) that :func:`from_pretrained` loads again.
+
+Loading the standard way: a converted model's config is of a subclass of its own config class whose model_type is
+``"bsbr_<model_type>"`` (e.g. ``bsbr_llama``), and this module registers those types with ``AutoConfig`` and
+``AutoModelForCausalLM`` (importing ``bsbr.convert`` does it).  So ``AutoModelForCausalLM.from_pretrained(dir)``
+returns the converted model once ``bsbr.convert`` is imported, and fails loudly (unknown model type) before; it
+never hands back the original attention.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import _checks
-from .attention import BSBR_IMPL, WINDOW_IMPL, BSBRCache, BSBRMeta
+from .attention import BLOCK_OPTIONS, BSBR_IMPL, WINDOW_IMPL, BSBRCache, BSBRMeta
 
 
 @dataclass(frozen=True)
@@ -42,13 +48,25 @@ FAMILIES = {
     "mistral": Family("Mistral", "model.layers", "self_attn"),
 }
 SUPPORTED_CLASSES = ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-OPTION_NAMES = ("state_norm", "meta_key", "retrieval_window", "retrieval", "gate_init", "meta_init", "sink_tokens")
+STATE_OPTIONS = ("state_norm", "meta_key", "retrieval_window", "gate_init", "meta_init")
+OPTION_NAMES = (*STATE_OPTIONS, "retrieval", "sink_tokens", *BLOCK_OPTIONS)
+DEFAULT_RETRIEVAL = "blocks"
+PREFIX = "bsbr_"  # model_type of a converted model's config: PREFIX + the original's
+HOW_TO_LOAD = ("import bsbr.convert, then AutoModelForCausalLM.from_pretrained(dir) or "
+               "bsbr.convert.from_pretrained(dir); without bsbr, transformers does not know model_type bsbr_*")
+
+
+def base_model_type(model_type: str | None) -> str | None:
+    """The original model_type of a (possibly converted, ``bsbr_``-prefixed) config's model_type."""
+    if isinstance(model_type, str) and model_type.startswith(PREFIX):
+        return model_type[len(PREFIX) :]
+    return model_type
 
 
 def family_of(model: nn.Module) -> Family:
     """The family of a loaded model, or a ValueError naming its class and the supported ones."""
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+    model_type = base_model_type(getattr(config, "model_type", None))
     name = type(model).__name__
     if model_type not in FAMILIES or not name.endswith(("LMHeadModel", "ForCausalLM")):
         raise ValueError(f"cannot convert {name} (model_type {model_type!r}) to BSBR; supported classes: "
@@ -61,7 +79,7 @@ def family_of(model: nn.Module) -> Family:
 def head_counts(model) -> tuple[int, int, int]:
     """(query heads H, key/value heads Hk, head dim d) of a supported model (or of its config)."""
     c = getattr(model, "config", model)
-    if c.model_type == "gpt2":
+    if base_model_type(c.model_type) == "gpt2":
         return c.n_head, c.n_head, c.n_embd // c.n_head
     H = c.num_attention_heads
     Hk = getattr(c, "num_key_value_heads", None) or H
@@ -69,11 +87,36 @@ def head_counts(model) -> tuple[int, int, int]:
     return H, Hk, d
 
 
-def _subclass(cls: type) -> type:
-    """The model's own class with two changes: ``generate()`` makes a :class:`BSBRCache` when given no cache, and a
-    forward given no cache makes none."""
+_SUBCLASSES: dict[type, type] = {}
+_CONFIGS: dict[type, type] = {}
+
+
+def _config_subclass(cls: type) -> type:
+    """The config class of converted models of ``cls``'s family (e.g. ``BSBRLlamaConfig``): the same fields, the
+    model_type prefixed.  (Its own name and module: transformers' Auto mappings key configs by class name.)"""
     if getattr(cls, "_bsbr_converted", False):
         return cls
+    if cls not in _CONFIGS:
+        _CONFIGS[cls] = type("BSBR" + cls.__name__, (cls,), {"model_type": PREFIX + cls.model_type,
+                                                             "_bsbr_converted": True, "__module__": __name__})
+    return _CONFIGS[cls]
+
+
+def _subclass(cls: type) -> type:
+    """The model's own class with three changes: ``generate()`` makes a :class:`BSBRCache` when given no cache, a
+    forward given no cache makes none, and building it from a config with BSBR settings (``from_pretrained`` of a
+    saved converted model, through the Auto classes) attaches the BSBR modules and selects the BSBR attention."""
+    if getattr(cls, "_bsbr_converted", False):
+        return cls
+    if cls in _SUBCLASSES:
+        return _SUBCLASSES[cls]
+
+    def __init__(self, config, *args, **kwargs):
+        cls.__init__(self, config, *args, **kwargs)
+        settings = getattr(config, "bsbr", None)
+        if isinstance(settings, dict) and not any(isinstance(m, BSBRMeta) for m in self.modules()):
+            _attach(self, settings)
+            self.config._attn_implementation = BSBR_IMPL
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if (model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None
@@ -89,9 +132,28 @@ def _subclass(cls: type) -> type:
         return cls.forward(self, *args, **kwargs)
 
     sub = type(cls.__name__, (cls,), {"_bsbr_converted": True, "__module__": cls.__module__, "forward": forward,
+                                      "__init__": __init__, "config_class": _config_subclass(cls.config_class),
                                       "_prepare_cache_for_generation": _prepare_cache_for_generation})
     sub.__qualname__ = cls.__qualname__
+    _SUBCLASSES[cls] = sub
     return sub
+
+
+def register_auto_classes() -> None:
+    """Register every supported family's converted config and model classes (model_type ``bsbr_<type>``) with
+    ``AutoConfig`` and ``AutoModelForCausalLM``, so that the standard loading path returns a converted model.
+    Idempotent; run on import of this module."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    for model_type in FAMILIES:
+        if PREFIX + model_type in CONFIG_MAPPING:
+            continue
+        config_cls = CONFIG_MAPPING[model_type]
+        model_cls = _subclass(MODEL_FOR_CAUSAL_LM_MAPPING[config_cls])
+        AutoConfig.register(PREFIX + model_type, model_cls.config_class)
+        AutoModelForCausalLM.register(model_cls.config_class, model_cls)
 
 
 def load_config(model_or_path, gguf_file: str | None = None, trust_remote_code: bool = False):
@@ -114,7 +176,7 @@ def load_config(model_or_path, gguf_file: str | None = None, trust_remote_code: 
                                 f"hub: {str(err).splitlines()[0]}") from None
     except (ValueError, TypeError, KeyError, AttributeError) as err:  # a config transformers cannot build
         raise ValueError(f"{model_or_path}: its config could not be read ({type(err).__name__}: {err})") from None
-    if getattr(config, "model_type", None) not in FAMILIES:
+    if base_model_type(getattr(config, "model_type", None)) not in FAMILIES:
         name = (getattr(config, "architectures", None) or [config.model_type])[0]
         raise ValueError(f"{model_or_path}: cannot convert {name} (model_type {config.model_type!r}) to BSBR; "
                          f"supported classes: {', '.join(SUPPORTED_CLASSES)}")
@@ -175,6 +237,41 @@ def check_options(chunk_size, compression_factor, options: dict) -> None:
         raise ValueError(f"unknown BSBR option(s) {sorted(unknown)}; expected some of {list(OPTION_NAMES)}")
     if compression_factor is not None:
         _checks.positive_int("compression_factor", compression_factor)
+    mode = options.get("retrieval", DEFAULT_RETRIEVAL)
+    if not isinstance(mode, bool):
+        _checks.one_of("retrieval", mode, ("blocks", "states", "none"))
+    if mode == "blocks":
+        wrong = [k for k in STATE_OPTIONS if k in options]
+        if compression_factor is not None:
+            wrong.insert(0, "compression_factor")
+        if wrong:
+            raise ValueError(f"{wrong} belong to the state readout (retrieval='states'); retrieval='blocks' has no "
+                             "meta weights, states or gate")
+
+
+def _normalised(chunk_size: int, options: dict) -> dict:
+    """The options with the retrieval mode spelled out and block retrieval's defaults filled in."""
+    options = dict(options)
+    mode = options.get("retrieval", DEFAULT_RETRIEVAL)
+    mode = ("states" if mode else "none") if isinstance(mode, bool) else mode
+    options["retrieval"] = mode
+    if mode == "blocks":
+        options.setdefault("sink_tokens", chunk_size)  # the whole first chunk always in view
+    return options
+
+
+def _attach(model: nn.Module, settings: dict) -> None:
+    """Give every attention module of ``model`` a BSBRMeta built from saved ``settings`` (config.bsbr)."""
+    options = {k: settings[k] for k in OPTION_NAMES if k in settings and k not in ("gate_init", "meta_init")}
+    try:
+        chunk, factor = settings["chunk_size"], settings.get("compression_factor")
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"config 'bsbr' settings lack {err}") from None
+    H, Hk, d = head_counts(model)
+    ref = next(model.parameters())
+    for attn in family_of(model).attention_modules(model):
+        attn.bsbr = BSBRMeta(H, Hk, d, chunk, compression_factor=factor, **options).to(device=ref.device,
+                                                                                       dtype=ref.dtype)
 
 
 def convert_to_bsbr(model_or_path, chunk_size: int = 128, compression_factor: int | None = None, *,
@@ -183,12 +280,19 @@ def convert_to_bsbr(model_or_path, chunk_size: int = 128, compression_factor: in
 
     ``model_or_path``: a loaded GPT-2 / LLaMA / Qwen2 / Mistral causal LM (converted in place and returned), a
     local directory (``from_pretrained``; a directory written by a converted model's ``save_pretrained`` loads
-    with its BSBR weights), or a hub name where a hub is reachable.  ``bsbr_options``: ``state_norm`` ("mean"),
-    ``meta_key`` ("last" or "mean"), ``retrieval_window`` (None), ``retrieval`` (True; False = local attention
-    only), ``gate_init`` (1.0), ``meta_init`` ("identity" or "zero").  ``load_kwargs`` go to ``from_pretrained``
+    with its BSBR weights), or a hub name where a hub is reachable.
+
+    ``retrieval`` (default "blocks"): "blocks" is block retrieval of tokens, training-free and without new weights:
+    ``top_k`` (2) earlier chunks per query and key/value group, scored by ``block_summary`` ("mean" key or
+    "minmax" bound) with ``block_select`` "token" (per query) or "chunk" (per chunk), plus the stream's first
+    ``sink_tokens`` (default ``chunk_size``: the whole first chunk) and, with ``prev_chunk``, the previous chunk.
+    "states" is the state readout, with ``state_norm`` ("mean"), ``meta_key`` ("last" or "mean"),
+    ``retrieval_window`` (None), ``gate_init`` (1.0), ``meta_init`` ("identity" or "zero"), ``compression_factor``
+    and ``sink_tokens`` (0); "none" (or False) is local attention only.  ``load_kwargs`` go to ``from_pretrained``
     (e.g. ``gguf_file``).  Returns the model, of its own class, with ``config.bsbr`` holding the settings.
     """
     check_options(chunk_size, compression_factor, bsbr_options)
+    bsbr_options = _normalised(chunk_size, bsbr_options)
     load_kwargs = dict(load_kwargs or {})
     if isinstance(model_or_path, str | os.PathLike) and Path(model_or_path).is_dir() and "gguf_file" not in load_kwargs:
         check_model_dir(Path(model_or_path))
@@ -206,8 +310,9 @@ def convert_to_bsbr(model_or_path, chunk_size: int = 128, compression_factor: in
         meta = BSBRMeta(H, Hk, d, chunk_size, compression_factor=compression_factor, **bsbr_options)
         attn.bsbr = meta.to(device=ref.device, dtype=ref.dtype)
     model.__class__ = _subclass(type(model))
+    model.config.__class__ = _config_subclass(type(model.config))
     init = {k: bsbr_options[k] for k in ("gate_init", "meta_init") if k in bsbr_options}
-    model.config.bsbr = {**_settings(model), "family": family.name, "init": init}
+    model.config.bsbr = {**_settings(model), "family": family.name, "init": init, "how_to_load": HOW_TO_LOAD}
     model.set_attn_implementation(BSBR_IMPL)
     return model
 
@@ -226,14 +331,16 @@ def bsbr_modules(model: nn.Module) -> list[BSBRMeta]:
     return mods
 
 
-def set_attention(model: nn.Module, mode: str, window: int | None = None) -> None:
+def set_attention(model: nn.Module, mode: str, window: int | None = None, sink: int = 0) -> None:
     """Switch a converted (or any supported) model between its attention forms: "bsbr", "original" (sdpa) or
-    "sliding_window" (softmax over the ``window`` latest keys).  Used by the comparisons."""
+    "sliding_window" (softmax over the ``window`` latest keys and, with ``sink`` > 0, each row's first ``sink``
+    tokens).  Used by the comparisons."""
     _checks.one_of("mode", mode, ("bsbr", "original", "sliding_window"))
     if mode == "sliding_window":
         w = _checks.positive_int("window", window)
+        s = _checks.non_negative_int("sink", sink)
         for attn in family_of(model).attention_modules(model):
-            attn.bsbr_window = w
+            attn.bsbr_window, attn.bsbr_window_sink = w, s
         model.set_attn_implementation(WINDOW_IMPL)
     elif mode == "original":
         model.set_attn_implementation("sdpa")
@@ -243,10 +350,11 @@ def set_attention(model: nn.Module, mode: str, window: int | None = None) -> Non
 
 
 def from_pretrained(path, **load_kwargs) -> nn.Module:
-    """Load a converted model written by ``save_pretrained``: the original architecture, then its BSBR weights.
+    """Load a converted model written by ``save_pretrained``, with its BSBR settings and weights.
 
-    (``AutoModelForCausalLM.from_pretrained`` on the same directory loads the original model and ignores the BSBR
-    weights; this function is the one that restores the conversion.)
+    ``AutoModelForCausalLM.from_pretrained(path)`` does the same once ``bsbr.convert`` is imported; this function
+    also loads directories saved before the converted model types existed (model_type of the original, BSBR
+    settings in ``config.json["bsbr"]``), which the Auto classes would load as the original model.
     """
     path = Path(path)
     check_model_dir(path)
@@ -255,26 +363,30 @@ def from_pretrained(path, **load_kwargs) -> nn.Module:
     if not isinstance(settings, dict):
         raise ValueError(f"{path / 'config.json'}: no 'bsbr' settings; this is not a converted model "
                          "(convert it with convert_to_bsbr)")
-    try:
-        options = {k: settings[k] for k in OPTION_NAMES if k in settings and k != "retrieval"}
-        options["retrieval"] = settings.get("retrieval", True)
-        chunk, factor = settings["chunk_size"], settings.get("compression_factor")
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path / 'config.json'}: 'bsbr' settings lack {err}") from None
-    options.pop("gate_init", None)
-    options.pop("meta_init", None)
+    if "chunk_size" not in settings:
+        raise ValueError(f"{path / 'config.json'}: 'bsbr' settings lack 'chunk_size'")
     import logging
 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity(logging.ERROR)  # the BSBR weights are "unexpected" to the original class
-    try:
-        model = _from_pretrained(AutoModelForCausalLM, str(path), attn_implementation="sdpa", **load_kwargs)
-    finally:
-        hf_logging.set_verbosity(level)
-    model = convert_to_bsbr(model, chunk, factor, **options)
+    register_auto_classes()
+    if str(config.get("model_type", "")).startswith(PREFIX):
+        model = _from_pretrained(AutoModelForCausalLM, str(path), **load_kwargs)
+        bsbr_modules(model)
+        if model.config._attn_implementation != BSBR_IMPL:  # an explicit attn_implementation was asked for
+            model.set_attn_implementation(model.config._attn_implementation)
+    else:
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity(logging.ERROR)  # the BSBR weights are "unexpected" to the original class
+        try:
+            model = _from_pretrained(AutoModelForCausalLM, str(path), attn_implementation="sdpa", **load_kwargs)
+        finally:
+            hf_logging.set_verbosity(level)
+        chunk, factor = settings["chunk_size"], settings.get("compression_factor")
+        options = {k: settings[k] for k in OPTION_NAMES if k in settings and k not in ("gate_init", "meta_init")}
+        options.setdefault("retrieval", "states")  # the only mode before block retrieval
+        model = convert_to_bsbr(model, chunk, factor, **options)
     _load_bsbr_weights(model, path)
     return model
 
@@ -301,3 +413,6 @@ def _load_bsbr_weights(model: nn.Module, path: Path) -> None:
             if found[name].shape != p.shape:
                 raise ValueError(f"{path}: {name} has shape {tuple(found[name].shape)}, expected {tuple(p.shape)}")
             p.copy_(found[name])
+
+
+register_auto_classes()

