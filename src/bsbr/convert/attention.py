@@ -512,7 +512,7 @@ class BSBRCacheLayer(CacheLayerMixin):
     def _blocks(self, meta: BSBRMeta, q, k, v, b: int, scaling: float) -> torch.Tensor:
         """Block retrieval for row b's n new tokens q [1, H, n, d], k, v [1, Hk, n, d], continuing its stream: one
         token is the op's decode step (:func:`blocks_step`), more go through :func:`blocks_parallel` from the
-        start of the open chunk (the open chunk's earlier queries are zero placeholders whose outputs are dropped)."""
+        start of the open chunk (the open chunk's earlier queries are zero-filled rows whose outputs are dropped)."""
         spec = meta.block_spec(scaling)
         k, v = meta.block_kv(k, v, q.shape[1])
         ch, n = spec.chunk, q.shape[2]
@@ -535,7 +535,7 @@ class BSBRCacheLayer(CacheLayerMixin):
                 row.summaries = torch.cat([row.summaries, new.to(row.summaries.dtype)], dim=2)
             return out
         qs = q
-        if f:  # placeholders for the open chunk's earlier tokens; with per-chunk selection the first is its query
+        if f:  # zero rows for the open chunk's earlier tokens; with per-chunk selection the first is its query
             head = q.new_zeros(1, q.shape[1], f, q.shape[3])
             if chunk_q:
                 head[:, :, 0] = row.select_q
