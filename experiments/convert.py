@@ -14,16 +14,11 @@ study (which start for the new weights) runs first and is written to the same JS
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -58,20 +53,11 @@ PLANS = {
 
 
 def environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True,
-                                    text=True).stdout.strip())
-    except OSError:
-        commit, dirty = "unknown", False
-    cpu = "unknown"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    return {"commit": commit + ("+dirty" if dirty else ""), "torch": torch.__version__, "threads":
-            torch.get_num_threads(), "cpu": cpu, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    """The experiments' one environment record (``_exp.environment``): machine, threads, torch, and the commit with
+    a loud ``+dirty`` and ``dirty_paths`` when the code has uncommitted changes."""
+    from _exp import environment as shared
+
+    return shared()
 
 
 def init_study(model, tok, plan: ConversionPlan, out: Path) -> dict:
