@@ -150,22 +150,28 @@ def test_streaming_in_any_split_equals_one_forward(family, options):
         assert_close(f"split {split[:4]}", torch.cat(pieces, dim=1), full)
 
 
+def _generate_is_the_argmax_chain(conv, steps=30):
+    """generate() through a BSBRCache, and through the cache generate() makes itself, equals the argmax chain of
+    full forwards; returns (generated ids, the cache)."""
+    ids = torch.randint(0, VOCAB, (1, 13), generator=torch.Generator().manual_seed(5))
+    cache = BSBRCache()
+    out = conv.generate(ids, max_new_tokens=steps, do_sample=False, cache=cache)
+    seq = ids
+    for _ in range(steps):
+        seq = torch.cat([seq, conv(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+    assert torch.equal(conv.generate(ids, max_new_tokens=steps, do_sample=False), seq)  # generate() makes the cache
+    return out, cache
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_is_the_argmax_chain_and_the_cache_holds_one_state_per_chunk(family):
     conv = convert_to_bsbr(tiny(family), chunk_size=8, retrieval="states")
     randomise_meta(conv)
-    ids = torch.randint(0, VOCAB, (1, 13), generator=torch.Generator().manual_seed(5))
-    cache = BSBRCache()
-    out = conv.generate(ids, max_new_tokens=30, do_sample=False, cache=cache)
-    seq = ids
-    for _ in range(30):
-        seq = torch.cat([seq, conv(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, seq)
+    out, cache = _generate_is_the_argmax_chain(conv)
     n = out.shape[1] - 1  # the last token is never fed back
     row = cache.layers[0].rows[0]
     assert row.states.shape[2] == n // 8 and row.open_k.shape[2] == n % 8
-    # generate() makes the BSBR cache by itself
-    assert torch.equal(conv.generate(ids, max_new_tokens=30, do_sample=False), seq)
 
 
 @pytest.mark.parametrize("mode", MODES[:2], ids=str)
@@ -232,17 +238,10 @@ def test_blocks_conversion_is_the_ops_definition(monkeypatch, options):
 @pytest.mark.parametrize("mode", MODES[1:], ids=str)
 def test_blocks_generate_is_the_argmax_chain_and_the_cache_keeps_every_key(family, mode):
     conv = convert_to_bsbr(tiny(family), chunk_size=8, **mode)
-    ids = torch.randint(0, VOCAB, (1, 13), generator=torch.Generator().manual_seed(5))
-    cache = BSBRCache()
-    out = conv.generate(ids, max_new_tokens=30, do_sample=False, cache=cache)
-    seq = ids
-    for _ in range(30):
-        seq = torch.cat([seq, conv(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, seq)
+    out, cache = _generate_is_the_argmax_chain(conv)
     n = out.shape[1] - 1  # the last token is never fed back
     row = cache.layers[0].rows[0]
     assert row.length == n and row.summaries.shape[2] == n // 8
-    assert torch.equal(conv.generate(ids, max_new_tokens=30, do_sample=False), seq)  # generate() makes the cache
     H, Hk, d = 6 if family == "llama" else 4, 2 if family == "llama" else 4, 8 if family == "llama" else 12
     Hk = H if mode.get("block_heads") == "query" else Hk  # keys and values repeated to the query heads
     S = d * (2 if mode.get("block_summary") == "minmax" else 1)
