@@ -28,6 +28,14 @@ def non_negative_int(name: str, value: object) -> int:
     return int(value)
 
 
+def non_negative_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number >= 0, got {value!r} ({type(value).__name__})")
+    if not float(value) >= 0:  # NaN fails too
+        raise ValueError(f"{name} must be a number >= 0, got {value}")
+    return float(value)
+
+
 def probability(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number in [0, 1), got {value!r}")

@@ -27,6 +27,9 @@ def _common(p: argparse.ArgumentParser, lengths, metrics, choices) -> None:
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="timed warm repeats per cell (median reported)")
+    p.add_argument("--min-time", type=float, default=0.02,
+                   help="seconds a timing lasts at least: a faster cell is called that many times in a row per "
+                        "timing (mean per call reported; default 0.02)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="bsbr-results/compare", help="directory for results, plots and the report")
@@ -49,7 +52,7 @@ def _prepare(args) -> None:
 
 def _kwargs(args) -> dict:
     return {"hidden_dim": args.hidden_dim, "num_layers": args.num_layers, "num_heads": args.num_heads,
-            "repeats": args.repeats, "threads": args.threads, "device": args.device}
+            "repeats": args.repeats, "min_time": args.min_time, "threads": args.threads, "device": args.device}
 
 
 @contextlib.contextmanager

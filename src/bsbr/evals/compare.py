@@ -100,7 +100,7 @@ def _accuracy(name, T, settings) -> float:
                           device=settings["device"])["accuracy"])
 
 
-TIME_KEYS = ("", "_spread", "_min", "_repeats", "_waits")  # inference_time + these: what a timed cell records
+TIME_KEYS = ("", "_spread", "_min", "_repeats", "_waits", "_calls")  # inference_time + these: what a timed cell records
 
 
 def _empty(names, lengths, metrics, settings) -> dict:
@@ -113,13 +113,14 @@ def _empty(names, lengths, metrics, settings) -> dict:
     return results
 
 
-def _record_time(row: dict, j: int, times: list[float], waits: list) -> None:
+def _record_time(row: dict, j: int, times: list[float], waits: list, calls: int) -> None:
     s = summarize(times)
     row["inference_time"][j] = s["median"]
     row["inference_time_spread"][j] = [s["p25"], s["p75"]]
     row["inference_time_min"][j] = s["min"]
     row["inference_time_repeats"][j] = list(times)
     row["inference_time_waits"][j] = list(waits)
+    row["inference_time_calls"][j] = calls
 
 
 def _fail(results: dict, name: str, T: int, err: Exception) -> None:
@@ -143,7 +144,7 @@ def _control_cell(names, lengths, fns):
     return next(iter(fns), None)
 
 
-def _timed_rounds(results: dict, fns: dict, repeats: int, seed: int, progress: bool) -> None:
+def _timed_rounds(results: dict, fns: dict, repeats: int, seed: int, progress: bool, min_time: float) -> None:
     """Interleaved rounds over every live cell (see :func:`~bsbr.evals.measure.time_interleaved`), the A/A
     control and the load probe; fills the inference_time fields and ``results["noise"]``."""
     threads, n_cores = torch.get_num_threads(), cores()
@@ -157,14 +158,15 @@ def _timed_rounds(results: dict, fns: dict, repeats: int, seed: int, progress: b
     bar = tqdm(total=len(fns) * (repeats + 1) + (repeats if control else 0), desc="timing (interleaved rounds)",
                disable=not progress, file=sys.stderr)
     with bar:
-        run = time_interleaved(fns, repeats, control=control, seed=seed, probe=probe, progress=bar.update)
+        run = time_interleaved(fns, repeats, control=control, seed=seed, probe=probe, progress=bar.update,
+                               min_time=min_time)
     for (name, T), message in run["errors"].items():
         _fail(results, name, T, RuntimeError(message))
     cells = {key: c for key, c in run["cells"].items() if key not in run["errors"]}
     for (name, T), c in cells.items():
-        _record_time(results[name], lengths.index(T), c["times"], c["waits"])
-    ctrl = {"model": control[0], "seq_length": control[1], "ratios": [round(r, 4) for r in run["control_ratios"]]} \
-        if control else None
+        _record_time(results[name], lengths.index(T), c["times"], c["waits"], c["calls"])
+    ctrl = {"model": control[0], "seq_length": control[1], "ratios": [round(r, 4) for r in run["control_ratios"]],
+            "pairs": [[float(f"{t:.6g}") for t in pair] for pair in run["control_pairs"]]} if control else None
     results["noise"] = assess(cells, ctrl, run["others"], before, threads, n_cores, probe.method)
     message = noise_warning(results)
     if message:
@@ -175,6 +177,7 @@ def compare_models(seq_lengths=(64, 128, 256, 512, 1024), models=None, metrics=(
                    *, hidden_dim: int = 128, num_layers: int = 2, num_heads: int = 4, ff_dim: int | None = None,
                    vocab_size: int = 256, batch_size: int = 1, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu", threads: int | None = None, repeats: int = 5,
+                   min_time: float = 0.02,
                    accuracy_task: str = "mqar", accuracy_task_options: dict | None = None, accuracy_steps: int = 100,
                    accuracy_batch_size: int = 16, accuracy_lr: float = 3e-3, seed: int = 0,
                    progress: bool = True) -> dict:
@@ -183,7 +186,9 @@ def compare_models(seq_lengths=(64, 128, 256, 512, 1024), models=None, metrics=(
     ``inference_time``: seconds per forward of [batch_size, T] tokens, median of ``repeats`` warm runs, timed in
     interleaved rounds: one warm-up round, then ``repeats`` rounds that each time every (model, length) cell
     once in a new random order (:func:`~bsbr.evals.measure.time_interleaved`), so that background load falls on
-    all cells alike.  Per cell it keeps every repeat (``inference_time_repeats``), the quartiles
+    all cells alike; a cell faster than ``min_time`` seconds is called enough times in a row per timing to take
+    that long and its time is the mean per call (``inference_time_calls``: calls per timing).  Per cell it keeps
+    every repeat (``inference_time_repeats``), the quartiles
     (``inference_time_spread``: [p25, p75]), the fastest (``inference_time_min``) and our threads' run-queue wait
     per repeat (``inference_time_waits``); the load before and during the run, the A/A control and the verdict
     go to ``results["noise"]`` (:func:`bsbr.evals.noise.assess`), and a noisy run also raises a
@@ -202,6 +207,7 @@ def compare_models(seq_lengths=(64, 128, 256, 512, 1024), models=None, metrics=(
     for arg, v in (("hidden_dim", hidden_dim), ("num_layers", num_layers), ("num_heads", num_heads),
                    ("batch_size", batch_size), ("repeats", repeats), ("accuracy_steps", accuracy_steps)):
         _checks.positive_int(arg, v)
+    _checks.non_negative_number("min_time", min_time)
     previous = torch.get_num_threads()  # restored on return: the caller's process keeps its setting
     if threads is not None:
         torch.set_num_threads(_checks.positive_int("threads", threads))
@@ -212,7 +218,7 @@ def compare_models(seq_lengths=(64, 128, 256, 512, 1024), models=None, metrics=(
             accuracy_task_options = {"vocab_size": 256} if accuracy_task == "mqar" else {}
         settings = _settings(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim,
                              vocab_size=vocab_size, batch_size=batch_size, dtype=str(dtype), device=str(device),
-                             repeats=repeats, seed=seed, accuracy_task=accuracy_task,
+                             repeats=repeats, min_time=min_time, seed=seed, accuracy_task=accuracy_task,
                              accuracy_task_options=dict(accuracy_task_options or {}), accuracy_steps=accuracy_steps,
                              accuracy_batch_size=accuracy_batch_size, accuracy_lr=accuracy_lr,
                              memory_kind="cuda_peak_allocated" if device.type == "cuda" else "saved_for_backward",
@@ -240,7 +246,7 @@ def compare_models(seq_lengths=(64, 128, 256, 512, 1024), models=None, metrics=(
         if "inference_time" in metrics:
             fns = {key: (lambda m=built[key[0]], x=ids: m(x)) for key, ids in inputs.items()}
             with torch.inference_mode():
-                _timed_rounds(results, fns, repeats, seed, progress)
+                _timed_rounds(results, fns, repeats, seed, progress, min_time)
         settings["device"] = str(device)
         for name in names:
             results[name]["parameters"] = built[name].num_parameters() if name in built else None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from .. import _checks
 
 
 def time_callable(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict:
@@ -78,10 +81,31 @@ def count_flops(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def time_interleaved(fns: dict, rounds: int, *, control=None, seed: int = 0, probe=None, progress=None) -> dict:
+def _calls_for(fn, min_time: float, sync) -> int:
+    """Calls of ``fn`` that take ``min_time`` seconds in a row, measured by calling it for that long."""
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        sync()
+        n += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_time or n >= 10_000:
+            break
+    return min(10_000, max(1, math.ceil(min_time / (elapsed / n)))) if elapsed > 0 else 10_000
+
+
+def time_interleaved(fns: dict, rounds: int, *, control=None, seed: int = 0, probe=None, progress=None,
+                     min_time: float = 0.0) -> dict:
     """Time every callable of ``fns`` ({key: fn}) once per round for ``rounds`` rounds after one warm-up round,
     each round in a new random order, so that a burst of background load falls on every cell alike instead of
     on the cells that happened to run during it.
+
+    ``min_time`` (seconds): a cell whose warm-up call took less is called on in the warm-up round until
+    ``min_time`` has passed, then ``ceil(min_time / mean time per call)`` times in a row per timing (at most
+    10,000), and its time is the mean per call, as ``timeit`` does (a first call is often several times slower
+    than the next, so it alone would set too few calls): one call
+    of a fraction of a millisecond is at the mercy of a single interrupt or page fault (on a quiet 2-core CI
+    machine an A/A control of 0.5 ms single calls read 1.64 / 1.02 / 1.40).
 
     ``control`` (a key of ``fns``) is timed a second time in every round, at a random place in the other half of
     the round from its first timing: the A/A control whose max / min is 1 on a steady machine.  ``probe`` (a
@@ -89,24 +113,29 @@ def time_interleaved(fns: dict, rounds: int, *, control=None, seed: int = 0, pro
     threads of other processes before it.  A key whose call raises RuntimeError (out of memory) is dropped from
     later rounds and its message kept.  ``progress(n)`` is called after each call (a tqdm's ``update``).
 
-    Returns {"cells": {key: {"times": [s per round], "waits": [wait per round or None]}}, "errors": {key:
-    message}, "control_ratios": [max/min of the control's two timings per round], "others": [mean runnable
+    Returns {"cells": {key: {"times": [s per call, per round], "waits": [wait per round or None], "calls": calls
+    per timing}}, "errors": {key:
+    message}, "control_ratios": [max/min of the control's two timings per round], "control_pairs": [[the
+    control's timing in the round's first half, in its second half] per round], "others": [mean runnable
     threads of other processes per round or None]}; times in seconds, CUDA synchronised.
     """
     import random
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     rng = random.Random(seed)
-    cells = {key: {"times": [], "waits": []} for key in fns}
+    min_time = _checks.non_negative_number("min_time", min_time)
+    cells = {key: {"times": [], "waits": [], "calls": 1} for key in fns}
     errors: dict = {}
-    ratios, others = [], []
+    ratios, pairs, others = [], [], []
 
     def timed(key):
+        n = cells[key]["calls"]
         mark = probe.mark() if probe else None
         t0 = time.perf_counter()
-        fns[key]()
+        for _ in range(n):
+            fns[key]()
         sync()
-        dt = time.perf_counter() - t0
+        dt = (time.perf_counter() - t0) / n
         return dt, (probe.wait(mark) if probe else None)
 
     for r in range(rounds + 1):  # round 0 warms up
@@ -131,6 +160,8 @@ def time_interleaved(fns: dict, rounds: int, *, control=None, seed: int = 0, pro
             finally:
                 if progress:
                     progress(1)
+            if not r and dt < min_time:  # warm-up: call on for min_time to set the calls per timing
+                cells[key]["calls"] = _calls_for(fns[key], min_time, sync)
             if key == control and r:
                 pair.append(dt)
             if r and (key not in seen) and not (key == control and pos == extra):
@@ -139,9 +170,10 @@ def time_interleaved(fns: dict, rounds: int, *, control=None, seed: int = 0, pro
                 cells[key]["waits"].append(wait)
         if len(pair) == 2 and min(pair) > 0:
             ratios.append(max(pair) / min(pair))
+            pairs.append(pair)
         if r:
             load = [v for v in load if v is not None]
             others.append(statistics.fmean(load) if load else None)
     for key in errors:
-        cells[key] = {"times": [], "waits": []}
-    return {"cells": cells, "errors": errors, "control_ratios": ratios, "others": others}
+        cells[key] = {"times": [], "waits": [], "calls": cells[key]["calls"]}
+    return {"cells": cells, "errors": errors, "control_ratios": ratios, "control_pairs": pairs, "others": others}

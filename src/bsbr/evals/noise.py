@@ -13,8 +13,10 @@ A/A control are available, and the record says so in ``"method"``):
   machine, ~0.5 when torch's two intra-op threads share two cores with two busy processes (then one preempted
   thread holds the others at the next barrier, the cause of the 10-30x slowdowns).  A cell whose median wait
   exceeds :data:`WAIT_LIMIT` is noisy.
-- *A/A control*: one cell is timed twice in every round, the second time at a random place in the other half of
-  the round; max/min of the two is 1 on a steady machine.  The median over rounds, minus 1, is the noise floor.
+- *A/A control*: one cell is timed twice in every round, once in each half of the round (the second time at a
+  random place in the other half); on a steady machine its median timing over the first halves equals its median
+  over the second halves.  How far they disagree (max / min - 1) is the noise floor: the resolution of the
+  medians the report compares (:func:`control_floor`).
 
 A run is noisy when any cell is noisy, when other runnable threads plus ours exceed the cores by more than
 :data:`LOAD_MARGIN` on average in some round, or when the noise floor exceeds :data:`FLOOR_LIMIT`.
@@ -150,8 +152,7 @@ def assess(cells: dict, control: dict | None, rounds_others: list, before: dict,
         waits = [w for w in c.get("waits", []) if w is not None]
         if waits and statistics.median(waits) > WAIT_LIMIT:
             noisy_cells.append([name, T])
-    ratios = control["ratios"] if control else []
-    floor = round(statistics.median(ratios) - 1, 4) if ratios else None
+    floor = control_floor(control)
     reasons = []
     if noisy_cells:
         reasons.append(f"{len(noisy_cells)} of {len(cells)} cells were timed while our threads waited for a CPU "
@@ -169,6 +170,21 @@ def assess(cells: dict, control: dict | None, rounds_others: list, before: dict,
             "others_during": [None if o is None else round(o, 3) for o in rounds_others],
             "control": control, "noise_floor": floor, "noisy": bool(reasons), "reasons": reasons,
             "noisy_cells": noisy_cells}
+
+
+def control_floor(control: dict | None) -> float | None:
+    """The A/A noise floor: how far the control cell's median timing in the rounds' first halves and its median in
+    their second halves disagree (max / min - 1), the same statistic as the medians the report compares; files
+    written before the pairs were kept (``"ratios"`` only) get the median over rounds of max / min - 1, which
+    reads high when each timing jitters: ``ratios`` 1.64 / 1.02 / 1.40 on a quiet 2-core CI machine."""
+    if not control:
+        return None
+    pairs = control.get("pairs")
+    if pairs:
+        first, second = (statistics.median(p[i] for p in pairs) for i in (0, 1))
+        return round(max(first, second) / min(first, second) - 1, 4) if min(first, second) > 0 else None
+    ratios = control.get("ratios")
+    return round(statistics.median(ratios) - 1, 4) if ratios else None
 
 
 def suggested_threads(noise: dict) -> int | None:
@@ -207,8 +223,9 @@ def widest_cells(results: dict, key: str, n: int = 3) -> list[list]:
 
 
 def describe_control(noise: dict, digits: int = 2) -> str | None:
-    """The A/A control in one phrase (its cell, the ratio of its two timings per round, the noise floor), or None
-    where the record has none; ``digits`` decimals for the ratios (the floor, a percentage, gets two fewer)."""
+    """The A/A control in one phrase (its cell, the ratio of its two timings per round, the noise floor: its two
+    medians' disagreement), or None where the record has none; ``digits`` decimals for the ratios (the floor, a
+    percentage, gets two fewer)."""
     c = noise.get("control")
     if not (c and c.get("ratios")):
         return None

@@ -6,11 +6,13 @@ the reader, so files of 0 and 1 load as they are)::
 
     {"schema": 2, "seq_lengths": [T, ...], "models": [name, ...], "metrics": [metric, ...], "settings": {...},
      "noise": {"noisy": bool, "reasons": [str], "noisy_cells": [[name, T], ...], "noise_floor": float or null,
-               "control": {"model", "seq_length", "ratios": [max/min per round]} or null, "cores", "threads",
+               "control": {"model", "seq_length", "ratios": [max/min per round], "pairs": [[first-half timing,
+                           second-half timing] per round] (since 2026-12-07)} or null, "cores", "threads",
                "others_before", "others_during": [per round], "loadavg_before", "loadavg_after", "method"},
      name: {metric: [value or null per length], "<metric>_spread": [[p25, p75] or null per length],
             "<metric>_min": [fastest repeat or null per length], "<metric>_repeats": [[s, ...] or null per length],
             "<metric>_waits": [[run-queue wait per repeat] or null per length],
+            "<metric>_calls": [calls per timing (a fast cell is called several times per timing) or null],
             "parameters": int or null, "errors": {"T": message}, "flops_counted": [...], "flops_parts": [...]}}
 
 Times are seconds; a wait is the share of the time our threads were ready to run during that repeat that they
@@ -110,6 +112,9 @@ def validate_results(results: object, source: str | Path = "results", complete: 
             elif key.endswith("_min"):
                 for j, v in enumerate(F.list_of(p, value, (name, key), n, "a list")):
                     F.number_at_least(p, v, (name, key, j), none=True)
+            elif key.endswith("_calls"):
+                for j, v in enumerate(F.list_of(p, value, (name, key), n, "a list")):
+                    F.int_at_least(p, v, (name, key, j), 1, none=True)
             elif key.endswith(("_repeats", "_waits")):
                 _check_per_repeat(p, value, (name, key), n, none_inside=key.endswith("_waits"))
         F.int_at_least(p, row.get("parameters"), (name, "parameters"), 0, none=True)
@@ -161,6 +166,12 @@ def _check_noise(p, noise, models, lengths) -> None:
         F.int_at_least(p, control.get("seq_length"), (*keys, "control", "seq_length"))
         for i, v in enumerate(F.list_of(p, control.get("ratios"), (*keys, "control", "ratios"), expected="a list")):
             F.number_at_least(p, v, (*keys, "control", "ratios", i), low=1.0)
+        for i, pair in enumerate(F.list_of(p, control.get("pairs", []), (*keys, "control", "pairs"),
+                                           expected="a list")):
+            if not (isinstance(pair, list) and len(pair) == 2):
+                F.fail(p, (*keys, "control", "pairs", i), pair, "a [first-half, second-half] pair of timings")
+            for k, v in enumerate(pair):
+                F.number_at_least(p, v, (*keys, "control", "pairs", i, k), low=0.0)
 
 
 def _check_spread(p, spread, keys, n, schema) -> None:
