@@ -306,8 +306,8 @@ def test_noise_record_is_checked_when_loaded(tmp_path):
 
 # --- the whole command, quiet and under a CPU hog ------------------------------------------------------------------
 
-# 7 rounds: the medians of 3 sub-millisecond-model timings on a shared VM disagree by up to ~40% now and then even
-# when nothing else runs (benchmarks/bench_aa_floor.py); over 7 rounds the floor stayed under 0.17 in 12 runs.
+# 7 rounds: on a shared VM the control's two medians of these millisecond cells disagree by more than FLOOR_LIMIT in
+# about 1 run of 12 even with nothing else runnable (benchmarks/bench_aa_floor.py; 3 rounds: 1-3 of 12).
 SMALL = ["--lengths", "64", "128", "--models", "BSBR", "Standard", "--hidden-dim", "32", "--num-heads", "2",
          "--repeats", "7"]
 HOG = "import time\nend = time.time() + 60\nwhile time.time() < end:\n    pass\n"  # bounded even if never killed
@@ -389,7 +389,12 @@ def test_a_quiet_run_is_not_flagged(tmp_path, capsys):
     noise = results["noise"]
     if max([noise["others_before"], *noise["others_during"]]) > 0.3:
         pytest.skip(f"other processes became runnable during the run ({noise['others_during']})")
-    assert not noise["noisy"] and noise["noisy_cells"] == [], noise
+    assert noise["noisy_cells"] == [] and not any("threads runnable" in r for r in noise["reasons"]), noise
+    if noise["noisy"]:  # what is left is the A/A control: the machine's own timing noise, which no test controls
+        assert len(noise["reasons"]) == 1 and "A/A control" in noise["reasons"][0], noise
+        assert "warning" in err and "A/A control" in err
+        pytest.skip(f"nothing else ran, yet the A/A control's medians disagreed by {noise['noise_floor']:.0%} "
+                    f"(above {FLOOR_LIMIT:.0%}): this host's own timing noise, flagged as it should be")
     assert "warning" not in err and noise_warning(results) is None
     assert "Warning" not in report and "Verdict: quiet." in report
 
