@@ -24,6 +24,8 @@ SPECS = [
     BlockSpec(chunk=4, top_k=2, sink=1, grad="straight_through"),
     BlockSpec(chunk=3, top_k=1, prev_chunk=True, select="chunk", summary="minmax", grad="straight_through"),
     BlockSpec(chunk=4, top_k=2, sink=3, select="chunk"),  # chunk 0 a candidate: its sink hidden per head
+    BlockSpec(chunk=4, top_k=2, sink=1, grad="grouped"),
+    BlockSpec(chunk=3, top_k=9, prev_chunk=True, select="chunk", summary="minmax", grad="grouped"),
 ]
 SHAPES = [(2, 4, 2, 23, 6), (1, 2, 2, 7, 4), (2, 3, 1, 3, 5), (1, 2, 1, 40, 6)]  # B, H, Hk, T, d
 
@@ -168,6 +170,53 @@ def test_straight_through_changes_gradients_not_outputs():
     assert (ga - gb).abs().max() > 1e-6, "the straight-through term gave the scores no gradient"
 
 
+def _grouped_softmax_by_hand(q, k, v, chunk):
+    """Landmark's grouped softmax over every earlier chunk, one query at a time with Python loops (one head, mean-key
+    summaries): weight of key s for query t = exp(q_t . k_s / sqrt(d)) * (p[t, c(s)] if c(s) < c(t) else 1),
+    p[t] = softmax over the earlier complete chunks j of q_t . mean key_j / sqrt(d)."""
+    T, d = q.shape
+    out = torch.zeros_like(v)
+    for t in range(T):
+        c = t // chunk
+        if c:
+            means = torch.stack([k[j * chunk:(j + 1) * chunk].mean(0) for j in range(c)])
+            p = torch.softmax(means @ q[t] / d**0.5, dim=0)
+        w = torch.stack([torch.exp(q[t] @ k[s] / d**0.5) * (p[s // chunk] if s // chunk < c else 1.0)
+                         for s in range(t + 1)])
+        out[t] = (w[:, None] * v[: t + 1]).sum(0) / w.sum()
+    return out
+
+
+def test_grouped_selection_over_every_chunk_is_landmarks_grouped_softmax():
+    q, k, v = _qkv(1, 1, 1, 23, 5)
+    expected = _grouped_softmax_by_hand(q[0, 0], k[0, 0], v[0, 0], 4)[None, None]
+    spec = BlockSpec(chunk=4, top_k=6, grad="grouped")
+    assert_close("reference", blocks_reference(q, k, v, spec), expected, rel_tol=1e-10)
+    assert_close("parallel", blocks_parallel(q, k, v, spec)[0], expected, rel_tol=1e-10)
+    with torch.no_grad():
+        assert_close("parallel, no grad", blocks_parallel(q, k, v, spec)[0], expected, rel_tol=1e-10)
+    assert_close("step", _stream(q, k, v, spec), expected, rel_tol=1e-10)
+    causal = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert (causal[:, :, 4:] - expected[:, :, 4:]).abs().max() > 1e-3  # the log-weights change the output
+
+
+def test_train_top_k_selects_more_chunks_in_training_mode_only():
+    """train_top_k = all chunks with the grouped softmax: training mode is the grouped softmax over every chunk
+    (through the dense route), eval mode the top_k selection; the scores get a gradient from every chunk."""
+    torch.manual_seed(0)
+    attn = BSBRAttention(16, 2, chunk_size=4, dropout=0.0, retrieval="blocks", top_k=1, selection_grad="grouped",
+                         train_top_k=8, rope=False).double()
+    x = torch.randn(2, 29, 16, dtype=torch.float64)
+    q, k, v = attn.qkv(x, 0)
+    dense = attn.out(blocks_reference(q, k, v, BlockSpec(chunk=4, top_k=8, grad="grouped")))
+    sparse = attn.out(blocks_parallel(q, k, v, BlockSpec(chunk=4, top_k=1, grad="grouped"))[0])
+    assert_close("training mode", attn.train()(x), dense, rel_tol=1e-10)
+    assert_close("eval mode", attn.eval()(x), sparse, rel_tol=1e-10)
+    assert "train_top_k=8" in repr(attn)
+    with pytest.raises(ValueError, match="train_top_k"):
+        BSBRAttention(16, 2, chunk_size=4, retrieval="states", train_top_k=4)
+
+
 def test_parallel_form_makes_no_T_by_T_tensor():
     T, d = 2048, 16
     q, k, v = _qkv(1, 1, 1, T, d, dtype=torch.float32)
@@ -196,7 +245,7 @@ def test_layer_cache_holds_every_token_and_one_summary_per_chunk():
     ({"retrieval": "blocks", "sink_tokens": 9}, "sink_tokens must be at most chunk_size=8, got 9"),
     ({"retrieval": "blocks", "compression_factor": 4}, "compression_factor=4 belongs to the state readout"),
     ({"retrieval": "blocks", "block_summary": "max"}, "block_summary must be one of"),
-    ({"retrieval": "states", "sink_tokens": 2}, "sink_tokens and prev_chunk belong to retrieval='blocks'"),
+    ({"retrieval": "states", "sink_tokens": 2}, "sink_tokens, prev_chunk and train_top_k belong to retrieval='blocks'"),
 ])
 def test_bad_settings_raise_clear_errors(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -78,8 +78,12 @@ class BSBRAttention(QKVAttention):
             stream's first ``sink_tokens`` (<= chunk_size) always in view; the previous chunk always in view;
             the chunk summary scored ("mean" key or "minmax" bound); one selection per "token" or per "chunk"
             (by the chunk's first query); how the scores learn ("none": only through q and k, as in MoBA;
-            "straight_through": Landmark's grouped-softmax gradient, zero in value).  docs/bsbr.md has the
-            numbers that chose the defaults.
+            "straight_through": Landmark's grouped-softmax gradient, zero in value; "grouped": Landmark's grouped
+            softmax itself, each selected chunk's tokens weighted by the chunk's selection probability).
+            docs/bsbr.md has the numbers that chose the defaults.
+        train_top_k: chunks selected per query in training mode (None: ``top_k``).  A number at least the
+            chunks of the training length selects every earlier chunk while training, as Landmark Attention
+            trains: with ``selection_grad="grouped"`` every chunk's score then gets a gradient.
         rope, rope_base, bias: see :class:`~bsbr.layers.qkv.QKVAttention`.
 
     Shapes: hidden_states [B, T, D] -> [B, T, D].  Extra weights beyond standard attention: ``meta_q_proj``
@@ -93,8 +97,8 @@ class BSBRAttention(QKVAttention):
                  compression_factor: int | None = None, *, state_norm: str = "mean", meta_query: str = "first",
                  retrieval_window: int | None = None, retrieval: str = "states", top_k: int = 4,
                  sink_tokens: int = 0, prev_chunk: bool = False, block_summary: str = "mean",
-                 block_select: str = "token", selection_grad: str = "none", rope: bool = True,
-                 rope_base: float = 10000.0, bias: bool = False):
+                 block_select: str = "token", selection_grad: str = "none", train_top_k: int | None = None,
+                 rope: bool = True, rope_base: float = 10000.0, bias: bool = False):
         super().__init__(hidden_dim, num_heads, dropout, bias=bias, rope=rope, rope_base=rope_base)
         self.chunk_size = _checks.positive_int("chunk_size", chunk_size)
         self.retrieval = _checks.one_of("retrieval", retrieval, RETRIEVALS)
@@ -108,6 +112,7 @@ class BSBRAttention(QKVAttention):
         self.block_summary = _checks.one_of("block_summary", block_summary, SUMMARIES)
         self.block_select = _checks.one_of("block_select", block_select, SELECTIONS)
         self.selection_grad = _checks.one_of("selection_grad", selection_grad, GRADS)
+        self.train_top_k = None if train_top_k is None else _checks.positive_int("train_top_k", train_top_k)
         if self.retrieval != "states":
             given = {"compression_factor": (compression_factor, None), "retrieval_window": (retrieval_window, None),
                      "state_norm": (state_norm, "mean"), "meta_query": (meta_query, "first")}
@@ -116,9 +121,10 @@ class BSBRAttention(QKVAttention):
                     raise ValueError(f"{name}={value!r} belongs to the state readout; retrieval={retrieval!r} "
                                      f"takes {name}={default!r}")
             self.segmented_prefill = False  # the cache holds every key, as a KV cache does
-        elif (sink_tokens, prev_chunk) != (0, False):
-            raise ValueError(f"sink_tokens and prev_chunk belong to retrieval='blocks' or 'none', got "
-                             f"sink_tokens={sink_tokens}, prev_chunk={prev_chunk} with retrieval='states'")
+        elif (sink_tokens, prev_chunk, train_top_k) != (0, False, None):
+            raise ValueError(f"sink_tokens, prev_chunk and train_top_k belong to retrieval='blocks' or 'none', got "
+                             f"sink_tokens={sink_tokens}, prev_chunk={prev_chunk}, train_top_k={train_top_k} with "
+                             f"retrieval='states'")
         self.state_norm = _checks.one_of("state_norm", state_norm, STATE_NORMS)
         self.meta_query = _checks.one_of("meta_query", meta_query, META_QUERIES)
         self.retrieval_window = (None if retrieval_window is None
@@ -314,7 +320,8 @@ class BSBRAttention(QKVAttention):
             return (super().extra_repr() + f", chunk_size={self.chunk_size}, retrieval={self.retrieval!r}, "
                     f"top_k={self.top_k}, sink_tokens={self.sink_tokens}, prev_chunk={self.prev_chunk}, "
                     f"block_summary={self.block_summary!r}, block_select={self.block_select!r}, "
-                    f"selection_grad={self.selection_grad!r}")
+                    f"selection_grad={self.selection_grad!r}"
+                    + (f", train_top_k={self.train_top_k}" if self.train_top_k is not None else ""))
         return (super().extra_repr() + f", chunk_size={self.chunk_size}, compression_factor={self.compression_factor}"
                 f", state_norm={self.state_norm!r}, meta_query={self.meta_query!r}"
                 + (f", retrieval_window={self.retrieval_window}" if self.retrieval_window is not None else ""))
@@ -338,9 +345,9 @@ class BSBRBlocksAttention(BSBRAttention):
 
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.1, *, top_k: int = 4,
                  sink_tokens: int = 0, prev_chunk: bool = False, block_summary: str = "mean",
-                 block_select: str = "token", selection_grad: str = "none", retrieval: str = "blocks",
-                 rope: bool = True, rope_base: float = 10000.0, bias: bool = False):
+                 block_select: str = "token", selection_grad: str = "none", train_top_k: int | None = None,
+                 retrieval: str = "blocks", rope: bool = True, rope_base: float = 10000.0, bias: bool = False):
         super().__init__(hidden_dim, num_heads, chunk_size, dropout, retrieval=retrieval, top_k=top_k,
                          sink_tokens=sink_tokens, prev_chunk=prev_chunk, block_summary=block_summary,
-                         block_select=block_select, selection_grad=selection_grad, rope=rope, rope_base=rope_base,
-                         bias=bias)
+                         block_select=block_select, selection_grad=selection_grad, train_top_k=train_top_k,
+                         rope=rope, rope_base=rope_base, bias=bias)

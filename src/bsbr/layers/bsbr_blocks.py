@@ -32,8 +32,11 @@ class BlocksCache(LayerCache):
 
 
 def spec(layer) -> BlockSpec:
-    """The layer's settings as the op takes them (top_k = 0 for ``retrieval="none"``)."""
-    top_k = layer.top_k if layer.retrieval == "blocks" else 0
+    """The layer's settings as the op takes them (top_k = 0 for ``retrieval="none"``; ``train_top_k`` in training
+    mode when set)."""
+    top_k = 0
+    if layer.retrieval == "blocks":
+        top_k = layer.train_top_k if layer.training and layer.train_top_k is not None else layer.top_k
     return BlockSpec(chunk=layer.chunk_size, top_k=top_k, sink=layer.sink_tokens, prev_chunk=layer.prev_chunk,
                      summary=layer.block_summary, select=layer.block_select, grad=layer.selection_grad)
 
@@ -45,7 +48,12 @@ def reference(layer, x: torch.Tensor) -> torch.Tensor:
 
 def parallel(layer, x: torch.Tensor) -> torch.Tensor:
     q, k, v = layer.qkv(x, 0)
-    return layer.out(blocks_parallel(q, k, v, spec(layer))[0])
+    s = spec(layer)
+    if s.top_k and s.top_k >= x.shape[1] // s.chunk and s.grad == "grouped":
+        # every earlier chunk selected (training as Landmark does): nothing to skip, and the dense definition is
+        # one [T, T] softmax where the sparse path would gather every chunk once per query
+        return layer.out(blocks_reference(q, k, v, s))
+    return layer.out(blocks_parallel(q, k, v, s)[0])
 
 
 def attention_weights(layer, x: torch.Tensor) -> dict:

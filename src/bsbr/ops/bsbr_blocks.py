@@ -21,7 +21,11 @@ softmax attention exactly.
 A hard top-k gives the scores no gradient.  ``grad="straight_through"`` adds log p[t, j] - stopgrad(log p[t, j])
 (p = softmax of the scores over cand(t)) to the logits of the tokens a query sees through selected chunk j: zero
 in value (outputs are unchanged, exactness holds), and the gradient of Landmark Attention's grouped softmax, so the
-scores learn which chunks the attention used.
+scores learn which chunks the attention used.  ``grad="grouped"`` adds log p[t, j] itself: Landmark's grouped
+softmax, in which a token of selected chunk j is weighted by p[t, j] (the chunks always in view and the own chunk
+by 1).  It changes the outputs (top_k >= c(t) is then the grouped softmax over every earlier chunk, not causal
+softmax attention), and trained with every chunk selected (the layer's ``train_top_k``) the scores get a gradient
+from every chunk, not only from the few a hard top-k picked.
 
 Three forms compute the same thing:
 
@@ -42,7 +46,7 @@ import torch
 
 SUMMARIES = ("mean", "minmax")
 SELECTIONS = ("token", "chunk")
-GRADS = ("none", "straight_through")
+GRADS = ("none", "straight_through", "grouped")
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,8 @@ def select(score: torch.Tensor, allowed: torch.Tensor, spec: BlockSpec):
     """The top_k allowed chunks of each query: score [..., C], allowed bool broadcastable to it.
 
     Returns (idx [..., K] long, ok [..., K] bool, bias [..., K] or None) with K = min(top_k, C); ``bias`` is the
-    straight-through term log p - stopgrad(log p) of each selected chunk (zero in value)."""
+    log-weight added to each selected chunk's logits: log p - stopgrad(log p) (zero in value) for
+    ``"straight_through"``, log p for ``"grouped"``."""
     C = score.shape[-1]
     K = min(spec.top_k, C)
     masked = score.masked_fill(~allowed, float("-inf"))
@@ -112,10 +117,10 @@ def select(score: torch.Tensor, allowed: torch.Tensor, spec: BlockSpec):
     vals, idx = masked.topk(K, dim=-1)
     ok = allowed.expand_as(score).gather(-1, idx)
     bias = None
-    if spec.grad == "straight_through":
+    if spec.grad != "none":
         logp = torch.log_softmax(masked, dim=-1).gather(-1, idx)
         logp = torch.where(ok, logp, 0.0)
-        bias = logp - logp.detach()
+        bias = logp - logp.detach() if spec.grad == "straight_through" else logp
     return idx, ok, bias
 
 
@@ -297,7 +302,7 @@ def _selected_part(q, k, v, spec: BlockSpec, idx, ok, bias, Ctot: int, G: int):
     m_out = _to_slots(ms, dests, pair, P, q.new_full((G,), float("-inf")), size).view(B, Hk, Tq, K, G)
     l_out = _to_slots(ls, dests, pair, P, q.new_zeros(G), size).view(B, Hk, Tq, K, G)
     o_out = _to_slots(os_, dests, pair, P, q.new_zeros(G, d), size).view(B, Hk, Tq, K, G, d)
-    if bias is not None:  # straight-through: shift the slot's logits by log p - stopgrad(log p) (= 0)
+    if bias is not None:  # shift the slot's logits by its log-weight (straight-through: = 0 in value)
         m_out = m_out + bias.to(m_out.dtype)[..., None]
     return m_out, l_out, o_out
 
@@ -540,13 +545,13 @@ def blocks_parallel(q, k, v, spec: BlockSpec, *, start: int = 0, summaries: torc
     summ = new if summaries is None else torch.cat([summaries, new], dim=2)
     qchunk = (start + torch.arange(Tqp, device=q.device)) // ch
     allowed = candidates(qchunk, Cc, spec) & (torch.arange(Tqp, device=q.device) < Tq)[:, None]
-    if spec.select == "chunk" and _chunkwise_available(q, k, spec, q, k, v):
+    if spec.select == "chunk" and spec.grad != "grouped" and _chunkwise_available(q, k, spec, q, k, v):
         # the rows of a chunk share its selection: score the chunks' first rows only
         idx, ok, _ = select(scores(q[:, :, ::ch], summ, spec), allowed[::ch], spec)
         return _parallel_chunkwise(q, k, v, spec, idx, ok, start)[:, :, :Tq], summ
     sc = scores(_selection_queries(q, spec), summ, spec)  # [B, Hk, Tqp, Cc]
     idx, ok, bias = select(sc, allowed, spec)
-    if fused_available(q, k, v):
+    if spec.grad != "grouped" and fused_available(q, k, v):  # (the fused path takes no log-weights)
         return _parallel_fused(q, k, v, spec, idx, ok, start, Ctot)[:, :, :Tq], summ
     qg = q.view(B, Hk, G, Tqp, d)
     # 1. the fixed part: sink, previous chunk and own chunk (causal), one [G * chunk, nf] block per query chunk
