@@ -140,6 +140,7 @@ def test_chunk_selection_takes_the_gathered_block_path(monkeypatch):
     """select="chunk" runs one fused SDPA call per slab of query chunks, with and without autograd, and steps
     aside for non-finite values and for a straight-through term that needs a gradient."""
     import bsbr.ops.bsbr_blocks as ops
+    import bsbr.ops.bsbr_blocks_fast as fast
 
     calls = []
     real = ops._parallel_chunkwise
@@ -156,7 +157,7 @@ def test_chunk_selection_takes_the_gathered_block_path(monkeypatch):
     out = blocks_parallel(*bad, spec)[0]
     assert len(calls) == 1 and torch.isfinite(out[:, :, :20]).all()
     with torch.no_grad():  # many slabs: a small block bound splits the query chunks
-        monkeypatch.setattr(ops, "_BLOCK_BYTES", 1)
+        monkeypatch.setattr(fast, "_BLOCK_BYTES", 1)
         assert_close("chunkwise, one chunk per slab", blocks_parallel(q, k, v, spec)[0], ref)
 
 

@@ -43,7 +43,7 @@ def test_analytic_equals_flop_counter(model_name, T):
         return
     # block retrieval pads its tiles of (query, selected chunk) pairs to whole tiles, which depends on the data:
     # at most tile - 1 padded queries per (row, head, chunk), 4 * chunk * d FLOPs each
-    from bsbr.ops.bsbr_blocks import _tile
+    from bsbr.ops.bsbr_blocks_tiles import _tile
 
     attn = next(m for m in model.modules() if isinstance(m, CausalAttention))
     ch, d, H = attn.chunk_size, attn.head_dim, attn.num_heads
@@ -76,7 +76,7 @@ def test_bsbr_options_and_row_groups(options):
                                      {"block_select": "chunk", "sink_tokens": 16, "top_k": 40}], ids=str)
 def test_bsbr_blocks_options(options):
     """Every pair counted: with top_k above the number of chunks nothing is padded beyond the tiles' own."""
-    from bsbr.ops.bsbr_blocks import _tile
+    from bsbr.ops.bsbr_blocks_tiles import _tile
 
     for T in (40, 300):
         model = small("BSBRBlocks", **options)

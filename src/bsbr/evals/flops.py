@@ -138,7 +138,7 @@ def _bsbr_blocks(a, T):
     S = 2 * d if a.block_summary == "minmax" else d
     top_k = a.top_k if a.retrieval == "blocks" else 0
     if a.block_select == "chunk" and a.selection_grad == "none":
-        # one gathered block per query chunk (bsbr.ops.bsbr_blocks._parallel_chunkwise): [chunk 0 if sink |
+        # one gathered block per query chunk (bsbr.ops.bsbr_blocks_fast._parallel_chunkwise): [chunk 0 if sink |
         # previous | K = min(top_k, Cc) slots, filled or not | own], every row against all of it; scores by the
         # chunks' first rows only
         m = (1 if s else 0) + (1 if a.prev_chunk else 0) + min(top_k, Cc) + 1

@@ -1,0 +1,116 @@
+"""Block retrieval's settings and selection (:mod:`bsbr.ops.bsbr_blocks` has the definition): chunk summaries, the
+scores of each query against them, the candidates, the top-k choice with its log-weights, and two helpers every
+form shares (heads repeated over a key/value group; a NaN-safe masked product).
+
+Shapes as in :mod:`bsbr.ops.bsbr_blocks`: q [B, H, T, d]; k, v [B, Hk, T, d]; summaries [B, Hk, C, S].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUMMARIES = ("mean", "minmax")
+SELECTIONS = ("token", "chunk")
+GRADS = ("none", "straight_through", "grouped")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """The settings of block retrieval (checked by the layer; see the module docstring)."""
+
+    chunk: int
+    top_k: int
+    sink: int = 0  # first tokens of the stream always in view after chunk 0 (<= chunk; == chunk: all of chunk 0)
+    prev_chunk: bool = False  # the previous chunk always in view
+    summary: str = "mean"
+    select: str = "token"
+    grad: str = "none"
+    scaling: float | None = None  # softmax scale; None = 1 / sqrt(d)
+
+    def scale(self, d: int) -> float:
+        return d**-0.5 if self.scaling is None else self.scaling
+
+
+# ------------------------------------------------------------------------------------------ selection
+def summarize(k_chunks: torch.Tensor, summary: str) -> torch.Tensor:
+    """Summaries of complete chunks: k_chunks [..., C, chunk, d] -> [..., C, S] (S = d for "mean", 2d for
+    "minmax": centre then radius)."""
+    if summary == "mean":
+        return k_chunks.mean(dim=-2, dtype=torch.float32 if k_chunks.dtype in (torch.float16, torch.bfloat16)
+                             else None)
+    lo, hi = k_chunks.amin(dim=-2), k_chunks.amax(dim=-2)
+    return torch.cat([(hi + lo) / 2, (hi - lo) / 2], dim=-1)
+
+
+def scores(q: torch.Tensor, summaries: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
+    """Chunk scores, summed over each key/value group's query heads: q [B, H, n, d], summaries [B, Hk, C, S]
+    -> [B, Hk, n, C]."""
+    B, H, n, d = q.shape
+    Hk = summaries.shape[1]
+    if q.dtype in (torch.float16, torch.bfloat16):  # a choice, not a weight: scored in fp32 (fewer flipped ties)
+        q, summaries = q.float(), summaries.float()
+    qq = q if spec.summary == "mean" else torch.cat([q, q.abs()], dim=-1)
+    s = qq.reshape(B, Hk, H // Hk * n, -1) @ summaries.transpose(-1, -2)  # [B, Hk, G * n, C]
+    return s.view(B, Hk, H // Hk, n, -1).sum(dim=2) * spec.scale(d)
+
+
+def candidates(query_chunks: torch.Tensor, num_chunks: int, spec: BlockSpec) -> torch.Tensor:
+    """query_chunks [n] (the chunk of each query; any shape [...]) -> bool [..., num_chunks]: which complete chunks
+    each query may select (earlier ones, less those always in view)."""
+    j = torch.arange(num_chunks, device=query_chunks.device)
+    c = query_chunks[..., None]
+    ok = j < c
+    if spec.prev_chunk:
+        ok = ok & (j != c - 1)
+    if spec.sink >= spec.chunk:
+        ok = ok & (j != 0)
+    return ok
+
+
+def select(score: torch.Tensor, allowed: torch.Tensor, spec: BlockSpec):
+    """The top_k allowed chunks of each query: score [..., C], allowed bool broadcastable to it.
+
+    Returns (idx [..., K] long, ok [..., K] bool, bias [..., K] or None) with K = min(top_k, C); ``bias`` is the
+    log-weight added to each selected chunk's logits: log p - stopgrad(log p) (zero in value) for
+    ``"straight_through"``, log p for ``"grouped"``."""
+    C = score.shape[-1]
+    K = min(spec.top_k, C)
+    masked = score.masked_fill(~allowed, float("-inf"))
+    if K == 0:
+        empty = score.new_zeros(*score.shape[:-1], 0)
+        return empty.long(), empty.bool(), None
+    vals, idx = masked.topk(K, dim=-1)
+    ok = allowed.expand_as(score).gather(-1, idx)
+    bias = None
+    if spec.grad != "none":
+        logp = torch.log_softmax(masked, dim=-1).gather(-1, idx)
+        logp = torch.where(ok, logp, 0.0)
+        bias = logp - logp.detach() if spec.grad == "straight_through" else logp
+    return idx, ok, bias
+
+
+def _selection_queries(q: torch.Tensor, spec: BlockSpec, offset: int = 0) -> torch.Tensor:
+    """The query each position selects with: q itself ("token") or the query at its chunk's first position
+    ("chunk"); q [B, H, n, d] holds positions offset .. offset + n - 1 with offset % chunk == 0."""
+    if spec.select == "token":
+        return q
+    firsts = (torch.arange(q.shape[2], device=q.device) // spec.chunk) * spec.chunk
+    return q[:, :, firsts]
+
+
+def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hk, ...] -> [B, Hk * groups, ...]."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _attend(p: torch.Tensor, v: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """p @ v where p is zero outside ``seen``, without letting a non-finite value outside ``seen`` in (0 * NaN):
+    p [..., n, m], v [..., m, d], seen bool broadcastable to p.  Rows that see a non-finite value get NaN."""
+    bad = ~torch.isfinite(v).all(dim=-1)  # [..., m]
+    if not bool(bad.any()):
+        return p @ v
+    out = p @ torch.where(bad[..., None], 0.0, v)
+    hit = (seen & bad[..., None, :]).any(dim=-1, keepdim=True)
+    return torch.where(hit, float("nan"), out)
