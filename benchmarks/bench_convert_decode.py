@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from bsbr.convert import BSBRCache, convert_to_bsbr, head_counts  # noqa: E402
 from bsbr.convert.attention import BlocksRow, BSBRCacheLayer, StreamRow  # noqa: E402
-from bsbr.convert.models import smollm2  # noqa: E402
+from bsbr.convert.study.checkpoints import smollm2  # noqa: E402
 from bsbr.ops.bsbr_blocks import summarize  # noqa: E402
 
 VARIANTS = {"blocks chunk 256 top-2": {"retrieval": "blocks", "top_k": 2},

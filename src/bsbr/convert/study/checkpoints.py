@@ -69,7 +69,7 @@ def train_tokenizer(vocab_size: int = 2048, corpora: tuple[str, ...] = ("prose",
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ..tasks.corpora import load_corpus
+    from ...tasks.corpora import load_corpus
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -95,7 +95,7 @@ def pretrain_gpt2(out_dir: str | Path, *, minutes: float = 30.0, seq_len: int = 
     """
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from .data import token_stream
+    from .windows import token_stream
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _checks
-from ..tasks.corpora import load_corpus
+from ... import _checks
+from ...tasks.corpora import load_corpus
 
 HELD_OUT = ("valid", "test")
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .. import _checks
-from .convert import bsbr_modules, convert_to_bsbr, set_attention
-from .data import token_stream, windows
-from .healing import HealConfig, heal
-from .metrics import compare_outputs, reference_outputs
+from ... import _checks
+from ..healing import HealConfig, heal
+from ..metrics import compare_outputs, reference_outputs
+from ..to_bsbr import bsbr_modules, convert_to_bsbr, set_attention
+from .windows import token_stream, windows
 
 
 @dataclass
