@@ -33,7 +33,8 @@ from transformers import AttentionInterface
 
 from .. import _checks
 from ..train.checkpoint import load_checkpoint, save_checkpoint
-from .attention import BSBR_IMPL, _key_validity, bsbr_mask
+from .backends import BSBR_IMPL
+from .masks import _key_validity, bsbr_mask
 from .to_bsbr import bsbr_modules
 
 TRANSFER_IMPL = "bsbr_transfer"

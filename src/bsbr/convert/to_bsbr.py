@@ -1,7 +1,7 @@
 """Convert a pretrained Hugging Face causal LM to BSBR, save it and load it back.
 
 ``convert_to_bsbr(model_or_path, chunk_size=128, compression_factor=None, **options)`` keeps the model's class,
-weights and forward code; it attaches a :class:`~bsbr.convert.attention.BSBRMeta` to every attention module,
+weights and forward code; it attaches a :class:`~bsbr.convert.meta.BSBRMeta` to every attention module,
 switches ``config._attn_implementation`` to ``"bsbr"`` and records the settings in ``config.bsbr``, so that
 ``save_pretrained`` writes one directory (safetensors + config) that :func:`from_pretrained` loads again.
 
@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from .. import _checks
-from .attention import BLOCK_OPTIONS, BSBR_IMPL, WINDOW_IMPL, BSBRCache, BSBRMeta
+from .backends import BSBR_IMPL, WINDOW_IMPL
+from .cache import BSBRHFCache
+from .meta import BLOCK_OPTIONS, BSBRMeta
 
 
 @dataclass(frozen=True)
@@ -103,9 +105,10 @@ def _config_subclass(cls: type) -> type:
 
 
 def _subclass(cls: type) -> type:
-    """The model's own class with three changes: ``generate()`` makes a :class:`BSBRCache` when given no cache, a
-    forward given no cache makes none, and building it from a config with BSBR settings (``from_pretrained`` of a
-    saved converted model, through the Auto classes) attaches the BSBR modules and selects the BSBR attention."""
+    """The model's own class with three changes: ``generate()`` makes a :class:`~bsbr.convert.cache.BSBRHFCache`
+    when given no cache, a forward given no cache makes none, and building it from a config with BSBR settings
+    (``from_pretrained`` of a saved converted model, through the Auto classes) attaches the BSBR modules and selects
+    the BSBR attention."""
     if getattr(cls, "_bsbr_converted", False):
         return cls
     if cls in _SUBCLASSES:
@@ -121,12 +124,12 @@ def _subclass(cls: type) -> type:
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if (model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None
                 and generation_config.use_cache is not False and self.config._attn_implementation == BSBR_IMPL):
-            model_kwargs["cache"] = BSBRCache()
+            model_kwargs["cache"] = BSBRHFCache()
         return cls._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
 
     def forward(self, *args, **kwargs):
         # a forward without a cache keeps none (a KV cache would hold every key and value, which BSBR does not
-        # need); pass cache=BSBRCache() to continue a stream
+        # need); pass cache=BSBRHFCache() to continue a stream
         if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
             kwargs.setdefault("use_cache", False)
         return cls.forward(self, *args, **kwargs)
