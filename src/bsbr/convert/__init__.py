@@ -31,12 +31,13 @@ _EXPORTS = {
     "set_attention": "to_bsbr",
     "compare_outputs": "metrics", "perplexity": "metrics", "reference_outputs": "metrics",
     "HealConfig": "healing", "heal": "healing",
-    "ConversionPlan": "study.pipeline", "run_conversion": "study.pipeline",
-    "write_report": "study.report",
 }
 # old names: still importable from bsbr.convert, with a DeprecationWarning naming where they are now
 _DEPRECATED = {
     "BSBRCache": ("cache", "BSBRHFCache"),  # renamed: bsbr.layers.BSBRCache is the native layers' cache
+    "ConversionPlan": ("study.pipeline", "ConversionPlan"),  # the conversion study, apart from the library
+    "run_conversion": ("study.pipeline", "run_conversion"),
+    "write_report": ("study.report", "write_report"),
 }
 __all__ = sorted(_EXPORTS)
 
