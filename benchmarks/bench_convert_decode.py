@@ -5,7 +5,7 @@
         --variants "blocks chunk 256 top-2" --out benchmarks/results/convert_decode_blocks.json
 
 For each context length n the original decodes with a transformers DynamicCache holding n keys and values per
-layer, and each BSBR variant with a BSBRCache holding the state a stream of n tokens leaves (n / chunk states
+layer, and each BSBR variant with a BSBRHFCache holding the state a stream of n tokens leaves (n / chunk states
 per key/value head, fewer with a retrieval window; under block retrieval every key and value and one summary per
 complete chunk).  Caches at 16k and 64k are filled with random tensors of
 exactly the sizes a prefill would leave (a 64k prefill of the original is quadratic: hours on this CPU); at 4k
@@ -29,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from bsbr.convert import BSBRCache, convert_to_bsbr, head_counts  # noqa: E402
-from bsbr.convert.attention import BlocksRow, BSBRCacheLayer, StreamRow  # noqa: E402
-from bsbr.convert.models import smollm2  # noqa: E402
+from bsbr.convert import BSBRHFCache, convert_to_bsbr, head_counts  # noqa: E402
+from bsbr.convert.cache import BlocksRow, BSBRCacheLayer, StreamRow  # noqa: E402
+from bsbr.convert.study.checkpoints import smollm2  # noqa: E402
 from bsbr.ops.bsbr_blocks import summarize  # noqa: E402
 
 VARIANTS = {"blocks chunk 256 top-2": {"retrieval": "blocks", "top_k": 2},
@@ -54,8 +54,8 @@ def kv_cache(model, n: int, real_ids=None):
     return cache
 
 
-def bsbr_cache(model, n: int, real_ids=None) -> BSBRCache:
-    cache = BSBRCache()
+def bsbr_cache(model, n: int, real_ids=None) -> BSBRHFCache:
+    cache = BSBRHFCache()
     if real_ids is not None:
         for piece in real_ids.split(2048, dim=1):
             model(piece, cache=cache, use_cache=True)

@@ -23,11 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from bsbr.convert import ConversionPlan, convert_to_bsbr, run_conversion, write_report  # noqa: E402
-from bsbr.convert.data import windows  # noqa: E402
+from bsbr.convert import convert_to_bsbr  # noqa: E402
 from bsbr.convert.metrics import compare_outputs, reference_outputs  # noqa: E402
-from bsbr.convert.models import pretrain_gpt2, smollm2  # noqa: E402
-from bsbr.convert.pipeline import _stage, summary_rows  # noqa: E402
+from bsbr.convert.study.checkpoints import pretrain_gpt2, smollm2  # noqa: E402
+from bsbr.convert.study.pipeline import ConversionPlan, _stage, run_conversion, summary_rows  # noqa: E402
+from bsbr.convert.study.report import write_report  # noqa: E402
+from bsbr.convert.study.windows import windows  # noqa: E402
 
 # the initialisations compared before any healing (chunk of record, 2 held-out windows)
 INITS = {

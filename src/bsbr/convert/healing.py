@@ -33,8 +33,9 @@ from transformers import AttentionInterface
 
 from .. import _checks
 from ..train.checkpoint import load_checkpoint, save_checkpoint
-from .attention import BSBR_IMPL, _key_validity, bsbr_mask
-from .convert import bsbr_modules
+from .backends import BSBR_IMPL
+from .masks import _key_validity, bsbr_mask
+from .to_bsbr import bsbr_modules
 
 TRANSFER_IMPL = "bsbr_transfer"
 STAGES = ("transfer", "distill", "finetune")
@@ -125,7 +126,7 @@ def distill_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     ``no_grad``: a converted model keeps every pretrained weight, so no second copy is needed.  The model's BSBR
     attention is restored before the converted forward, whose graph carries the gradient.
     """
-    from .convert import set_attention
+    from .to_bsbr import set_attention
 
     impl = model.config._attn_implementation
     try:
