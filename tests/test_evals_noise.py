@@ -153,7 +153,9 @@ def test_compare_records_the_controls_pairs_and_the_calls_per_timing():
     control = r["noise"]["control"]
     assert len(control["pairs"]) == 2 and control["ratios"] == [round(max(p) / min(p), 4) for p in control["pairs"]]
     calls = r["Standard"]["inference_time_calls"][0]
-    assert calls > 1 and calls * r["Standard"]["inference_time_min"][0] >= 0.005  # a 32-token forward is < 5 ms
+    # a 32-token forward of this model takes well under min_time: several calls per timing, and the time kept is per
+    # call (a total over the calls would be at least min_time)
+    assert calls > 1 and r["Standard"]["inference_time"][0] < 0.01
     assert r["settings"]["min_time"] == 0.01
     with pytest.raises(ValueError, match="min_time"):
         compare_models([32], models=["Standard"], metrics=["inference_time"], min_time=-1, progress=False)
