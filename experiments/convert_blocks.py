@@ -83,7 +83,10 @@ def grid(length: int) -> list[dict]:
         return [local(256), window(2048, 4), blocks(256, 2), blocks(256, 2, "minmax"), blocks(256, 4),
                 blocks(128, 4), window(1024, 4)]
     return [local(256), window(2048, 4), blocks(256, 2), blocks(256, 4), blocks(128, 6), blocks(64, 12),
-            blocks(256, 2, "minmax"), window(1024, 4), window(2048)]
+            blocks(256, 2, "minmax"), window(1024, 4), window(2048),
+            # per query head, at <= 1/4 of the keys (2026-12-07: per query head was the best choice at 2,048)
+            blocks(64, 12, heads="query"), blocks(32, 24, heads="query"), blocks(128, 6, heads="query"),
+            blocks(64, 11, prev=True, heads="query")]
 
 
 def configure(model, v: dict) -> None:
