@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -36,7 +38,11 @@ class _Killed(Exception):
     pass
 
 
-def test_healing_transfer_lowers_its_loss_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("how", ["killed", "sigint"])
+def test_healing_transfer_lowers_its_loss_and_resumes_exactly(tmp_path, how):
+    """A run killed mid-step resumes from its last periodic checkpoint; Ctrl-C lets the step finish and saves at
+    once (the step loop of bsbr.train.steps, as train() runs).  Either way the resumed run ends bitwise where an
+    uninterrupted one does: weights, losses and learning rates."""
     from bsbr.convert import HealConfig, heal
 
     def fresh():
@@ -49,17 +55,22 @@ def test_healing_transfer_lowers_its_loss_and_resumes_exactly(tmp_path):
     assert records[-1]["loss"] < records[0]["loss"]
     assert len(records[0]["layer_losses"]) == 2
 
-    def dies_at_7(step):
+    def interrupted_at_7(step):
         if step == 7:
-            raise _Killed
+            if how == "sigint":
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                raise _Killed
         return data[step]
 
-    part = fresh()
-    with pytest.raises(_Killed):
-        heal(part, dies_at_7, cfg, tmp_path / "part", progress=False)
-    again = fresh()  # a new process: the model starts from its conversion, the checkpoint (step 6) restores it
+    with pytest.raises(KeyboardInterrupt if how == "sigint" else _Killed):
+        heal(fresh(), interrupted_at_7, cfg, tmp_path / "part", progress=False)
+    saved = json.loads((tmp_path / "part" / "checkpoint" / "state.json").read_text())["step"]
+    assert saved == (8 if how == "sigint" else 6)
+    again = fresh()  # a new process: the model starts from its conversion, the checkpoint restores it
     resumed = heal(again, lambda s: data[s], cfg, tmp_path / "part", progress=False)
-    assert [r["step"] for r in resumed] == list(range(12))
+    assert [(r["step"], r["loss"], r["lr"], r["layer_losses"]) for r in resumed] == [
+        (r["step"], r["loss"], r["lr"], r["layer_losses"]) for r in records]
     for a, b in zip(bsbr_modules(whole), bsbr_modules(again), strict=True):
         for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
             assert torch.equal(p, q), name

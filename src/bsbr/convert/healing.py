@@ -1,6 +1,7 @@
 """Healing a converted model: train the new weights so BSBR takes over from the attention it replaces.
 
-Two stages, each resumable (a killed run continues from its last checkpoint with the same data order):
+Three stages, each run on the training loop's pieces (:mod:`bsbr.train.steps`: its schedule, step loop, graceful
+stop and resume), so a killed run continues from its last checkpoint with the same data order:
 
 1. ``"transfer"`` — attention transfer.  Each layer's BSBR output is trained to match the original softmax
    attention output of the same q, k, v (relative MSE), while the layer passes the *original* output on, so every
@@ -19,7 +20,6 @@ are.  Checkpoints hold only the trained tensors and the optimizer (safetensors),
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,17 +28,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
 from .. import _checks
-from ..train.checkpoint import load_checkpoint, save_checkpoint
+from ..train.checkpoint import save_checkpoint
+from ..train.steps import resume, run_steps, warmup_cosine
 from .backends import BSBR_IMPL
 from .masks import _key_validity, bsbr_mask
 from .to_bsbr import bsbr_modules
 
 TRANSFER_IMPL = "bsbr_transfer"
 STAGES = ("transfer", "distill", "finetune")
+MIN_LR_RATIO = 0.1  # the cosine decays to 10% of lr
 
 
 def transfer_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -144,13 +145,6 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _lr(step: int, cfg: HealConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def heal(model: nn.Module, batch_at: Callable[[int], torch.Tensor], cfg: HealConfig, out_dir: str | Path,
          progress: bool = True) -> list[dict]:
     """Run one healing stage on a converted model, resuming from ``out_dir`` if it holds a checkpoint of it.
@@ -165,64 +159,69 @@ def heal(model: nn.Module, batch_at: Callable[[int], torch.Tensor], cfg: HealCon
     trained = _Trained(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     description = {"config": asdict(cfg), "trained": trained.names}
-    ckpt, log_path = out / "checkpoint", out / "log.jsonl"
-    state = {"step": 0, "tokens": 0, "seconds": 0.0}
-    if (ckpt / "state.json").is_file():
-        saved = json.loads((ckpt / "state.json").read_text())
+
+    def same_run(saved: dict, ckpt: Path) -> None:
         if saved.get("description", {}).get("config", {}).get("stage") != cfg.stage:
             raise ValueError(f"{ckpt}: a checkpoint of stage {saved.get('description', {}).get('config')} "
                              f"cannot resume stage {cfg.stage!r}; use another out_dir")
         if saved["description"]["trained"] != trained.names:
             raise ValueError(f"{ckpt}: its trained tensors are not this model's BSBR weights")
-        state = load_checkpoint(ckpt, trained, opt, training_state=False)
-        state.pop("description", None)
-    records = []
-    if log_path.is_file():  # keep the records up to the checkpoint; later ones are redone
-        records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        records = [r for r in records if r["step"] < state["step"]]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    # a record's "step" is the 0-based step it logs: those before the checkpoint's step count are kept
+    state, records = resume(out, trained, opt, lambda rec, ckpt: rec["step"] < ckpt["step"], check=same_run,
+                            device=params[0].device, training_state=False)
+    if state is None:
+        state = {"step": 0, "tokens": 0, "seconds": 0.0}
+    state.pop("description", None)
+    first = state["step"]
     was_training = model.training
     model.train(False)  # no dropout: healing fits a deterministic map
     impl = model.config._attn_implementation
     model.set_attn_implementation(TRANSFER_IMPL if cfg.stage == "transfer" else BSBR_IMPL)
     metas = bsbr_modules(model)
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"heal:{cfg.stage}", disable=not progress)
+    log = (out / "log.jsonl").open("a")
+
+    def one_step() -> dict:
+        step = state["step"]
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps, MIN_LR_RATIO)
+        ids = batch_at(step)
+        opt.zero_grad(set_to_none=True)
+        record = {"step": step, "lr": opt.param_groups[0]["lr"]}
+        if cfg.stage == "transfer":
+            for m in metas:
+                m.transfer_losses = []
+            with torch.no_grad():
+                model(ids, use_cache=False)
+            layers = [m.transfer_losses[-1] for m in metas]
+            record["loss"] = sum(layers) / len(layers)
+            record["layer_losses"] = layers
+        else:
+            loss = distill_loss(model, ids) if cfg.stage == "distill" else model(ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            record["loss"] = loss.item()
+        opt.step()
+        state["step"] = step + 1
+        state["tokens"] += ids.numel()
+        state["seconds"] += time.perf_counter() - t0
+        record.update(tokens=state["tokens"], seconds=round(state["seconds"], 2))
+        records.append(record)
+        log.write(json.dumps(record) + "\n")
+        return record
+
+    def checkpoint() -> Path:
+        log.flush()  # the log holds every step the checkpoint does
+        save_checkpoint(out / "checkpoint", trained, opt, {**state, "description": description})
+        return out / "checkpoint"
+
     try:
-        while state["step"] < cfg.steps:
-            step = state["step"]
-            t0 = time.perf_counter()
-            for g in opt.param_groups:
-                g["lr"] = _lr(step, cfg)
-            ids = batch_at(step)
-            opt.zero_grad(set_to_none=True)
-            record = {"step": step, "lr": opt.param_groups[0]["lr"]}
-            if cfg.stage == "transfer":
-                for m in metas:
-                    m.transfer_losses = []
-                with torch.no_grad():
-                    model(ids, use_cache=False)
-                layers = [m.transfer_losses[-1] for m in metas]
-                record["loss"] = sum(layers) / len(layers)
-                record["layer_losses"] = layers
-            else:
-                loss = distill_loss(model, ids) if cfg.stage == "distill" else model(ids, labels=ids,
-                                                                                     use_cache=False).loss
-                loss.backward()
-                record["loss"] = loss.item()
-            opt.step()
-            state["step"] = step + 1
-            state["tokens"] += ids.numel()
-            state["seconds"] += time.perf_counter() - t0
-            record.update(tokens=state["tokens"], seconds=round(state["seconds"], 2))
-            records.append(record)
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
-                save_checkpoint(ckpt, trained, opt, {**state, "description": description})
+        run_steps(one_step, state, cfg.steps, checkpoint, checkpoint_every=cfg.save_every, desc=f"heal:{cfg.stage}",
+                  progress=progress)
+        if state["step"] > first and state["step"] % cfg.save_every:  # the last steps, since the last checkpoint
+            checkpoint()
     finally:
-        bar.close()
+        log.close()
         model.set_attn_implementation(impl)
         model.train(was_training)
         for p in model.parameters():

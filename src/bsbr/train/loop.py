@@ -13,10 +13,7 @@ CUDA) and each process takes its contiguous share of every global batch.
 from __future__ import annotations
 
 import json
-import math
 import os
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +21,15 @@ from typing import TextIO
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from .. import _files as F
 from ..tasks import Task
 from ..tasks.base import derive_seed
-from .checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .evaluate import _autocast, evaluate
 from .peak_memory import PeakMemory
+from .steps import resume, run_steps, warmup_cosine
 
 
 @dataclass
@@ -51,10 +48,7 @@ class TrainResult:
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine to min_lr_ratio * lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return warmup_cosine(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
 
 
 def make_optimizer(lm: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -95,35 +89,6 @@ def _use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.precision == "bf16" or (device.type == "cuda" and supported)
 
 
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint is always taken at a step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        if hasattr(signal, "SIGTERM") and _is_main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-def _is_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def _run_description(lm, task: Task, cfg: TrainConfig) -> dict:
     model_cfg = lm.config.to_dict() if hasattr(lm, "config") and hasattr(lm.config, "to_dict") else None
     skip = ("out_dir", "progress", "device", "checkpoint_every")
@@ -143,37 +108,27 @@ def train(lm: torch.nn.Module, task: Task, cfg: TrainConfig, callback=None) -> T
     _check_arguments(lm, task, cfg)
     run = _Run.start(lm, task, cfg)
     memory = PeakMemory(run.device)
-    bar = tqdm(total=cfg.steps, initial=run.state["step"], desc=f"train {task.name}", unit="step", file=sys.stderr,
-               disable=not cfg.progress or run.rank != 0, leave=False)
     lm.train()
     session_start = time.perf_counter()
     seconds_before = run.state["seconds"]
+
+    def one_step() -> dict:
+        record = run.step()
+        run.state["step"] = record["step"]
+        run.state["seconds"] = record["seconds"] = seconds_before + time.perf_counter() - session_start
+        record["peak_memory_bytes"] = memory.peak()
+        run.log_record(record)
+        if cfg.eval_every and run.state["step"] % cfg.eval_every == 0 and run.state["step"] < cfg.steps:
+            _evaluate_and_check(lm, task, cfg, run.device, run.bf16, run.state, run.evals, run.log)
+        run.state["peak_memory_bytes"] = max(run.state["peak_memory_bytes"], memory.peak())
+        if callback is not None:
+            callback(record)
+        return record
+
     try:
-        with _StopRequest() as stop:
-            while run.state["step"] < cfg.steps and run.state["stopped"] is None:
-                record = run.step()
-                run.state["step"] = record["step"]
-                run.state["seconds"] = record["seconds"] = seconds_before + time.perf_counter() - session_start
-                record["peak_memory_bytes"] = memory.peak()
-                run.log_record(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if cfg.eval_every and run.state["step"] % cfg.eval_every == 0 and run.state["step"] < cfg.steps:
-                    _evaluate_and_check(lm, task, cfg, run.device, run.bf16, run.state, run.evals, run.log)
-                run.state["peak_memory_bytes"] = max(run.state["peak_memory_bytes"], memory.peak())
-                if callback is not None:
-                    callback(record)
-                if cfg.checkpoint_every and run.state["step"] % cfg.checkpoint_every == 0:
-                    run.checkpoint()
-                if stop.requested:
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if run.checkpoint():
-            print(f"\ninterrupted after step {run.state['step']}; checkpoint saved in {run.out / 'checkpoint'}",
-                  file=sys.stderr)
-        raise
+        run_steps(one_step, run.state, cfg.steps, run.checkpoint, checkpoint_every=cfg.checkpoint_every,
+                  desc=f"train {task.name}", progress=cfg.progress and run.rank == 0)
     finally:
-        bar.close()
         if run.log is not None:
             run.log.close()
     return run.finish(memory, seconds_before, session_start)
@@ -276,14 +231,14 @@ class _Run:
         if self.log is not None:
             self.log.write(json.dumps(record) + "\n")
 
-    def checkpoint(self) -> bool:
-        """Save a checkpoint of the run as it stands (process 0 with an out_dir only); True if one was saved."""
+    def checkpoint(self) -> Path | None:
+        """Save a checkpoint of the run as it stands (process 0 with an out_dir only); returns where, or None."""
         if self.out is None or self.rank != 0:
-            return False
+            return None
         if self.log is not None and not self.log.closed:
             self.log.flush()  # the log holds every step the checkpoint does
         save_checkpoint(self.out / "checkpoint", self.lm, self.optimizer, self.state)
-        return True
+        return self.out / "checkpoint"
 
     def finish(self, memory: PeakMemory, seconds_before: float, session_start: float) -> TrainResult:
         """Evaluate on the valid split, save the last checkpoint and result.json, and return the result (its seconds
@@ -298,7 +253,7 @@ class _Run:
                              peak_memory_bytes=max(state["peak_memory_bytes"], memory.peak()), steps=state["step"],
                              evals=self.evals, stopped=state["stopped"], steps_to_target=state["steps_to_target"],
                              memory_kind=memory.kind, world_size=self.world)
-        if self.checkpoint():
+        if self.checkpoint() is not None:
             summary = {k: v for k, v in result.__dict__.items() if k != "history"}
             (self.out / "result.json").write_text(json.dumps(summary, indent=1))
         return result
@@ -344,21 +299,20 @@ def _prepare_out_dir(out: Path, lm, optimizer, description: dict, device, state:
             diff = "; ".join(F.json_differences(saved, wanted))
             raise ValueError(f"out_dir {str(out)!r} holds a different run (saved vs this run: {diff}); use a new "
                              f"out_dir")
-        ckpt = _checkpoint_dir(out)
-        if ckpt is not None:
-            meta = check_checkpoint(ckpt, lm, optimizer)  # before reading the log or loading anything
-            if meta["step"] > description["train"]["steps"]:
+        steps = description["train"]["steps"]
+
+        def at_most_steps(meta: dict, ckpt: Path) -> None:
+            if meta["step"] > steps:
                 raise ValueError(f"{ckpt / 'state.json'}: field 'step' is {meta['step']}; expected at most the "
-                                 f"run's {description['train']['steps']} steps")
-            records, rewrite = _read_log(out / "log.jsonl")
-            state = load_checkpoint(ckpt, lm, optimizer, device)
+                                 f"run's {steps} steps")
+
+        loaded, records = resume(out, lm, optimizer, lambda rec, ckpt: rec["step"] <= ckpt["step"],
+                                 check=at_most_steps, device=device, write=rank == 0)
+        if loaded is not None:
+            state = loaded
             state["stopped"] = None if state.get("stopped") == "completed" else state.get("stopped")
             for rec in records:
-                if rec["step"] <= state["step"]:
-                    (evals if rec.get("event") == "eval" else history).append(rec)
-            kept = [json.dumps(r) for r in sorted(history + evals, key=lambda r: (r["step"], "event" in r))]
-            if rank == 0 and (rewrite or len(kept) != len(records)):  # drop lines of steps to be redone
-                (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
+                (evals if rec.get("event") == "eval" else history).append(rec)
     else:
         found = [n for n in ("checkpoint", "checkpoint.old", "log.jsonl", "result.json") if (out / n).exists()]
         if found:
@@ -369,40 +323,3 @@ def _prepare_out_dir(out: Path, lm, optimizer, description: dict, device, state:
             cfg_path.write_text(json.dumps(description, indent=1))
             (out / "log.jsonl").write_text("")
     return state, history, evals
-
-
-def _checkpoint_dir(out: Path) -> Path | None:
-    """The run's last complete checkpoint: ``checkpoint/``, or ``checkpoint.old/`` if an interruption struck
-    between save_checkpoint's two renames; None if there is none yet."""
-    for name in ("checkpoint", "checkpoint.old"):
-        if (out / name / "state.json").is_file():
-            return out / name
-    if (out / "checkpoint").exists():
-        raise ValueError(f"{out / 'checkpoint'}: is not a complete checkpoint (state.json missing); move it away to "
-                         "start the run again")
-    return None
-
-
-def _read_log(path: Path) -> tuple[list[dict], bool]:
-    """The records of log.jsonl and whether the file needs rewriting.  A last line cut short (the process was
-    killed while writing it: no final newline) is dropped; any other unreadable line is a ValueError."""
-    if not path.exists():
-        return [], True
-    what = "the training log (one JSON object per line, each with an integer 'step')"
-    lines = F.decode_text(F.read_bytes(path, what), path, what).split("\n")
-    torn = lines[-1] != ""
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = F.parse_json(line, path, what, line=i + 1)
-        except ValueError:
-            if torn and i == len(lines) - 1:
-                continue
-            raise
-        if not isinstance(rec, dict) or not F.is_int(rec.get("step")) or rec["step"] < 0:
-            raise ValueError(f"{path}: line {i + 1} is {F.show(rec)}; expected an object with a non-negative "
-                             "integer 'step'")
-        records.append(rec)
-    return records, torn

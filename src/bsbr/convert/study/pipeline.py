@@ -1,10 +1,11 @@
 """Convert, measure, heal, measure again, save, report: the whole conversion experiment for one model.
 
 :func:`run_conversion` is what ``bsbr convert`` and ``experiments/convert.py`` run.  Every stage writes its result
-to ``out/stages/<name>.json`` before the next starts, and healing checkpoints as it goes, so a killed run re-run
-with the same arguments continues where it stopped.  Every converted-model number sits beside the original's and
-beside two cheaper conversions of the same model: local attention only (block diagonal, retrieval off) and
-sliding-window attention over the same span as a chunk.
+to ``out/stages/<name>.json`` before the next starts (a cell of :func:`bsbr.utils.cells.run_cells`), and healing
+checkpoints as it goes (the resume of :mod:`bsbr.train.steps`), so a killed run re-run with the same arguments
+continues where it stopped: a finished stage is read, not recomputed.  Every converted-model number sits beside the
+original's and beside two cheaper conversions of the same model: local attention only (block diagonal, retrieval
+off) and sliding-window attention over the same span as a chunk.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ... import _checks
+from ...utils.cells import CellFiles, run_cells
 from ..healing import HealConfig, heal
 from ..metrics import compare_outputs, reference_outputs
 from ..to_bsbr import bsbr_modules, convert_to_bsbr, set_attention
@@ -76,18 +78,17 @@ class ConversionPlan:
 
 
 def _stage(out: Path, name: str, compute):
-    """The stage's saved result if a previous run finished it, else compute and save it (atomically)."""
-    path = out / "stages" / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    t0 = time.perf_counter()
-    result = compute()
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
-    return result
+    """The stage's saved result if a previous run finished it, else compute it (adding the seconds it took) and
+    save it: one cell of :func:`~bsbr.utils.cells.run_cells`, the runner of the experiment grids, stored in
+    ``out/stages/<name>.json``.  Stages run one at a time because healing changes the model between them."""
+
+    def timed() -> dict:
+        t0 = time.perf_counter()
+        result = compute()
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        return result
+
+    return run_cells([(name, timed)], CellFiles(out / "stages"))[name]
 
 
 def _set_retrieval(model, on: bool) -> None:
