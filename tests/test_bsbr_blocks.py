@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from bsbr.layers.bsbr import BSBRAttention
-from bsbr.ops.bsbr_blocks import BlockSpec, blocks_parallel, blocks_reference, blocks_step, fused_available, summarize
+from bsbr.ops.bsbr_blocks import (
+    BlockSpec,
+    blocks_dense,
+    blocks_parallel,
+    blocks_reference,
+    blocks_step,
+    fused_available,
+    summarize,
+)
 
 from helpers import assert_close
 
@@ -201,6 +209,30 @@ def test_grouped_selection_over_every_chunk_is_landmarks_grouped_softmax():
     assert (causal[:, :, 4:] - expected[:, :, 4:]).abs().max() > 1e-3  # the log-weights change the output
 
 
+@pytest.mark.parametrize("spec", [
+    BlockSpec(chunk=4, top_k=9, grad="grouped"),
+    BlockSpec(chunk=5, top_k=9, sink=2, prev_chunk=True, summary="minmax", grad="grouped"),
+    BlockSpec(chunk=4, top_k=9, sink=4, select="chunk", grad="grouped"),
+    BlockSpec(chunk=3, top_k=9, sink=1, grad="straight_through"),
+    BlockSpec(chunk=4, top_k=9),
+])
+@pytest.mark.parametrize(("G", "T"), [(1, 23), (3, 30), (2, 3)])
+def test_dense_form_is_the_reference_with_every_chunk_selected(spec, G, T):
+    q, k, v = _qkv(2, 2 * G, 2, T, 5, grad=True)
+    ref, dense = blocks_reference(q, k, v, spec), blocks_dense(q, k, v, spec)
+    assert_close(f"{spec} output", dense, ref, rel_tol=1e-10)
+    w = torch.randn_like(ref)
+    for name, a, b in zip("qkv", torch.autograd.grad((ref * w).sum(), (q, k, v)),
+                          torch.autograd.grad((dense * w).sum(), (q, k, v)), strict=True):
+        assert_close(f"{spec} d{name}", b, a, rel_tol=1e-9)
+    bad = [t.detach().clone() for t in (q, k, v)]
+    bad[2][:, :, T - 1] = float("nan")  # a NaN in the last value: the fused kernel would spread it
+    out = blocks_dense(*bad, spec)
+    assert torch.isfinite(out[:, :, : T - 1]).all() and torch.isnan(out[:, :, T - 1]).all()
+    with pytest.raises(ValueError, match="top_k=1 selects fewer"):
+        blocks_dense(q, k, v, BlockSpec(chunk=1, top_k=1))  # T >= 3: two or more earlier chunks
+
+
 def test_train_top_k_selects_more_chunks_in_training_mode_only():
     """train_top_k = all chunks with the grouped softmax: training mode is the grouped softmax over every chunk
     (through the dense route), eval mode the top_k selection; the scores get a gradient from every chunk."""
@@ -209,7 +241,7 @@ def test_train_top_k_selects_more_chunks_in_training_mode_only():
                          train_top_k=8, rope=False).double()
     x = torch.randn(2, 29, 16, dtype=torch.float64)
     q, k, v = attn.qkv(x, 0)
-    dense = attn.out(blocks_reference(q, k, v, BlockSpec(chunk=4, top_k=8, grad="grouped")))
+    dense = attn.out(blocks_reference(q, k, v, BlockSpec(chunk=4, top_k=8, grad="grouped")))  # the definition
     sparse = attn.out(blocks_parallel(q, k, v, BlockSpec(chunk=4, top_k=1, grad="grouped"))[0])
     assert_close("training mode", attn.train()(x), dense, rel_tol=1e-10)
     assert_close("eval mode", attn.eval()(x), sparse, rel_tol=1e-10)

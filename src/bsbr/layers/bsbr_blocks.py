@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops.bsbr_blocks import BlockSpec, blocks_parallel, blocks_reference, blocks_step, summarize
+from ..ops.bsbr_blocks import BlockSpec, blocks_dense, blocks_parallel, blocks_reference, blocks_step, summarize
 from .cache import GrowableBuffer, LayerCache
 
 
@@ -50,9 +50,9 @@ def parallel(layer, x: torch.Tensor) -> torch.Tensor:
     q, k, v = layer.qkv(x, 0)
     s = spec(layer)
     if s.top_k and s.top_k >= x.shape[1] // s.chunk and s.grad == "grouped":
-        # every earlier chunk selected (training as Landmark does): nothing to skip, and the dense definition is
-        # one [T, T] softmax where the sparse path would gather every chunk once per query
-        return layer.out(blocks_reference(q, k, v, s))
+        # every earlier chunk selected (training as Landmark does): nothing to skip, so one SDPA call over the
+        # causal positions with the log-weights as its mask, where the sparse path would gather every chunk
+        return layer.out(blocks_dense(q, k, v, s))
     return layer.out(blocks_parallel(q, k, v, s)[0])
 
 

@@ -47,7 +47,7 @@ import math
 
 import torch
 
-from .bsbr_blocks_fast import _chunkwise_available, _parallel_chunkwise, _parallel_fused, fused_available
+from .bsbr_blocks_fast import _all_finite, _chunkwise_available, _parallel_chunkwise, _parallel_fused, fused_available
 from .bsbr_blocks_select import (
     GRADS,
     SELECTIONS,
@@ -63,8 +63,8 @@ from .bsbr_blocks_select import (
 )
 from .bsbr_blocks_tiles import _fixed_part, _selected_part
 
-__all__ = ["GRADS", "SELECTIONS", "SUMMARIES", "BlockSpec", "blocks_parallel", "blocks_reference", "blocks_step",
-           "candidates", "fused_available", "scores", "select", "summarize"]
+__all__ = ["GRADS", "SELECTIONS", "SUMMARIES", "BlockSpec", "blocks_dense", "blocks_parallel", "blocks_reference",
+           "blocks_step", "candidates", "fused_available", "scores", "select", "summarize"]
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -106,6 +106,40 @@ def blocks_reference(q, k, v, spec: BlockSpec, *, return_weights: bool = False):
     out = _attend(p, _expand(v, G), seen_h)
     return (out, p) if return_weights else out
 
+
+
+def blocks_dense(q, k, v, spec: BlockSpec):
+    """Every earlier chunk selected (``top_k`` >= the chunks before the last query's chunk; training as Landmark
+    Attention trains): one causal ``scaled_dot_product_attention`` call.  The selection's log-weights (``grad``
+    other than "none") ride along as C extra dimensions: each key gets the one-hot of its chunk (zeros for the sink
+    tokens), each query its log p[t, j] / scale, so q' . k' = q . k + log p[t, c(s)] / scale and the fused causal
+    kernel (no [T, T] mask, gradients included) computes the grouped softmax.  Nothing is skipped at this top_k.
+
+    q [B, H, T, d]; k, v [B, Hk, T, d] -> o [B, H, T, d].  Differentiable.  Non-finite values go to
+    :func:`blocks_reference` (the fused kernel multiplies masked probabilities by every value)."""
+    B, H, T, d = q.shape
+    Hk, ch = k.shape[1], spec.chunk
+    G, Cc = H // Hk, T // ch
+    if spec.top_k < (T - 1) // ch:  # the last query's chunk has (T - 1) // chunk earlier chunks
+        raise ValueError(f"blocks_dense: top_k={spec.top_k} selects fewer than the {(T - 1) // ch} chunks before "
+                         f"the last query's chunk (T={T}, chunk={ch})")
+    if not _all_finite(q, k, v):
+        return blocks_reference(q, k, v, spec)
+    scale = spec.scale(d)
+    kx, vx = _expand(k, G), _expand(v, G)
+    if spec.grad != "none" and Cc:
+        pos = torch.arange(T, device=q.device)
+        tc = pos // ch
+        summ = summarize(k[:, :, : Cc * ch].reshape(B, Hk, Cc, ch, d), spec.summary)
+        sc = scores(_selection_queries(q, spec), summ, spec)  # [B, Hk, T, Cc]
+        allowed = candidates(tc, Cc, spec)  # [T, Cc]: own chunk, later chunks and chunks in view get 0
+        logp = torch.log_softmax(sc.masked_fill(~allowed, float("-inf")), dim=-1).masked_fill(~allowed, 0.0)
+        if spec.grad == "straight_through":
+            logp = logp - logp.detach()
+        onehot = (tc[:, None] == torch.arange(Cc, device=q.device)) & (pos >= spec.sink)[:, None]  # [T, Cc]
+        q = torch.cat([q, _expand(logp, G).to(q.dtype) / scale], dim=-1)
+        kx = torch.cat([kx, onehot.to(q.dtype).expand(B, H, T, Cc)], dim=-1)
+    return torch.nn.functional.scaled_dot_product_attention(q, kx, vx, is_causal=True, scale=scale)
 
 
 def blocks_parallel(q, k, v, spec: BlockSpec, *, start: int = 0, summaries: torch.Tensor | None = None):
