@@ -117,23 +117,19 @@ def _figures(report: dict, out: Path) -> list[tuple[str, str]]:
     save(fig, ax, "position (start of chunk-size bucket)", "perplexity", "perplexity_by_position.png",
          "perplexity by position")
 
-    sweep = report.get("chunk_sweep", {}).get("results", {})
-    if sweep:
-        chunks = sorted(int(c) for c in sweep)
+    def sweep_plot(results: dict, xlabel: str, file: str, title: str) -> None:
+        """Perplexity ratio of each variant against a swept size (keys of ``results``), log2 x axis."""
+        if not results:
+            return
+        xs = sorted(int(x) for x in results)
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for variant in ("bsbr", "local", "sliding_window"):
-            ax.plot(chunks, [sweep[str(c)][variant]["ppl_ratio"] for c in chunks], marker="o",
-                    label=VARIANT_NAMES[variant])
+            ax.plot(xs, [results[str(x)][variant]["ppl_ratio"] for x in xs], marker="o", label=VARIANT_NAMES[variant])
         ax.set_xscale("log", base=2)
-        save(fig, ax, "chunk size (window for sliding window)", "perplexity / original", "perplexity_by_chunk.png",
-             "perplexity ratio by chunk size")
-    lengths = report.get("length_sweep", {}).get("results", {})
-    if lengths:
-        ns = sorted(int(n) for n in lengths)
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for variant in ("bsbr", "local", "sliding_window"):
-            ax.plot(ns, [lengths[str(n)][variant]["ppl_ratio"] for n in ns], marker="o", label=VARIANT_NAMES[variant])
-        ax.set_xscale("log", base=2)
-        save(fig, ax, "tokens per held-out window", "perplexity / original", "perplexity_by_length.png",
-             "perplexity ratio by sequence length")
+        save(fig, ax, xlabel, "perplexity / original", file, title)
+
+    sweep_plot(report.get("chunk_sweep", {}).get("results", {}), "chunk size (window for sliding window)",
+               "perplexity_by_chunk.png", "perplexity ratio by chunk size")
+    sweep_plot(report.get("length_sweep", {}).get("results", {}), "tokens per held-out window",
+               "perplexity_by_length.png", "perplexity ratio by sequence length")
     return made
