@@ -73,14 +73,19 @@ def test_gqa_op_equals_the_library_reference_with_one_group():
 
 
 # -------------------------------------------------------------------------------- converted models
-@pytest.mark.parametrize("family", FAMILIES)
-def test_one_chunk_is_the_original_model_also_left_padded(family):
-    model = tiny(family)
+def _left_padded_batch():
+    """Three rows of 50 tokens, rows 1 and 2 left-padded by 9 and 30: ids, attention mask, position ids."""
     ids = torch.randint(0, VOCAB, (3, 50), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(3, 50, dtype=torch.long)
     mask[1, :9] = 0
     mask[2, :30] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_chunk_is_the_original_model_also_left_padded(family):
+    model = tiny(family)
+    ids, mask, pos = _left_padded_batch()
     ref = model(ids, attention_mask=mask, position_ids=pos).logits
     conv = convert_to_bsbr(copy.deepcopy(model), chunk_size=64)
     randomise_meta(conv)  # the retrieval weights cannot matter with one chunk
@@ -198,11 +203,7 @@ def test_generate_left_padded_batch_equals_rows_alone(mode):
 def test_blocks_selecting_every_chunk_is_the_original_also_padded(family, options):
     """top_k >= the chunks before any query: every earlier token is seen, so the conversion is the model (fp64)."""
     model = tiny(family)
-    ids = torch.randint(0, VOCAB, (3, 50), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(3, 50, dtype=torch.long)
-    mask[1, :9] = 0
-    mask[2, :30] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pos = _left_padded_batch()
     ref = model(ids, attention_mask=mask, position_ids=pos).logits
     conv = convert_to_bsbr(copy.deepcopy(model), chunk_size=8, retrieval="blocks", top_k=7, sink_tokens=0, **options)
     out = conv(ids, attention_mask=mask, position_ids=pos).logits
