@@ -88,7 +88,9 @@ def grid(length: int) -> list[dict]:
             blocks(64, 12, heads="query"), blocks(32, 24, heads="query"), blocks(128, 6, heads="query"),
             blocks(64, 11, prev=True, heads="query"),
             # smaller chunks, more of them (2026-12-07: chunk 32 top-24 was the best at <= 1/4 of the keys)
-            blocks(16, 48, heads="query"), blocks(16, 60, heads="query"), blocks(32, 31, heads="query")]
+            blocks(16, 48, heads="query"), blocks(16, 60, heads="query"), blocks(32, 31, heads="query"),
+            # the same chunks shared by each key/value group's query heads (the default's cache)
+            blocks(16, 48), blocks(16, 60)]
 
 
 def configure(model, v: dict) -> None:
