@@ -29,12 +29,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import environment  # noqa: E402
+
 from bsbr.convert import BSBRHFCache, convert_to_bsbr, head_counts  # noqa: E402
 from bsbr.convert.cache import BlocksRow, BSBRCacheLayer, StreamRow  # noqa: E402
 from bsbr.convert.study.checkpoints import smollm2  # noqa: E402
 from bsbr.ops.bsbr_blocks import summarize  # noqa: E402
 
 VARIANTS = {"blocks chunk 256 top-2": {"retrieval": "blocks", "top_k": 2},
+            "blocks chunk 16 top-48, per query head": {"retrieval": "blocks", "chunk_size": 16, "top_k": 48,
+                                                       "block_heads": "query"},
             "BSBR chunk 256": {"retrieval": "states"},
             "BSBR chunk 256, compression 4": {"retrieval": "states", "compression_factor": 4},
             "BSBR chunk 256, retrieval window 16": {"retrieval": "states", "retrieval_window": 16}}
@@ -65,6 +71,7 @@ def bsbr_cache(model, n: int, real_ids=None) -> BSBRHFCache:
     if meta.uses_blocks:  # every key and value, one summary per complete chunk (room for 1,024 more tokens)
         g = torch.Generator().manual_seed(0)
         ch = meta.chunk_size
+        Hk = H if meta.block_heads == "query" else Hk  # per query head: the cache holds every query head's keys
         for _ in range(model.config.num_hidden_layers):
             layer = BSBRCacheLayer()
             layer.lazy_initialization(torch.zeros(1, 1, 1, 1), None)
@@ -118,7 +125,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     original, _ = smollm2(ROOT / "runs" / "models" / "smollm2-135m")
-    variants = {name: convert_to_bsbr(__import__("copy").deepcopy(original), 256, **opts).eval()
+    variants = {name: convert_to_bsbr(__import__("copy").deepcopy(original), **{"chunk_size": 256, **opts}).eval()
                 for name, opts in VARIANTS.items() if name in args.variants}
     rows = []
     with torch.inference_mode():
@@ -135,7 +142,7 @@ def main(argv=None) -> int:
                     cache = bsbr_cache(model, n, ids)
                     nbytes = cache.nbytes()
                     n0 = cache.get_seq_length()
-                    ch = 256
+                    ch = model.model.layers[0].self_attn.bsbr.chunk_size
                     # steps until the next chunk boundary are inside the open chunk; time those, then the opener
                     t = decode_times(model, cache, n0, args.steps)
                     to_open = (-cache.get_seq_length()) % ch
@@ -160,8 +167,7 @@ def main(argv=None) -> int:
                     line += (f" | {name}: {r['ms_per_token_amortised']:6.1f} ms/token, "
                              f"{r['cache_bytes'] / 2**20:7.1f} MiB ({orig['cache_bytes'] / r['cache_bytes']:.1f}x)")
                 print(line, flush=True)
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    env = {**environment(),
            "command": "PYTHONPATH=src python benchmarks/bench_convert_decode.py " + " ".join(sys.argv[1:])}
     Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     print(f"written to {args.out}")
