@@ -78,10 +78,11 @@ def grid(length: int) -> list[dict]:
                 blocks(64, 4), blocks(64, 4, "minmax"), blocks(64, 8, "minmax"), blocks(128, 2, "minmax"),
                 blocks(64, 8), window(512, 4), blocks(256, 2, sink=4), blocks(256, 2, sink=0),
                 blocks(256, 1, prev=True), blocks(256, 2, select="chunk"), blocks(64, 12),
-                blocks(256, 2, heads="query"), blocks(64, 4, heads="query"), blocks(64, 8, heads="query")]
+                blocks(256, 2, heads="query"), blocks(64, 4, heads="query"), blocks(64, 8, heads="query"),
+                blocks(16, 48, heads="query")]  # the 8,192-token setting at 2,048 and 4,096 too
     if length == 4096:
         return [local(256), window(2048, 4), blocks(256, 2), blocks(256, 2, "minmax"), blocks(256, 4),
-                blocks(128, 4), window(1024, 4)]
+                blocks(128, 4), window(1024, 4), blocks(16, 48, heads="query")]
     return [local(256), window(2048, 4), blocks(256, 2), blocks(256, 4), blocks(128, 6), blocks(64, 12),
             blocks(256, 2, "minmax"), window(1024, 4), window(2048),
             # per query head, at <= 1/4 of the keys (2026-12-07: per query head was the best choice at 2,048)
