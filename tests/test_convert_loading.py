@@ -1,6 +1,7 @@
 """Saving and loading converted models (bsbr.convert.loading): save_pretrained -> from_pretrained, the standard
 loading path (AutoConfig, AutoModelForCausalLM, pipeline), a Python without bsbr.convert imported, a directory in
-bsbr 0.2.0's format, and bad directories."""
+bsbr 0.2.0's format, and bad directories: hand-made ones, and fuzzed ones (fields dropped or retyped, configs and
+weights truncated) that load or give a clear error and leave the directory as it was."""
 
 from __future__ import annotations
 
@@ -106,3 +107,72 @@ def test_bad_directories(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         convert_to_bsbr(tmp_path)
+
+
+# ------------------------------------------------------------------- fuzzed model directories (issue 16)
+FUZZ_EXAMPLES = 30  # mutated model directories tried (each loads a tiny model: ~0.1 s)
+
+
+@pytest.fixture(scope="module")
+def converted_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("converted")
+    conv = convert_to_bsbr(tiny("llama").float(), chunk_size=8, retrieval="states")
+    conv.save_pretrained(path)
+    return path
+
+
+def _mutations():
+    from hypothesis import strategies as st
+
+    return st.one_of(
+        st.tuples(st.just("drop"), st.sampled_from(["model_type", "bsbr", "hidden_size", "num_attention_heads",
+                                                     "vocab_size", "num_hidden_layers"])),
+        st.tuples(st.just("retype"), st.sampled_from(["model_type", "bsbr", "hidden_size", "num_key_value_heads"]),
+                  st.sampled_from(["x", -3, None, [1], {"a": 1}, 2.5])),
+        st.tuples(st.just("truncate_config"), st.integers(0, 400)),
+        st.tuples(st.just("truncate_weights"), st.integers(0, 2000)),
+        st.tuples(st.just("bsbr_field"), st.sampled_from(["chunk_size", "compression_factor", "retrieval_window"]),
+                  st.sampled_from([0, -1, "x", None, 7])),
+    )
+
+
+def test_fuzzed_model_directories_give_clear_errors(converted_dir, tmp_path_factory):
+    import hashlib
+    import shutil
+
+    from hypothesis import HealthCheck, given, settings
+
+    def digest(p):
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(p.iterdir())}
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(_mutations())
+    def check(mutation):
+        work = tmp_path_factory.mktemp("mut")
+        shutil.rmtree(work)
+        shutil.copytree(converted_dir, work)
+        cfg_path, weights = work / "config.json", work / "model.safetensors"
+        cfg = json.loads(cfg_path.read_text())
+        kind = mutation[0]
+        if kind == "drop":
+            cfg.pop(mutation[1], None)
+            cfg_path.write_text(json.dumps(cfg))
+        elif kind == "retype":
+            cfg[mutation[1]] = mutation[2]
+            cfg_path.write_text(json.dumps(cfg))
+        elif kind == "bsbr_field":
+            cfg["bsbr"][mutation[1]] = mutation[2]
+            cfg_path.write_text(json.dumps(cfg))
+        elif kind == "truncate_config":
+            cfg_path.write_bytes(cfg_path.read_bytes()[: mutation[1]])
+        else:
+            weights.write_bytes(weights.read_bytes()[: mutation[1]])
+        before = digest(work)
+        try:
+            convert_to_bsbr(work)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            assert str(work) in str(err) or "must be" in str(err) or "expected" in str(err), str(err)
+        assert digest(work) == before  # a failed load writes nothing
+
+    check()
