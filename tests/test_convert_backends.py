@@ -129,7 +129,7 @@ def test_converted_model_nonfinite_hidden_state_changes_no_earlier_output(family
 
     def same(a, b):
         # block retrieval's op steps off its fused path when any value is non-finite: the same sums, rounded in
-        # another order (test_bsbr_blocks.py); the state readout is bitwise
+        # another order (test_ops_bsbr_blocks.py); the state readout is bitwise
         if options.get("retrieval") != "blocks":
             return torch.equal(a, b)
         return bool(torch.isfinite(a).all()) and (a.numel() == 0 or (a - b).abs().max().item() <= 1e-12)
