@@ -1,4 +1,5 @@
-"""Comparison helpers: one place that reports max-abs and relative error and names the tensor that failed."""
+"""Comparison helpers: one place that reports max-abs and relative error and names the tensor that failed; and the
+non-finite values the tests plant."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import torch
 
 # relative RMS error allowed between two forms of the same computation, by dtype
 REL_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+# the values the non-finite tests plant in inputs
+NONFINITE = [float("nan"), float("inf")]
+
 
 
 def errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:

@@ -39,3 +39,10 @@ def kl(p_logits, q_logits) -> float:
 
 
 FAMILIES = ["gpt2", "llama"]
+
+# the retrieval modes the backend and cache tests run: the state readout and block retrieval's variants
+MODES = [{"retrieval": "states"}, {"retrieval": "blocks", "top_k": 1},
+         {"retrieval": "blocks", "top_k": 2, "block_summary": "minmax", "sink_tokens": 3, "prev_chunk": True},
+         {"retrieval": "blocks", "top_k": 1, "block_select": "chunk", "sink_tokens": 0},
+         {"retrieval": "blocks", "top_k": 1, "block_heads": "query"}]
+

@@ -64,6 +64,29 @@ def test_moved_convert_module_still_imports_and_names_its_new_place(old, monkeyp
         assert getattr(module, name) is getattr(importlib.import_module(f"bsbr.convert.{new}"), name), name
 
 
+# to_bsbr.py split by job: saving and loading in loading.py, the supported families in families.py, the option names
+# beside BSBRMeta in meta.py.  Name -> the module that holds it now; bsbr.convert.to_bsbr re-exports each, unwarned.
+TO_BSBR_MOVES = {
+    "from_pretrained": "loading", "load_config": "loading", "check_model_dir": "loading",
+    "register_auto_classes": "loading", "HOW_TO_LOAD": "loading",
+    "Family": "families", "FAMILIES": "families", "SUPPORTED_CLASSES": "families", "PREFIX": "families",
+    "base_model_type": "families", "family_of": "families", "head_counts": "families", "bsbr_modules": "families",
+    "STATE_OPTIONS": "meta", "OPTION_NAMES": "meta",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TO_BSBR_MOVES))
+def test_names_moved_out_of_to_bsbr_still_import_from_it(name):
+    pytest.importorskip("transformers", minversion="5.0")
+    import bsbr.convert
+    from bsbr.convert import to_bsbr
+
+    moved = getattr(importlib.import_module(f"bsbr.convert.{TO_BSBR_MOVES[name]}"), name)
+    assert getattr(to_bsbr, name) is moved and name in to_bsbr.__all__
+    if name in bsbr.convert.__all__:
+        assert getattr(bsbr.convert, name) is moved
+
+
 def test_old_convert_names_warn_with_the_new_one():
     """bsbr.convert.BSBRCache (the transformers cache, renamed so that bsbr.layers.BSBRCache is the only one) and the
     study's entry points, which moved to bsbr.convert.study, still import from bsbr.convert, warning."""
@@ -88,9 +111,9 @@ def test_new_convert_paths_import_without_warnings():
     pytest.importorskip("transformers", minversion="5.0")
     import subprocess
 
-    modules = ["bsbr.convert." + m for m in ("meta", "masks", "padding", "backends", "cache", "to_bsbr", "healing",
-                                            "metrics", "cli", "study", "study.checkpoints", "study.windows",
-                                            "study.pipeline", "study.report")]
+    modules = ["bsbr.convert." + m for m in ("meta", "masks", "padding", "backends", "cache", "families", "loading",
+                                            "to_bsbr", "healing", "metrics", "cli", "study", "study.checkpoints",
+                                            "study.windows", "study.pipeline", "study.report")]
     code = ("import warnings\nwith warnings.catch_warnings(record=True) as caught:\n"
             "    warnings.simplefilter('always')\n"
             f"    import {', '.join(modules)}\n"

@@ -3,12 +3,13 @@
     from bsbr.convert import convert_to_bsbr, compare_outputs
     model = convert_to_bsbr("path/to/model", chunk_size=256)     # same class, BSBR attention, generate() works
 
-The library: :mod:`~bsbr.convert.to_bsbr` (converting, saving, loading), :mod:`~bsbr.convert.meta` (the new
-weights), :mod:`~bsbr.convert.backends` (the attention functions), :mod:`~bsbr.convert.masks` and
-:mod:`~bsbr.convert.padding` (their mask function and padded rows), :mod:`~bsbr.convert.cache` (the streaming
-cache, :class:`BSBRHFCache`), :mod:`~bsbr.convert.healing` and :mod:`~bsbr.convert.metrics`.  The conversion study
-that ``bsbr convert`` runs (demo checkpoints, token windows, the resumable pipeline, its report) is
-:mod:`bsbr.convert.study`.
+The library: :mod:`~bsbr.convert.to_bsbr` (converting), :mod:`~bsbr.convert.loading` (saving and loading
+converted models, the Auto classes), :mod:`~bsbr.convert.families` (the supported models and where their attention
+is), :mod:`~bsbr.convert.meta` (the new weights), :mod:`~bsbr.convert.backends` (the attention functions),
+:mod:`~bsbr.convert.masks` and :mod:`~bsbr.convert.padding` (their mask function and padded rows),
+:mod:`~bsbr.convert.cache` (the streaming cache, :class:`BSBRHFCache`), :mod:`~bsbr.convert.healing` and
+:mod:`~bsbr.convert.metrics`.  The conversion study that ``bsbr convert`` runs (demo checkpoints, token windows, the
+resumable pipeline, its report) is :mod:`bsbr.convert.study`.
 
 See docs/convert.md for what is exact, what is measured and how healing trains the new weights.  The names below
 are imported on first use, so ``bsbr`` itself works without transformers installed.  Where transformers is
@@ -26,9 +27,9 @@ import warnings
 _EXPORTS = {
     "BSBR_IMPL": "backends", "WINDOW_IMPL": "backends", "bsbr_attention_forward": "backends",
     "BSBRHFCache": "cache", "BSBRMeta": "meta",
-    "SUPPORTED_CLASSES": "to_bsbr", "bsbr_modules": "to_bsbr", "check_model_dir": "to_bsbr",
-    "convert_to_bsbr": "to_bsbr", "family_of": "to_bsbr", "from_pretrained": "to_bsbr", "head_counts": "to_bsbr",
-    "set_attention": "to_bsbr",
+    "SUPPORTED_CLASSES": "families", "bsbr_modules": "families", "family_of": "families", "head_counts": "families",
+    "check_model_dir": "loading", "from_pretrained": "loading",
+    "convert_to_bsbr": "to_bsbr", "set_attention": "to_bsbr",
     "compare_outputs": "metrics", "perplexity": "metrics", "reference_outputs": "metrics",
     "HealConfig": "healing", "heal": "healing",
 }
@@ -47,7 +48,7 @@ def _register() -> None:
         return
     # a transformers too old for bsbr.convert: the names below say so when used
     with contextlib.suppress(ImportError):
-        importlib.import_module(".to_bsbr", __name__)  # registers the Auto classes on import
+        importlib.import_module(".to_bsbr", __name__)  # its import of .loading registers the Auto classes
 
 
 def __getattr__(name: str):

@@ -23,7 +23,7 @@ DEMO_MODELS = ("smollm2",)
 
 def _model_config(model: str, gguf_file: str | None):
     """The model's config (no weights), with the clear errors of bsbr.convert for bad directories."""
-    from .to_bsbr import load_config
+    from .loading import load_config
 
     if model == "smollm2":
         from .study.checkpoints import smollm2_gguf
@@ -64,7 +64,7 @@ def _check(args):
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; expected a directory (new, or a run to continue)")
     config = _model_config(args.model, args.gguf_file)
-    from .to_bsbr import head_counts
+    from .families import head_counts
 
     _, _, d = head_counts(config)
     if args.compression_factor is not None and (d * d) % args.compression_factor:
@@ -83,7 +83,7 @@ def _load(args):
         from .study.checkpoints import smollm2
 
         return smollm2(Path(args.out) / "original")
-    from .to_bsbr import _from_pretrained
+    from .loading import _from_pretrained
 
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     model = _from_pretrained(AutoModelForCausalLM, args.model, attn_implementation="sdpa", dtype=torch.float32,

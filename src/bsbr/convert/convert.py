@@ -6,6 +6,7 @@ import warnings
 
 from .backends import BSBR_IMPL, WINDOW_IMPL
 from .cache import BSBRHFCache
+from .loading import _from_pretrained  # noqa: F401 (the CLI imported it from here)
 from .meta import BLOCK_OPTIONS, BSBRMeta
 from .to_bsbr import (
     DEFAULT_RETRIEVAL,
@@ -16,7 +17,6 @@ from .to_bsbr import (
     STATE_OPTIONS,
     SUPPORTED_CLASSES,
     Family,
-    _from_pretrained,  # noqa: F401 (the CLI imported it from here)
     base_model_type,
     bsbr_modules,
     check_model_dir,

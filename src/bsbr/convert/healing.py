@@ -34,8 +34,8 @@ from .. import _checks
 from ..train.checkpoint import save_checkpoint
 from ..train.steps import resume, run_steps, warmup_cosine
 from .backends import BSBR_IMPL
+from .families import bsbr_modules
 from .masks import _key_validity, bsbr_mask
-from .to_bsbr import bsbr_modules
 
 TRANSFER_IMPL = "bsbr_transfer"
 STAGES = ("transfer", "distill", "finetune")

@@ -25,6 +25,10 @@ META_INITS = ("identity", "zero")
 RETRIEVALS = ("blocks", "states", "none")
 BLOCK_OPTIONS = ("top_k", "block_summary", "block_select", "prev_chunk", "block_heads")
 BLOCK_HEADS = ("kv", "query")
+# the keyword options of BSBRMeta that convert_to_bsbr takes (compression_factor aside) and that loading reads back
+# from config.bsbr: the state readout's, the retrieval mode and sink tokens, and block retrieval's
+STATE_OPTIONS = ("state_norm", "meta_key", "retrieval_window", "gate_init", "meta_init")
+OPTION_NAMES = (*STATE_OPTIONS, "retrieval", "sink_tokens", *BLOCK_OPTIONS)
 
 
 class BSBRMeta(nn.Module):

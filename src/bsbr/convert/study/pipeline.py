@@ -20,9 +20,10 @@ import torch
 
 from ... import _checks
 from ...utils.cells import CellFiles, run_cells
+from ..families import bsbr_modules
 from ..healing import HealConfig, heal
 from ..metrics import compare_outputs, reference_outputs
-from ..to_bsbr import bsbr_modules, convert_to_bsbr, set_attention
+from ..to_bsbr import convert_to_bsbr, set_attention
 from .windows import token_stream, windows
 
 

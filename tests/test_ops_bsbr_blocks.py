@@ -1,7 +1,11 @@
-"""Block retrieval of tokens (retrieval="blocks"): the op's three forms against each other and against causal softmax.
+"""Block retrieval of tokens, the op (bsbr.ops.bsbr_blocks and its _fast, _select and _tiles parts): the reference,
+parallel (explicit and fused) and step-by-step forms against each other and against causal softmax, with gradients
+and grouped key/value heads; continuation from cached keys and summaries; bitwise causality; non-finite inputs that
+change no earlier output; the gathered-block path of select="chunk"; straight-through and grouped (Landmark) selection
+gradients; the dense form; and no [T, T] tensor in the parallel form.
 
-The registry-wide invariant suite (test_invariants.py) runs the layer as "BSBRBlocks"; these tests cover the op's
-settings one by one, grouped key/value heads, the fused inference path, continuation from a cache, and errors.
+The registry-wide invariant suite (test_invariants.py) runs the layer as "BSBRBlocks"; the layer's own settings are
+in test_layers_bsbr_blocks.py.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bsbr.layers.bsbr import BSBRAttention
 from bsbr.ops.bsbr_blocks import (
     BlockSpec,
     blocks_dense,
@@ -233,23 +236,6 @@ def test_dense_form_is_the_reference_with_every_chunk_selected(spec, G, T):
         blocks_dense(q, k, v, BlockSpec(chunk=1, top_k=1))  # T >= 3: two or more earlier chunks
 
 
-def test_train_top_k_selects_more_chunks_in_training_mode_only():
-    """train_top_k = all chunks with the grouped softmax: training mode is the grouped softmax over every chunk
-    (through the dense route), eval mode the top_k selection; the scores get a gradient from every chunk."""
-    torch.manual_seed(0)
-    attn = BSBRAttention(16, 2, chunk_size=4, dropout=0.0, retrieval="blocks", top_k=1, selection_grad="grouped",
-                         train_top_k=8, rope=False).double()
-    x = torch.randn(2, 29, 16, dtype=torch.float64)
-    q, k, v = attn.qkv(x, 0)
-    dense = attn.out(blocks_reference(q, k, v, BlockSpec(chunk=4, top_k=8, grad="grouped")))  # the definition
-    sparse = attn.out(blocks_parallel(q, k, v, BlockSpec(chunk=4, top_k=1, grad="grouped"))[0])
-    assert_close("training mode", attn.train()(x), dense, rel_tol=1e-10)
-    assert_close("eval mode", attn.eval()(x), sparse, rel_tol=1e-10)
-    assert "train_top_k=8" in repr(attn)
-    with pytest.raises(ValueError, match="train_top_k"):
-        BSBRAttention(16, 2, chunk_size=4, retrieval="states", train_top_k=4)
-
-
 def test_parallel_form_makes_no_T_by_T_tensor():
     T, d = 2048, 16
     q, k, v = _qkv(1, 1, 1, T, d, dtype=torch.float32)
@@ -261,38 +247,3 @@ def test_parallel_form_makes_no_T_by_T_tensor():
                 out.sum().backward()
         largest = max(e.cpu_memory_usage for e in prof.events())  # one op call's allocation
         assert largest < T * T * 4 // 4, f"an op allocated {largest} bytes (T*T*4 = {T * T * 4}), grad={grad}"
-
-
-def test_layer_cache_holds_every_token_and_one_summary_per_chunk():
-    attn = BSBRAttention(32, 2, chunk_size=8, dropout=0.0, retrieval="blocks", top_k=2).eval()
-    cache = attn.new_cache(batch_size=1)
-    with torch.no_grad():
-        attn(torch.randn(1, 21, 32), cache=cache)
-    # keys and values: 21 tokens x 2 heads x 16 dims each; summaries: 2 chunks x 2 heads x 16; lengths: one int64
-    assert cache.state_nbytes() == (2 * 21 * 2 * 16 + 2 * 2 * 16) * 4 + 8
-
-
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"retrieval": "tokens"}, "retrieval must be one of"),
-    ({"retrieval": "blocks", "top_k": 0}, "top_k must be a positive integer, got 0"),
-    ({"retrieval": "blocks", "sink_tokens": 9}, "sink_tokens must be at most chunk_size=8, got 9"),
-    ({"retrieval": "blocks", "compression_factor": 4}, "compression_factor=4 belongs to the state readout"),
-    ({"retrieval": "blocks", "block_summary": "max"}, "block_summary must be one of"),
-    ({"retrieval": "states", "sink_tokens": 2}, "sink_tokens, prev_chunk and train_top_k belong to retrieval='blocks'"),
-])
-def test_bad_settings_raise_clear_errors(kwargs, message):
-    with pytest.raises((ValueError, TypeError), match=message):
-        BSBRAttention(32, 2, chunk_size=8, **kwargs)
-
-
-def test_attention_weights_reproduce_the_output():
-    attn = BSBRAttention(32, 2, chunk_size=4, dropout=0.0, retrieval="blocks", top_k=1, sink_tokens=2).double()
-    x = torch.randn(1, 22, 32, dtype=torch.float64)
-    maps = attn.attention_weights(x, parts=True)
-    _, _, v = attn.qkv(x, 0)
-    heads = maps["total"] @ v  # [B, H, T, d]
-    assert_close("weights @ v", attn.out(heads), attn(x))
-    assert torch.allclose(maps["total"].sum(-1), torch.ones(1, 2, 22, dtype=torch.float64))
-    assert_close("parts", maps["local"] + maps["retrieval"], maps["total"])
-    # each query sees its own chunk, the sink and at most one selected chunk: at most 4 + 2 + 4 keys
-    assert int((maps["total"] > 0).sum(-1).max()) <= 10

@@ -1,0 +1,69 @@
+"""BSBRAttention with retrieval="blocks" (bsbr.layers.bsbr_blocks): train_top_k selects more chunks in training
+mode only, the streaming cache (BlocksCache) holds every token and one summary per chunk, bad settings raise clear
+errors, and the attention weights reproduce the output.
+
+The op's forms are tested in test_ops_bsbr_blocks.py; the registry-wide invariant suite (test_invariants.py) runs the
+layer as "BSBRBlocks".
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bsbr.layers.bsbr import BSBRAttention
+from bsbr.ops.bsbr_blocks import BlockSpec, blocks_parallel, blocks_reference
+
+from helpers import assert_close
+
+
+def test_train_top_k_selects_more_chunks_in_training_mode_only():
+    """train_top_k = all chunks with the grouped softmax: training mode is the grouped softmax over every chunk
+    (through the dense route), eval mode the top_k selection; the scores get a gradient from every chunk."""
+    torch.manual_seed(0)
+    attn = BSBRAttention(16, 2, chunk_size=4, dropout=0.0, retrieval="blocks", top_k=1, selection_grad="grouped",
+                         train_top_k=8, rope=False).double()
+    x = torch.randn(2, 29, 16, dtype=torch.float64)
+    q, k, v = attn.qkv(x, 0)
+    dense = attn.out(blocks_reference(q, k, v, BlockSpec(chunk=4, top_k=8, grad="grouped")))  # the definition
+    sparse = attn.out(blocks_parallel(q, k, v, BlockSpec(chunk=4, top_k=1, grad="grouped"))[0])
+    assert_close("training mode", attn.train()(x), dense, rel_tol=1e-10)
+    assert_close("eval mode", attn.eval()(x), sparse, rel_tol=1e-10)
+    assert "train_top_k=8" in repr(attn)
+    with pytest.raises(ValueError, match="train_top_k"):
+        BSBRAttention(16, 2, chunk_size=4, retrieval="states", train_top_k=4)
+
+
+def test_layer_cache_holds_every_token_and_one_summary_per_chunk():
+    attn = BSBRAttention(32, 2, chunk_size=8, dropout=0.0, retrieval="blocks", top_k=2).eval()
+    cache = attn.new_cache(batch_size=1)
+    with torch.no_grad():
+        attn(torch.randn(1, 21, 32), cache=cache)
+    # keys and values: 21 tokens x 2 heads x 16 dims each; summaries: 2 chunks x 2 heads x 16; lengths: one int64
+    assert cache.state_nbytes() == (2 * 21 * 2 * 16 + 2 * 2 * 16) * 4 + 8
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"retrieval": "tokens"}, "retrieval must be one of"),
+    ({"retrieval": "blocks", "top_k": 0}, "top_k must be a positive integer, got 0"),
+    ({"retrieval": "blocks", "sink_tokens": 9}, "sink_tokens must be at most chunk_size=8, got 9"),
+    ({"retrieval": "blocks", "compression_factor": 4}, "compression_factor=4 belongs to the state readout"),
+    ({"retrieval": "blocks", "block_summary": "max"}, "block_summary must be one of"),
+    ({"retrieval": "states", "sink_tokens": 2}, "sink_tokens, prev_chunk and train_top_k belong to retrieval='blocks'"),
+])
+def test_bad_settings_raise_clear_errors(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        BSBRAttention(32, 2, chunk_size=8, **kwargs)
+
+
+def test_attention_weights_reproduce_the_output():
+    attn = BSBRAttention(32, 2, chunk_size=4, dropout=0.0, retrieval="blocks", top_k=1, sink_tokens=2).double()
+    x = torch.randn(1, 22, 32, dtype=torch.float64)
+    maps = attn.attention_weights(x, parts=True)
+    _, _, v = attn.qkv(x, 0)
+    heads = maps["total"] @ v  # [B, H, T, d]
+    assert_close("weights @ v", attn.out(heads), attn(x))
+    assert torch.allclose(maps["total"].sum(-1), torch.ones(1, 2, 22, dtype=torch.float64))
+    assert_close("parts", maps["local"] + maps["retrieval"], maps["total"])
+    # each query sees its own chunk, the sink and at most one selected chunk: at most 4 + 2 + 4 keys
+    assert int((maps["total"] > 0).sum(-1).max()) <= 10
