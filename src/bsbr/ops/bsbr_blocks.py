@@ -170,10 +170,10 @@ def blocks_parallel(q, k, v, spec: BlockSpec, *, start: int = 0, summaries: torc
     allowed = candidates(qchunk, Cc, spec) & (torch.arange(Tqp, device=q.device) < Tq)[:, None]
     if spec.select == "chunk" and spec.grad != "grouped" and _chunkwise_available(q, k, spec, q, k, v):
         # the rows of a chunk share its selection: score the chunks' first rows only
-        idx, ok, _ = select(scores(q[:, :, ::ch], summ, spec), allowed[::ch], spec)
+        idx, ok, _ = select(scores(q[:, :, ::ch], summ, spec), allowed[::ch], spec, inplace=True)
         return _parallel_chunkwise(q, k, v, spec, idx, ok, start)[:, :, :Tq], summ
     sc = scores(_selection_queries(q, spec), summ, spec)  # [B, Hk, Tqp, Cc]
-    idx, ok, bias = select(sc, allowed, spec)
+    idx, ok, bias = select(sc, allowed, spec, inplace=True)
     if spec.grad != "grouped" and fused_available(q, k, v):  # (the fused path takes no log-weights)
         return _parallel_fused(q, k, v, spec, idx, ok, start, Ctot)[:, :, :Tq], summ
     qg = q.view(B, Hk, G, Tqp, d)
@@ -237,7 +237,7 @@ def blocks_step(q, keys, values, summaries, lengths, spec: BlockSpec, select_q: 
         if spec.select == "chunk" and select_q is None:
             raise ValueError("blocks_step: select='chunk' needs select_q, the query at the chunk's first position")
         sc = scores(q if spec.select == "token" else select_q, summaries, spec)[:, :, 0]  # [B, Hk, C]
-        idx, ok, bias = select(sc, allowed[:, None, :], spec)  # [B, Hk, K]
+        idx, ok, bias = select(sc, allowed[:, None, :], spec, inplace=True)  # [B, Hk, K]
         K = idx.shape[-1]
         sel_pos = (idx[..., None] * ch + ar).reshape(B, Hk, K * ch)  # [B, Hk, K * ch]
         sel_seen = ok[..., None].expand(B, Hk, K, ch)

@@ -52,8 +52,10 @@ def scores(q: torch.Tensor, summaries: torch.Tensor, spec: BlockSpec) -> torch.T
     if q.dtype in (torch.float16, torch.bfloat16):  # a choice, not a weight: scored in fp32 (fewer flipped ties)
         q, summaries = q.float(), summaries.float()
     qq = q if spec.summary == "mean" else torch.cat([q, q.abs()], dim=-1)
-    s = qq.reshape(B, Hk, H // Hk * n, -1) @ summaries.transpose(-1, -2)  # [B, Hk, G * n, C]
-    return s.view(B, Hk, H // Hk, n, -1).sum(dim=2) * spec.scale(d)
+    # the score is linear in qq: sum the group's query heads and scale them before the product, so the only pass
+    # over the [n, C] scores is the product itself (they are the part of the cost that grows as T^2 / chunk)
+    qq = qq.view(B, Hk, H // Hk, n, -1).sum(dim=2) * spec.scale(d)
+    return qq @ summaries.transpose(-1, -2)
 
 
 def candidates(query_chunks: torch.Tensor, num_chunks: int, spec: BlockSpec) -> torch.Tensor:
@@ -69,15 +71,19 @@ def candidates(query_chunks: torch.Tensor, num_chunks: int, spec: BlockSpec) -> 
     return ok
 
 
-def select(score: torch.Tensor, allowed: torch.Tensor, spec: BlockSpec):
+def select(score: torch.Tensor, allowed: torch.Tensor, spec: BlockSpec, *, inplace: bool = False):
     """The top_k allowed chunks of each query: score [..., C], allowed bool broadcastable to it.
 
     Returns (idx [..., K] long, ok [..., K] bool, bias [..., K] or None) with K = min(top_k, C); ``bias`` is the
     log-weight added to each selected chunk's logits: log p - stopgrad(log p) (zero in value) for
-    ``"straight_through"``, log p for ``"grouped"``."""
+    ``"straight_through"``, log p for ``"grouped"``.  ``inplace``: the caller hands over ``score`` (it is masked
+    in place unless autograd needs it; saves a copy of the [..., C] scores)."""
     C = score.shape[-1]
     K = min(spec.top_k, C)
-    masked = score.masked_fill(~allowed, float("-inf"))
+    if inplace and not (torch.is_grad_enabled() and score.requires_grad):
+        masked = score.masked_fill_(~allowed, float("-inf"))
+    else:
+        masked = score.masked_fill(~allowed, float("-inf"))
     if K == 0:
         empty = score.new_zeros(*score.shape[:-1], 0)
         return empty.long(), empty.bool(), None
