@@ -22,9 +22,13 @@ from bsbr.ops.bsbr_blocks import (
     blocks_parallel,
     blocks_reference,
     blocks_step,
+    candidates,
     fused_available,
+    scores,
+    select,
     summarize,
 )
+from bsbr.ops.bsbr_blocks_select import select_in_row_groups
 
 from helpers import assert_close
 
@@ -111,6 +115,38 @@ def test_selection_is_a_choice_top_k_1_misses_what_top_k_all_sees():
     out = blocks_parallel(q, k, v, BlockSpec(chunk=4, top_k=1))[0]
     assert (out[:, :, 8:] - full[:, :, 8:]).abs().max() > 1e-3
     assert_close("first two chunks", out[:, :, :8], full[:, :, :8])  # chunk 1 sees chunk 0, the only candidate
+
+
+@pytest.mark.parametrize("spec", [BlockSpec(chunk=4, top_k=3), BlockSpec(chunk=3, top_k=2, sink=3, prev_chunk=True,
+                                                                          summary="minmax")])
+@pytest.mark.parametrize("group_chunks", [1, 2, 5])
+@pytest.mark.parametrize("first_chunk", [0, 3])
+def test_selection_in_row_groups_is_the_selection_over_every_chunk(spec, group_chunks, first_chunk):
+    """Scoring groups of query rows against only the chunks they may select picks the same chunks as scoring every
+    row against every chunk (fp64, no ties); slots a short row cannot fill are empty in both."""
+    B, H, Hk, d, ch = 2, 4, 2, 5, spec.chunk
+    n = 10 * ch + 2  # query rows from chunk first_chunk on, the last chunk incomplete
+    q, k, _ = _qkv(B, H, Hk, first_chunk * ch + n, d)
+    q = q[:, :, first_chunk * ch:]
+    C = k.shape[2] // ch
+    summ = summarize(k[:, :, : C * ch].reshape(B, Hk, C, ch, d), spec.summary)
+    allowed = candidates(first_chunk + torch.arange(n) // ch, C, spec)
+    idx, ok, _ = select(scores(q, summ, spec), allowed, spec)
+    idx_g, ok_g = select_in_row_groups(q, summ, allowed, spec, first_chunk=first_chunk, group_chunks=group_chunks)
+    assert torch.equal(ok_g, ok)
+    assert torch.equal(idx_g.masked_fill(~ok_g, -1).sort(-1).values, idx.masked_fill(~ok, -1).sort(-1).values)
+    assert ok.any() and (first_chunk or not ok.all())  # from chunk 0 on, the first rows cannot fill every slot
+
+
+def test_fused_inference_over_several_row_groups_is_the_reference():
+    """The inference path (fused kernel, rows scored in groups of 16 chunks) over 40 chunks equals the reference."""
+    spec = BlockSpec(chunk=4, top_k=3, sink=4)
+    q, k, v = _qkv(1, 4, 2, 40 * 4 - 1, 6)
+    assert fused_available(q, k, v)
+    assert_close("fused, row groups", blocks_parallel(q, k, v, spec)[0], blocks_reference(q, k, v, spec))
+    with pytest.raises(ValueError, match="grad must be 'none'"):
+        select_in_row_groups(q, k[:, :, :4, None, 0], torch.ones(q.shape[2], 4, dtype=torch.bool),
+                             BlockSpec(chunk=4, top_k=1, grad="grouped"))
 
 
 @pytest.mark.parametrize(("fused", "select"), [(False, "token"), (True, "token"), (False, "chunk"), (True, "chunk")])

@@ -97,6 +97,35 @@ def select(score: torch.Tensor, allowed: torch.Tensor, spec: BlockSpec, *, inpla
     return idx, ok, bias
 
 
+def select_in_row_groups(q: torch.Tensor, summaries: torch.Tensor, allowed: torch.Tensor, spec: BlockSpec,
+                         first_chunk: int = 0, group_chunks: int = 16):
+    """:func:`scores` then :func:`select` for ``grad="none"``, in groups of ``group_chunks`` query chunks, each
+    scored against only the chunks its rows may select (those before its last chunk): about half the products and
+    top-k work of scoring every row against every chunk, the same selection.
+
+    q [B, H, n, d] (the selecting queries of positions first_chunk * chunk ..); summaries [B, Hk, C, S];
+    allowed bool [n, C].  Returns (idx, ok) [B, Hk, n, K] with K = min(top_k, C) (slots a short row cannot fill:
+    idx 0, ok False)."""
+    if spec.grad != "none":
+        raise ValueError(f"select_in_row_groups: grad must be 'none' (got {spec.grad!r}); log-weights need "
+                         "scores() and select() over every candidate")
+    B, H, n, _ = q.shape
+    Hk, C = summaries.shape[1], summaries.shape[2]
+    K = min(spec.top_k, C)
+    idx = torch.zeros(B, Hk, n, K, dtype=torch.long, device=q.device)
+    ok = torch.zeros(B, Hk, n, K, dtype=torch.bool, device=q.device)
+    rows = group_chunks * spec.chunk
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        cols = min(C, first_chunk + (r1 - 1) // spec.chunk)  # a row may select chunks before its own
+        if cols == 0 or K == 0:
+            continue
+        i, o, _ = select(scores(q[:, :, r0:r1], summaries[:, :, :cols], spec), allowed[r0:r1, :cols], spec,
+                         inplace=True)
+        idx[:, :, r0:r1, : i.shape[-1]], ok[:, :, r0:r1, : i.shape[-1]] = i, o
+    return idx, ok
+
+
 def _selection_queries(q: torch.Tensor, spec: BlockSpec, offset: int = 0) -> torch.Tensor:
     """The query each position selects with: q itself ("token") or the query at its chunk's first position
     ("chunk"); q [B, H, n, d] holds positions offset .. offset + n - 1 with offset % chunk == 0."""
