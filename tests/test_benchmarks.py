@@ -5,6 +5,7 @@ kernel of the local part, so the local count is checked against the SDPA formula
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -79,3 +80,19 @@ def test_bench_gau_tiles_padded_and_tiled_agree():
     for T in (5, 16, 21):
         row = bench_gau_tiles.measure(T, group=16, batch=2, s=4, e=6, rounds=1)
         assert row["T"] == T and row["tiled_min_s"] > 0 and row["padded_min_s"] > 0
+
+
+def test_bench_blocks_rows_smoke(tmp_path):
+    """bench_blocks_rows.py times both selections on the same inputs, gets the same output from them, and leaves
+    the op's row-group selection in place afterwards."""
+    import bench_blocks_rows
+
+    from bsbr.ops import bsbr_blocks
+    from bsbr.ops.bsbr_blocks_select import select_in_row_groups
+
+    out = tmp_path / "rows.json"
+    assert bench_blocks_rows.main(["--lengths", "2048", "--rounds", "1", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["T"] == 2048 and row["max_abs_difference"] == 0.0
+    assert set(row["fastest"]) == {"every chunk", "row groups"}
+    assert bsbr_blocks.select_in_row_groups is select_in_row_groups
