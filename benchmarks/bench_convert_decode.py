@@ -31,12 +31,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import environment  # noqa: E402
-
 from bsbr.convert import BSBRHFCache, convert_to_bsbr, head_counts  # noqa: E402
 from bsbr.convert.cache import BlocksRow, BSBRCacheLayer, StreamRow  # noqa: E402
 from bsbr.convert.study.checkpoints import smollm2  # noqa: E402
 from bsbr.ops.bsbr_blocks import summarize  # noqa: E402
+from common import environment  # noqa: E402
 
 VARIANTS = {"blocks chunk 256 top-2": {"retrieval": "blocks", "top_k": 2},
             "blocks chunk 16 top-48, per query head": {"retrieval": "blocks", "chunk_size": 16, "top_k": 48,

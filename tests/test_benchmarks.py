@@ -86,7 +86,6 @@ def test_bench_blocks_rows_smoke(tmp_path):
     """bench_blocks_rows.py times both selections on the same inputs, gets the same output from them, and leaves
     the op's row-group selection in place afterwards."""
     import bench_blocks_rows
-
     from bsbr.ops import bsbr_blocks
     from bsbr.ops.bsbr_blocks_select import select_in_row_groups
 
