@@ -64,19 +64,23 @@ def test_cli_convert_with_block_retrieval_measures_without_healing(tmp_path):
     path, _ = _tiny_dir(tmp_path)
     out = tmp_path / "out"
     assert main(["convert", str(path), "--chunk-size", "8", "--top-k", "1", "--block-summary", "minmax",
-                 "--seq-len", "32", "--eval-windows", "2", "--out", str(out), "--no-progress"]) == 0
+                 "--block-heads", "query", "--seq-len", "32", "--eval-windows", "2", "--out", str(out),
+                 "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert list(report["stages"]) == ["before"] and report["healing"] == {}
     assert set(report["stages"]["before"]) >= {"bsbr", "local", "sliding_window"}
     assert "Block retrieval" in (out / "report.md").read_text()
     back = from_pretrained(out / "model")
     assert back.config.bsbr["retrieval"] == "blocks" and back.config.bsbr["block_summary"] == "minmax"
+    assert back.config.bsbr["block_heads"] == "query" and report["plan"]["block_heads"] == "query"
 
 
 @pytest.mark.parametrize("extra,match", [(["--chunk-size", "0"], "--chunk-size must be a positive integer"),
                                          (["--retrieval", "states", "--compression-factor", "7"],
                                           "must divide head_dim"),
                                          (["--heal-steps", "3"], "--heal-steps 3: only for --retrieval states"),
+                                         (["--retrieval", "states", "--block-heads", "query"],
+                                          "--block-heads query: only for --retrieval blocks"),
                                          ([], None)])
 def test_cli_convert_refuses_bad_input_before_any_work(tmp_path, capsys, extra, match):
     from bsbr.cli import main

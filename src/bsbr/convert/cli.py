@@ -48,6 +48,9 @@ def _check(args):
         if given:
             raise ValueError(f"{', '.join(given)}: only for --retrieval states (block retrieval has no weights to "
                              "heal and no states to compress or window)")
+    elif args.block_heads != "kv":
+        raise ValueError(f"--block-heads {args.block_heads}: only for --retrieval blocks (the state readout reads "
+                         "every chunk's state with every query head)")
     _checks.non_negative_int("--transfer-steps", args.transfer_steps)
     _checks.non_negative_int("--finetune-steps", args.finetune_steps)
     _checks.positive_int("--seq-len", args.seq_len)
@@ -98,7 +101,8 @@ def _convert(args) -> int:
     from .study.report import write_report
 
     plan = ConversionPlan(chunk_size=args.chunk_size, retrieval=args.retrieval, top_k=args.top_k,
-                          block_summary=args.block_summary, compression_factor=args.compression_factor,
+                          block_summary=args.block_summary, block_heads=args.block_heads,
+                          compression_factor=args.compression_factor,
                           retrieval_window=args.retrieval_window, gate_init=args.gate_init, seq_len=args.seq_len,
                           eval_windows=args.eval_windows, transfer_steps=args.transfer_steps,
                           distill_steps=args.heal_steps, finetune_steps=args.finetune_steps,
@@ -128,6 +132,10 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=2, help="block retrieval: chunks each query selects")
     p.add_argument("--block-summary", choices=("mean", "minmax"), default="mean",
                    help="block retrieval: how a chunk is scored (mean key, or Quest's per-channel min/max bound)")
+    p.add_argument("--block-heads", choices=("kv", "query"), default="kv",
+                   help="block retrieval: one selection per key/value group (default: the cache holds the model's "
+                        "key/value heads) or per query head (better recall, a cache of every query head; the "
+                        "8,192-token setting of docs/convert.md: --chunk-size 16 --top-k 48 --block-heads query)")
     p.add_argument("--heal-steps", type=int, default=None,
                    help="healing steps (--retrieval states): end-to-end distillation to the original's predictions "
                         "(default 20; 0: no healing)")

@@ -244,7 +244,6 @@ def blocks_step(q, keys, values, summaries, lengths, spec: BlockSpec, select_q: 
         sc = scores(q if spec.select == "token" else select_q, summaries, spec)[:, :, 0]  # [B, Hk, C]
         idx, ok, bias = select(sc, allowed[:, None, :], spec, inplace=True)  # [B, Hk, K]
         K = idx.shape[-1]
-        sel_pos = (idx[..., None] * ch + ar).reshape(B, Hk, K * ch)  # [B, Hk, K * ch]
         sel_seen = ok[..., None].expand(B, Hk, K, ch)
         if s:
             sel_seen = sel_seen & ~((idx == 0)[..., None] & (ar < s))
@@ -254,14 +253,19 @@ def blocks_step(q, keys, values, summaries, lengths, spec: BlockSpec, select_q: 
     fixed_pos = torch.cat(cols, dim=1)  # [B, nf]
     fixed_seen = torch.cat(seen, dim=1)
     nf = fixed_pos.shape[1]
-    pos = fixed_pos[:, None].expand(B, Hk, nf)
     vis = fixed_seen[:, None].expand(B, Hk, nf)
+    # the own chunk's later slots may lie past the buffer (never seen)
+    fixed_pos = fixed_pos.clamp(max=keys.shape[2] - 1)[:, None, :]  # [B, 1, nf]
+    bi, hi = torch.arange(B, device=dev).view(B, 1, 1), torch.arange(Hk, device=dev).view(1, Hk, 1)
+    # rows of d numbers by advanced indexing (the selected chunks as whole [chunk, d] blocks), not an element-wise
+    # gather: about 2x faster per step
+    kx, vx = keys[bi, hi, fixed_pos], values[bi, hi, fixed_pos]  # [B, Hk, nf, d]
     if K:
-        pos = torch.cat([pos, sel_pos], dim=2)
+        C = summaries.shape[2]
+        ks = keys[:, :, : C * ch].unflatten(2, (C, ch))[bi, hi, idx].flatten(2, 3)  # [B, Hk, K * ch, d]
+        vs = values[:, :, : C * ch].unflatten(2, (C, ch))[bi, hi, idx].flatten(2, 3)
+        kx, vx = torch.cat([kx, ks], dim=2), torch.cat([vx, vs], dim=2)
         vis = torch.cat([vis, sel_seen], dim=2)
-    pos = pos.clamp(max=keys.shape[2] - 1)  # the own chunk's later slots may lie past the buffer (never seen)
-    kx = keys.gather(2, pos[..., None].expand(*pos.shape, d))  # [B, Hk, n, d]
-    vx = values.gather(2, pos[..., None].expand(*pos.shape, d))
     logits = (q.view(B, Hk, G, d) @ kx.transpose(-1, -2)) * spec.scale(d)  # [B, Hk, G, n]
     if bias is not None:
         b = torch.cat([logits.new_zeros(B, Hk, nf), bias.to(logits.dtype).repeat_interleave(ch, dim=-1)], dim=2)

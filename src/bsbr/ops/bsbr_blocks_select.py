@@ -143,9 +143,12 @@ def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
 def _attend(p: torch.Tensor, v: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """p @ v where p is zero outside ``seen``, without letting a non-finite value outside ``seen`` in (0 * NaN):
     p [..., n, m], v [..., m, d], seen bool broadcastable to p.  Rows that see a non-finite value get NaN."""
+    out = p @ v
+    if bool(torch.isfinite(out).all()):  # p >= 0 multiplies every value, so any non-finite v (or p) shows here
+        return out
     bad = ~torch.isfinite(v).all(dim=-1)  # [..., m]
     if not bool(bad.any()):
-        return p @ v
+        return out
     out = p @ torch.where(bad[..., None], 0.0, v)
     hit = (seen & bad[..., None, :]).any(dim=-1, keepdim=True)
     return torch.where(hit, float("nan"), out)

@@ -36,6 +36,7 @@ class ConversionPlan:
     retrieval: str = "states"  # "blocks": block retrieval of tokens (no weights, nothing to heal)
     top_k: int = 2  # block retrieval: chunks selected per query (the first chunk is always in view)
     block_summary: str = "mean"
+    block_heads: str = "kv"  # block retrieval: one selection per key/value group, or per query head ("query")
     compression_factor: int | None = None
     retrieval_window: int | None = None
     gate_init: float = 0.0
@@ -59,6 +60,7 @@ class ConversionPlan:
         if self.retrieval == "blocks":
             _checks.positive_int("top_k", self.top_k)
             _checks.one_of("block_summary", self.block_summary, ("mean", "minmax"))
+            _checks.one_of("block_heads", self.block_heads, ("kv", "query"))
             steps = {"transfer_steps": self.transfer_steps, "distill_steps": self.distill_steps,
                      "finetune_steps": self.finetune_steps}
             if any(steps.values()) or self.compression_factor is not None or self.retrieval_window is not None:
@@ -149,7 +151,7 @@ def run_conversion(original, tokenizer, plan: ConversionPlan, out_dir: str | Pat
         p.requires_grad_(False)
     if plan.retrieval == "blocks":
         converted = convert_to_bsbr(copy.deepcopy(original), plan.chunk_size, retrieval="blocks", top_k=plan.top_k,
-                                    block_summary=plan.block_summary)
+                                    block_summary=plan.block_summary, block_heads=plan.block_heads)
     else:
         converted = convert_to_bsbr(copy.deepcopy(original), plan.chunk_size, plan.compression_factor,
                                     retrieval="states", retrieval_window=plan.retrieval_window,
