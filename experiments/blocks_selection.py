@@ -42,14 +42,19 @@ def main() -> None:
     spec_sink = config["model"]["attention_kwargs"].get("sink_tokens", 0)
 
     picks: list[tuple] = []
-    original = blocks.select
+    original, original_rows = blocks.select, blocks.select_in_row_groups
 
-    def recording(score, allowed, spec):
-        out = original(score, allowed, spec)
+    def recording(*args, **kwargs):  # the selection of the explicit path and of grad != "none"
+        out = original(*args, **kwargs)
         picks.append((out[0], out[1]))
         return out
 
-    blocks.select = recording
+    def recording_rows(*args, **kwargs):  # the inference path's selection (grad "none", per token)
+        out = original_rows(*args, **kwargs)
+        picks.append(out)
+        return out
+
+    blocks.select, blocks.select_in_row_groups = recording, recording_rows
     layers = config["model"]["num_layers"]
     hits = torch.zeros(layers)
     found_right = found_total = missed_right = missed_total = total = 0
@@ -77,7 +82,7 @@ def main() -> None:
             missed_right += int((right & ~last).sum())
             missed_total += int((~last).sum())
             total += int(scored.sum())
-    blocks.select = original
+    blocks.select, blocks.select_in_row_groups = original, original_rows
     opts = config["model"]["attention_kwargs"]
     print(f"{args.run.name} (step {state.get('step')}): {total} scored queries, chunk {ch}, top_k {opts['top_k']}, "
           f"summary {opts.get('block_summary', 'mean')}")
