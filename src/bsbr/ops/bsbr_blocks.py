@@ -173,13 +173,14 @@ def blocks_parallel(q, k, v, spec: BlockSpec, *, start: int = 0, summaries: torc
         # the rows of a chunk share its selection: score the chunks' first rows only
         idx, ok, _ = select(scores(q[:, :, ::ch], summ, spec), allowed[::ch], spec, inplace=True)
         return _parallel_chunkwise(q, k, v, spec, idx, ok, start)[:, :, :Tq], summ
-    if spec.grad == "none" and spec.select == "token" and fused_available(q, k, v):
+    fused = spec.grad != "grouped" and fused_available(q, k, v)  # (the fused path takes no log-weights)
+    if fused and spec.grad == "none" and spec.select == "token":
         # inference: each group of query rows scored against only the chunks it may select
         idx, ok = select_in_row_groups(q, summ, allowed, spec, first_chunk=start // ch)
         return _parallel_fused(q, k, v, spec, idx, ok, start, Ctot)[:, :, :Tq], summ
     sc = scores(_selection_queries(q, spec), summ, spec)  # [B, Hk, Tqp, Cc]
     idx, ok, bias = select(sc, allowed, spec, inplace=True)
-    if spec.grad != "grouped" and fused_available(q, k, v):  # (the fused path takes no log-weights)
+    if fused:
         return _parallel_fused(q, k, v, spec, idx, ok, start, Ctot)[:, :, :Tq], summ
     qg = q.view(B, Hk, G, Tqp, d)
     # 1. the fixed part: sink, previous chunk and own chunk (causal), one [G * chunk, nf] block per query chunk
