@@ -28,7 +28,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
-
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bsbr.convert import BSBRHFCache, convert_to_bsbr, head_counts  # noqa: E402

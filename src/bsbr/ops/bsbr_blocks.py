@@ -259,7 +259,7 @@ def blocks_step(q, keys, values, summaries, lengths, spec: BlockSpec, select_q: 
     fixed_pos = fixed_pos.clamp(max=keys.shape[2] - 1)[:, None, :]  # [B, 1, nf]
     bi, hi = torch.arange(B, device=dev).view(B, 1, 1), torch.arange(Hk, device=dev).view(1, Hk, 1)
     # rows of d numbers by advanced indexing (the selected chunks as whole [chunk, d] blocks), not an element-wise
-    # gather: about 2x faster per step
+    # gather (benchmarks/bench_convert_decode.py measures the step before and after: docs/convert.md)
     kx, vx = keys[bi, hi, fixed_pos], values[bi, hi, fixed_pos]  # [B, Hk, nf, d]
     if K:
         C = summaries.shape[2]
