@@ -95,3 +95,14 @@ def test_bench_blocks_rows_smoke(tmp_path):
     assert row["T"] == 2048 and row["max_abs_difference"] == 0.0
     assert set(row["fastest"]) == {"every chunk", "row groups"}
     assert bsbr_blocks.select_in_row_groups is select_in_row_groups
+
+
+def test_profile_blocks_op_smoke(tmp_path):
+    """profile_blocks_op.py finds the op's flash calls and top-k in the profile and writes its JSON."""
+    import profile_blocks_op
+
+    out = tmp_path / "profile.json"
+    assert profile_blocks_op.main(["--T", "2048", "--threads", "1", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["row"]
+    assert row["T"] == 2048 and 0 < row["flash_seconds"] < row["op_profiled_seconds"]
+    assert row["topk_seconds"] > 0 and row["ratio_if_only_flash_calls"] > 0
