@@ -20,6 +20,8 @@ Mutated inputs tried per reader (hypothesis ``max_examples``, derandomized so ev
     bsbr train --resume               N_CLI_RESUME = 20
     directory corpus (get_task("lm")) N_CORPUS  = 60
     ExperimentRunner finished cells   N_CELLS   = 60
+    convert_to_bsbr(dir) (converted)  FUZZ_EXAMPLES = 30 per retrieval mode, states and blocks
+                                      (test_convert_loading.py; its own strategy, not these)
 """
 
 from __future__ import annotations

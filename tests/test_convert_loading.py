@@ -113,10 +113,12 @@ def test_bad_directories(tmp_path):
 FUZZ_EXAMPLES = 30  # mutated model directories tried (each loads a tiny model: ~0.1 s)
 
 
-@pytest.fixture(scope="module")
-def converted_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("converted")
-    conv = convert_to_bsbr(tiny("llama").float(), chunk_size=8, retrieval="states")
+@pytest.fixture(scope="module", params=["states", "blocks"])
+def converted_dir(request, tmp_path_factory):
+    """A converted tiny LLaMA saved to a directory, in each retrieval mode (their "bsbr" fields differ)."""
+    path = tmp_path_factory.mktemp(f"converted_{request.param}")
+    opts = {"top_k": 2, "block_heads": "query"} if request.param == "blocks" else {}
+    conv = convert_to_bsbr(tiny("llama").float(), chunk_size=8, retrieval=request.param, **opts)
     conv.save_pretrained(path)
     return path
 
@@ -131,8 +133,10 @@ def _mutations():
                   st.sampled_from(["x", -3, None, [1], {"a": 1}, 2.5])),
         st.tuples(st.just("truncate_config"), st.integers(0, 400)),
         st.tuples(st.just("truncate_weights"), st.integers(0, 2000)),
-        st.tuples(st.just("bsbr_field"), st.sampled_from(["chunk_size", "compression_factor", "retrieval_window"]),
-                  st.sampled_from([0, -1, "x", None, 7])),
+        st.tuples(st.just("bsbr_field"), st.sampled_from(["chunk_size", "compression_factor", "retrieval_window",
+                                                          "retrieval", "top_k", "sink_tokens", "prev_chunk",
+                                                          "block_heads", "block_summary", "block_select"]),
+                  st.sampled_from([0, -1, "x", None, 7, True, "blocks", "query"])),
     )
 
 
