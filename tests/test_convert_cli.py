@@ -56,6 +56,14 @@ def test_cli_convert_writes_model_and_report_and_resumes(tmp_path, capsys):
     stamp = (out / "stages" / "before.json").stat().st_mtime_ns
     assert main(args) == 0  # a re-run continues: finished stages are read, not recomputed
     assert (out / "stages" / "before.json").stat().st_mtime_ns == stamp
+    # another plan in the same directory would read this plan's finished stages into its report: refused
+    files = {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+    changed = list(args)
+    changed[changed.index("--chunk-size") + 1] = "16"
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of another plan" in err and "chunk_size: 8 -> 16" in err, err
+    assert {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} == files
 
 
 def test_cli_convert_with_block_retrieval_measures_without_healing(tmp_path):

@@ -99,3 +99,22 @@ def test_distillation_teacher_is_the_original_and_the_stage_lowers_its_loss(tmp_
     assert records[-1]["loss"] < records[0]["loss"]
     for n, t in conv.named_parameters():
         assert torch.equal(t.double(), before[n]) != (".bsbr." in n), n
+
+
+def test_healing_refuses_to_resume_with_other_settings(tmp_path):
+    """A checkpoint of 4 steps resumed as a run of 8 would continue on another schedule: refused, naming the field,
+    and the run's files are left as they were; only save_every may differ."""
+    from bsbr.convert import HealConfig, heal
+
+    conv = convert_to_bsbr(tiny("gpt2").float(), chunk_size=8, retrieval="states", gate_init=0.5)
+    data = torch.randint(0, 50, (1, 40))
+    cfg = HealConfig(stage="finetune", steps=4, lr=1e-2, seq_len=40, warmup=1, save_every=2)
+    heal(conv, lambda s: data, cfg, tmp_path, progress=False)
+    files = {f: f.read_bytes() for f in sorted(tmp_path.rglob("*")) if f.is_file()}
+    with pytest.raises(ValueError, match=r"other healing settings .*steps: 4 -> 8"):
+        heal(conv, lambda s: data, HealConfig(stage="finetune", steps=8, lr=1e-2, seq_len=40, warmup=1,
+                                              save_every=2), tmp_path, progress=False)
+    assert {f: f.read_bytes() for f in sorted(tmp_path.rglob("*")) if f.is_file()} == files
+    again = heal(conv, lambda s: data, HealConfig(stage="finetune", steps=4, lr=1e-2, seq_len=40, warmup=1,
+                                                  save_every=3), tmp_path, progress=False)
+    assert [r["step"] for r in again] == [0, 1, 2, 3]

@@ -13,7 +13,6 @@ OUT/model only when everything else has finished.  A killed run re-run with the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import _checks
@@ -97,7 +96,7 @@ def _load(args):
 
 def _convert(args) -> int:
     _check(args)  # everything that can be checked before loading weights
-    from .study.pipeline import ConversionPlan, run_conversion
+    from .study.pipeline import ConversionPlan, check_out_dir, run_conversion
     from .study.report import write_report
 
     plan = ConversionPlan(chunk_size=args.chunk_size, retrieval=args.retrieval, top_k=args.top_k,
@@ -108,13 +107,8 @@ def _convert(args) -> int:
                           distill_steps=args.heal_steps, finetune_steps=args.finetune_steps,
                           chunk_sweep=list(args.chunk_sweep or []), length_sweep=list(args.length_sweep or []))
     out = Path(args.out)
-    previous = out / "plan.json"
-    wanted = json.loads(json.dumps({**vars(plan), "model": args.model}))
-    if previous.is_file() and json.loads(previous.read_text()) != wanted:
-        raise ValueError(f"--out {str(out)!r} holds a run with other settings ({previous}); use another --out")
+    check_out_dir(out, plan, args.model)  # before loading: run_conversion checks again and writes OUT/plan.json
     model, tok = _load(args)  # (smollm2 keeps its converted-from-GGUF copy in OUT/original)
-    out.mkdir(parents=True, exist_ok=True)
-    previous.write_text(json.dumps(wanted))
     report = run_conversion(model, tok, plan, out, name=args.model, progress=not args.no_progress)
     md = write_report(report, out)
     print(f"converted model written to {out / 'model'}; report written to {md}")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
-from .. import _checks
+from .. import _checks, _files
 from ..train.checkpoint import save_checkpoint
 from ..train.steps import resume, run_steps, warmup_cosine
 from .backends import BSBR_IMPL
@@ -166,6 +166,14 @@ def heal(model: nn.Module, batch_at: Callable[[int], torch.Tensor], cfg: HealCon
                              f"cannot resume stage {cfg.stage!r}; use another out_dir")
         if saved["description"]["trained"] != trained.names:
             raise ValueError(f"{ckpt}: its trained tensors are not this model's BSBR weights")
+        # the rest of the settings shape the run (steps set the schedule's length): resuming with others would
+        # give a run no single setting produces; how often it saves does not change it
+        old = {k: v for k, v in saved["description"]["config"].items() if k != "save_every"}
+        new = {k: v for k, v in description["config"].items() if k != "save_every"}
+        if old != new:
+            diff = "; ".join(_files.json_differences(old, json.loads(json.dumps(new))))
+            raise ValueError(f"{ckpt}: a checkpoint of other healing settings (saved vs this run: {diff}); resume "
+                             "with the same settings or use another out_dir")
 
     # a record's "step" is the 0-based step it logs: those before the checkpoint's step count are kept
     state, records = resume(out, trained, opt, lambda rec, ckpt: rec["step"] < ckpt["step"], check=same_run,

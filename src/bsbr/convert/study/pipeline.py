@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ... import _checks
+from ... import _files as F
 from ...utils.cells import CellFiles, run_cells
 from ..families import bsbr_modules
 from ..healing import HealConfig, heal
@@ -94,6 +95,40 @@ def _stage(out: Path, name: str, compute):
     return run_cells([(name, timed)], CellFiles(out / "stages"))[name]
 
 
+def check_out_dir(out: Path, plan: ConversionPlan, name: str) -> dict:
+    """Check that ``out`` is new or holds a run of this plan and model name; returns what ``out/plan.json`` holds
+    for them.
+
+    A finished stage is read back, not recomputed, so a directory holding another plan's stages would put their
+    numbers into this plan's report.  ``out/plan.json`` (written on a run's first start) says which plan and model
+    the stages are of; a different one is a ValueError naming the differences, raised before anything is read or
+    written (``bsbr convert`` calls this before loading the model).  A directory without plan.json (from before
+    it was written) is taken as it is."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {str(out)!r} is a file; expected a directory for the run (new or to resume)")
+    wanted = json.loads(json.dumps({**asdict(plan), "model": name}))
+    path = out / "plan.json"
+    if path.is_file():
+        saved = F.read_json(path, "the plan of the conversion run in this directory")
+        if saved != wanted:
+            diff = "; ".join(F.json_differences(saved, wanted)) or "not a plan"
+            raise ValueError(f"out_dir {str(out)!r} holds a run of another plan (saved vs this run: {diff}); resume "
+                             "it with the same arguments or use a new out_dir")
+    return wanted
+
+
+def _claim_out_dir(out: Path, plan: ConversionPlan, name: str) -> None:
+    """:func:`check_out_dir`, then create ``out`` and write its plan.json if it is not there."""
+    wanted = check_out_dir(out, plan, name)
+    path = out / "plan.json"
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(wanted) + "\n")
+        tmp.replace(path)
+
+
 def _set_retrieval(model, on: bool) -> None:
     """Retrieval on (the conversion) or off: local attention only, block diagonal (sink tokens off too)."""
     for meta in bsbr_modules(model):
@@ -145,7 +180,7 @@ def run_conversion(original, tokenizer, plan: ConversionPlan, out_dir: str | Pat
     import copy
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_out_dir(out, plan, name)
     original.eval()
     for p in original.parameters():
         p.requires_grad_(False)
