@@ -34,6 +34,26 @@ def test_train_top_k_selects_more_chunks_in_training_mode_only():
         BSBRAttention(16, 2, chunk_size=4, retrieval="states", train_top_k=4)
 
 
+def test_train_top_k_covering_every_chunk_trains_as_causal_softmax():
+    """selection_grad "none" with train_top_k >= the chunks: training mode is causal softmax attention (the dense
+    route, one SDPA call), values and gradients; eval mode still selects top_k."""
+    torch.manual_seed(0)
+    attn = BSBRAttention(16, 2, chunk_size=4, dropout=0.0, retrieval="blocks", top_k=1, train_top_k=8,
+                         rope=False).double()
+    x = torch.randn(2, 29, 16, dtype=torch.float64, requires_grad=True)
+    q, k, v = attn.qkv(x, 0)
+    causal = attn.out(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    trained = attn.train()(x)
+    assert_close("training mode", trained, causal, rel_tol=1e-10)
+    w = torch.randn_like(causal)
+    for a, b in zip(torch.autograd.grad((trained * w).sum(), (x, *attn.parameters())),
+                    torch.autograd.grad((causal * w).sum(), (x, *attn.parameters())), strict=True):
+        assert_close("gradient", a, b, rel_tol=1e-10)
+    sparse = attn.out(blocks_parallel(q, k, v, BlockSpec(chunk=4, top_k=1))[0])
+    assert_close("eval mode", attn.eval()(x), sparse, rel_tol=1e-10)
+    assert (sparse - causal)[:, 8:].abs().max() > 1e-3  # top_k 1 does leave chunks out
+
+
 def test_layer_cache_holds_every_token_and_one_summary_per_chunk():
     attn = BSBRAttention(32, 2, chunk_size=8, dropout=0.0, retrieval="blocks", top_k=2).eval()
     cache = attn.new_cache(batch_size=1)
