@@ -7,6 +7,9 @@ in view), and the model's accuracy on the queries whose chunk layer 2 found agai
 selection that fails from an attention that fails with the right chunk in view.
 
     PYTHONPATH=src python experiments/blocks_selection.py runs/experiments/recall_curriculum_blocks_grad_none/<cell>
+
+``--summary``, ``--top-k`` and ``--chunk-size`` read the same weights with other selection settings; with
+``--batches 8 --batch-size 128`` the rows are those of the grid's test accuracy.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--summary", choices=blocks.SUMMARIES, help="score with this summary instead of the trained one")
     p.add_argument("--top-k", type=int, help="select this many chunks instead of the trained number")
+    p.add_argument("--chunk-size", type=int, help="chunk the test rows this finely instead of the trained chunk (the "
+                   "chunk is no weight: a model trained with every chunk in view can be read at any chunk)")
     args = p.parse_args()
     config = json.loads((args.run / "config.json").read_text())
-    overrides = {"block_summary": args.summary, "top_k": args.top_k}
+    overrides = {"block_summary": args.summary, "top_k": args.top_k, "chunk_size": args.chunk_size}
     config["model"]["attention_kwargs"].update({k: v for k, v in overrides.items() if v is not None})
     model = CausalLM(ModelConfig.from_dict(config["model"])).eval()
     state = load_checkpoint(args.run / "checkpoint", model, None, training_state=False)
@@ -85,7 +90,7 @@ def main() -> None:
     blocks.select, blocks.select_in_row_groups = original, original_rows
     opts = config["model"]["attention_kwargs"]
     print(f"{args.run.name} (step {state.get('step')}): {total} scored queries, chunk {ch}, top_k {opts['top_k']}, "
-          f"summary {opts.get('block_summary', 'mean')}")
+          f"summary {opts.get('block_summary', 'mean')}: accuracy {(found_right + missed_right) / max(total, 1):.3f}")
     for layer in range(layers):
         print(f"  layer {layer + 1}: the queried key's chunk in view for {hits[layer] / total:.3f} of queries")
     print(f"  accuracy where layer {layers} sees the key's chunk: {found_right / max(found_total, 1):.3f} "

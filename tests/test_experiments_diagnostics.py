@@ -63,3 +63,27 @@ def test_curve_drift_counts_a_pause_once_and_only_the_pause():
     assert drift.paused_seconds(curve) == pytest.approx(290.0)
     assert drift.paused_seconds([{**e, "seconds": e["seconds"] - (290.0 if e["step"] >= 3000 else 0)}
                                  for e in curve]) == 0.0
+
+
+def test_blocks_selection_reads_a_run_back_with_its_test_accuracy(tmp_path):
+    """experiments/blocks_selection.py on a tiny BSBRBlocks MQAR cell: with the grid's test rows (--batches and
+    --batch-size of the grid) its accuracy is the grid's test accuracy, and the chunk and top_k overrides apply."""
+    args = ["--models", "BSBRBlocks", "--lengths", "64", "--stage-lengths", "32", "--stage-steps", "2", "--steps",
+            "4", "--hiddens", "32", "--seeds", "0", "--test-batches", "2", "--batch-size", "4",
+            "--blocks-chunk-size", "4", "--top-k", "2", "--train-top-k", "16", "--block-summary", "minmax",
+            "--vocab-size", "16", "--tag", "sel"]  # 8 values: a guess is right often enough to compare counts
+    done = run_exp_script("recall_curriculum.py", args, tmp_path)
+    assert done.returncode == 0, done.stderr
+    run = json.loads((tmp_path / "results" / "recall_curriculum_sel.json").read_text())["runs"]
+    (cell,) = run.values()
+    cell_dir = next((tmp_path / "runs").rglob("config.json")).parent
+    out = run_exp_script("blocks_selection.py", [str(cell_dir), "--batches", "2", "--batch-size", "4"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    head = out.stdout.splitlines()[0]
+    assert "chunk 4, top_k 2, summary minmax" in head, head
+    test = cell["test"]
+    assert test["correct"] > 0 and f"{test['total']} scored queries" in head, (head, test)
+    assert f"accuracy {test['correct'] / test['total']:.3f}" in head, (head, test)
+    other = run_exp_script("blocks_selection.py", [str(cell_dir), "--chunk-size", "8", "--top-k", "1"], tmp_path)
+    assert other.returncode == 0, other.stderr
+    assert "chunk 8, top_k 1," in other.stdout.splitlines()[0]
