@@ -75,6 +75,9 @@ def main() -> None:
             key_chunk, own_chunk = key_pos // ch, t_idx // ch
             right = logits.argmax(-1)[b_idx, t_idx] == batch.labels[b_idx, a_idx]
             seen_by_layer = []
+            if not picks:  # top_k covers every earlier chunk: the layers take the dense route and select nothing
+                seen_by_layer = [torch.ones_like(right)] * layers
+                hits += right.numel()
             for layer, (idx, ok) in enumerate(picks):  # idx, ok [B, Hk, T, K]; a head sees the chunk if it picked it
                 chosen = ((idx[b_idx, :, t_idx] == key_chunk[:, None, None]) & ok[b_idx, :, t_idx]).any(-1)  # [n, H]
                 free = (key_chunk == own_chunk) | ((key_pos < spec_sink) & (own_chunk >= 1))

@@ -87,3 +87,6 @@ def test_blocks_selection_reads_a_run_back_with_its_test_accuracy(tmp_path):
     other = run_exp_script("blocks_selection.py", [str(cell_dir), "--chunk-size", "8", "--top-k", "1"], tmp_path)
     assert other.returncode == 0, other.stderr
     assert "chunk 8, top_k 1," in other.stdout.splitlines()[0]
+    every = run_exp_script("blocks_selection.py", [str(cell_dir), "--top-k", "16"], tmp_path)  # the dense route
+    assert every.returncode == 0, every.stderr
+    assert "layer 2: the queried key's chunk in view for 1.000" in every.stdout, every.stdout
