@@ -30,7 +30,7 @@ RECORD = [
     Record("MQAR with block retrieval of tokens (BSBRBlocks) at T = 512: does a hard top-k selection learn?",
            "curriculum", ("recall_curriculum_blocks_grad_none", "recall_curriculum_blocks_grad_straight_through",
                           "recall_curriculum_blocks_minmax", "recall_curriculum_blocks_grouped",
-                          "recall_curriculum_blocks_grouped_k2"),
+                          "recall_curriculum_blocks_grouped_k2", "recall_curriculum_blocks_dense_train"),
            "recall_curriculum.py"),
     Record("Passkey retrieval by needle depth and length, trained at T = 1,024 and tested up to 64k",
            "passkey", ("passkey_depth", "passkey_depth_blocks"), "passkey_depth.py"),
