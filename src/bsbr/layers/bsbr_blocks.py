@@ -49,9 +49,11 @@ def reference(layer, x: torch.Tensor) -> torch.Tensor:
 def parallel(layer, x: torch.Tensor) -> torch.Tensor:
     q, k, v = layer.qkv(x, 0)
     s = spec(layer)
-    if s.top_k and s.top_k >= x.shape[1] // s.chunk:
+    if s.top_k and s.top_k >= x.shape[1] // s.chunk and (layer.training or s.grad == "grouped"):
         # every earlier chunk selected (training as Landmark does): nothing to skip, so one causal SDPA call (with
-        # the log-weights of selection_grad != "none" riding along), where the sparse path would gather every chunk
+        # the log-weights of selection_grad != "none" riding along), where the sparse path would gather every chunk.
+        # In eval mode only where the grouped weights need it: there the sparse path is the one whose FLOPs
+        # analytic_flops counts
         return layer.out(blocks_dense(q, k, v, s))
     return layer.out(blocks_parallel(q, k, v, s)[0])
 
