@@ -180,3 +180,22 @@ def test_fuzzed_model_directories_give_clear_errors(converted_dir, tmp_path_fact
         assert digest(work) == before  # a failed load writes nothing
 
     check()
+
+
+def test_a_null_setting_is_refused_not_read_as_the_default(converted_dir, tmp_path):
+    """None means "the default" to convert_to_bsbr, so a saved field edited to null would load another model than
+    the one saved (top_k 2 where 48 was saved): refused with the field named.  retrieval_window may be null."""
+    import shutil
+
+    cfg = json.loads((converted_dir / "config.json").read_text())
+    fields = [f for f in ("top_k", "block_summary", "block_select", "block_heads", "sink_tokens", "prev_chunk",
+                          "meta_key", "state_norm", "retrieval") if f in cfg["bsbr"]]
+    assert len(fields) >= 4, cfg["bsbr"]
+    for field in fields:
+        work = tmp_path / field
+        shutil.copytree(converted_dir, work)
+        edited = json.loads(json.dumps(cfg))
+        edited["bsbr"][field] = None
+        (work / "config.json").write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=rf"\['{field}'\] are null"):
+            convert_to_bsbr(work)

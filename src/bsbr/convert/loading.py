@@ -172,9 +172,21 @@ def check_model_dir(path: Path, gguf_file: str | None = None) -> None:
         raise ValueError(f"{path}: no weights (model.safetensors, pytorch_model.bin or a shard index) in the directory")
 
 
+def _saved_options(settings: dict, where: str = "config") -> dict:
+    """The BSBR options in saved ``settings`` (config.bsbr).  A null where a converted model always saves a value
+    (every option but ``retrieval_window``) is a ValueError naming it: None means "the default" to
+    ``convert_to_bsbr``, so it would load another model than the one saved."""
+    options = {k: settings[k] for k in OPTION_NAMES if k in settings and k not in ("gate_init", "meta_init")}
+    nulls = sorted(k for k, v in options.items() if v is None and k != "retrieval_window")
+    if nulls:
+        raise ValueError(f"{where}: 'bsbr' settings {nulls} are null; a converted model saves a value for each (null "
+                         "would load the defaults, another model than the one saved)")
+    return options
+
+
 def _attach(model: nn.Module, settings: dict) -> None:
     """Give every attention module of ``model`` a BSBRMeta built from saved ``settings`` (config.bsbr)."""
-    options = {k: settings[k] for k in OPTION_NAMES if k in settings and k not in ("gate_init", "meta_init")}
+    options = _saved_options(settings)
     try:
         chunk, factor = settings["chunk_size"], settings.get("compression_factor")
     except (KeyError, TypeError) as err:
@@ -221,7 +233,7 @@ def from_pretrained(path, **load_kwargs) -> nn.Module:
         finally:
             hf_logging.set_verbosity(level)
         chunk, factor = settings["chunk_size"], settings.get("compression_factor")
-        options = {k: settings[k] for k in OPTION_NAMES if k in settings and k not in ("gate_init", "meta_init")}
+        options = _saved_options(settings, str(path / "config.json"))
         options.setdefault("retrieval", "states")  # the only mode before block retrieval
         from .to_bsbr import convert_to_bsbr  # here, not above: converting imports this module
 
