@@ -13,7 +13,6 @@ Writes benchmarks/results/bench_blocks_rows.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bsbr.ops.bsbr_blocks as blocks  # noqa: E402
 from bsbr.ops.bsbr_blocks_select import scores, select  # noqa: E402
-from common import environment  # noqa: E402
+from common import write_with_command  # noqa: E402
 
 H, D, CHUNK, TOP_K = 8, 64, 128, 4
 
@@ -74,10 +73,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"T {T:>6,d}: every chunk {row['fastest']['every chunk']:.3f} s, row groups "
               f"{row['fastest']['row groups']:.3f} s ({row['speedup']:.2f}x), largest difference {diff:g}", flush=True)
-    env = {**environment(), "command": "PYTHONPATH=src python benchmarks/bench_blocks_rows.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])}
-    Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    print(f"written to {args.out}")
+    write_with_command(args.out, "bench_blocks_rows.py", argv, rows=rows)
     return 0
 
 

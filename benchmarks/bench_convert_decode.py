@@ -18,7 +18,6 @@ timed separately and amortised over the chunk.  Cache bytes: every tensor the ca
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from bsbr.convert import BSBRHFCache, convert_to_bsbr, head_counts  # noqa: E402
 from bsbr.convert.cache import BlocksRow, BSBRCacheLayer, StreamRow  # noqa: E402
 from bsbr.convert.study.checkpoints import smollm2  # noqa: E402
 from bsbr.ops.bsbr_blocks import summarize  # noqa: E402
-from common import environment  # noqa: E402
+from common import write_with_command  # noqa: E402
 
 VARIANTS = {"blocks chunk 256 top-2": {"retrieval": "blocks", "top_k": 2},
             "blocks chunk 16 top-48, per query head": {"retrieval": "blocks", "chunk_size": 16, "top_k": 48,
@@ -165,10 +164,7 @@ def main(argv=None) -> int:
                     line += (f" | {name}: {r['ms_per_token_amortised']:6.1f} ms/token, "
                              f"{r['cache_bytes'] / 2**20:7.1f} MiB ({orig['cache_bytes'] / r['cache_bytes']:.1f}x)")
                 print(line, flush=True)
-    env = {**environment(),
-           "command": "PYTHONPATH=src python benchmarks/bench_convert_decode.py " + " ".join(sys.argv[1:])}
-    Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    print(f"written to {args.out}")
+    write_with_command(args.out, "bench_convert_decode.py", None, rows=rows)
     return 0
 
 

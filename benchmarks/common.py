@@ -110,6 +110,16 @@ def matmul_peak(sizes=(2048, 4096)) -> dict:
     return {"gflops": max(best.values()), "by_size": best}
 
 
+def write_with_command(out: str | Path, script: str, argv: list[str] | None, **data) -> Path:
+    """Write ``{"environment": ..., **data}`` to ``out``, the environment holding the command that reproduces it
+    (``PYTHONPATH=src python benchmarks/<script> <argv>``; ``argv`` None: this process's arguments)."""
+    env = {**environment(), "command": f"PYTHONPATH=src python benchmarks/{script} " + " ".join(
+        argv if argv is not None else sys.argv[1:])}
+    Path(out).write_text(json.dumps({"environment": env, **data}, indent=1))
+    print(f"written to {out}")
+    return Path(out)
+
+
 def write_json(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name

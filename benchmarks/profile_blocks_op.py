@@ -13,7 +13,6 @@ benchmarks/results/profile_blocks_op.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bsbr.ops.bsbr_blocks import BlockSpec, blocks_parallel  # noqa: E402
-from common import environment  # noqa: E402
+from common import write_with_command  # noqa: E402
 
 FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
 
@@ -62,10 +61,7 @@ def main(argv=None) -> int:
     print(f"T {args.T:,d}: op {total:.3f} s under the profiler: flash calls {flash:.3f} s ({flash / total:.0%}), "
           f"top-k {topk:.3f} s, the rest {total - flash - topk:.3f} s; SDPA causal {sdpa:.3f} s, so the op with only "
           f"its flash calls left would be {sdpa / flash:.1f}x SDPA")
-    env = {**environment(), "command": "PYTHONPATH=src python benchmarks/profile_blocks_op.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])}
-    Path(args.out).write_text(json.dumps({"environment": env, "row": row}, indent=1))
-    print(f"written to {args.out}")
+    write_with_command(args.out, "profile_blocks_op.py", argv, row=row)
     return 0
 
 

@@ -121,12 +121,8 @@ def check_out_dir(out: Path, plan: ConversionPlan, name: str) -> dict:
 def _claim_out_dir(out: Path, plan: ConversionPlan, name: str) -> None:
     """:func:`check_out_dir`, then create ``out`` and write its plan.json if it is not there."""
     wanted = check_out_dir(out, plan, name)
-    path = out / "plan.json"
-    if not path.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(wanted) + "\n")
-        tmp.replace(path)
+    if not (out / "plan.json").is_file():
+        CellFiles(out).save("plan", wanted)  # written through a temporary file, as the stages are
 
 
 def _set_retrieval(model, on: bool) -> None:
