@@ -43,6 +43,7 @@ import itertools
 
 from _exp import check_device, cpu_flush_denormals, run_dir, run_grid, train_run
 
+from bsbr.layers.bsbr import LAYER_GRADS
 from bsbr.models import list_models
 
 
@@ -121,7 +122,7 @@ def main() -> None:
                    help="BSBRBlocks' chunk: small enough that the T / 16 pairs span several chunks (4 at T = 512)")
     p.add_argument("--top-k", type=int, default=2, help="BSBRBlocks: chunks each query selects")
     p.add_argument("--block-summary", default="mean", help="BSBRBlocks: chunk summary scored (mean or minmax)")
-    p.add_argument("--selection-grad", default="none", choices=["none", "straight_through", "grouped"],
+    p.add_argument("--selection-grad", default="none", choices=list(LAYER_GRADS),
                    help="BSBRBlocks: how the scores learn")
     p.add_argument("--train-top-k", type=int, default=None,
                    help="BSBRBlocks: chunks selected per query while training (default --top-k; at least T / chunk "

@@ -18,6 +18,7 @@ from .qkv import QKVAttention, split_heads
 
 META_QUERIES = ("first", "prev_last")
 RETRIEVALS = ("states", "blocks", "none")
+LAYER_GRADS = (*GRADS, "distill")  # "distill": the layer's own (a training loss), the op sees "none"
 
 
 @dataclass
@@ -79,7 +80,10 @@ class BSBRAttention(QKVAttention):
             the chunk summary scored ("mean" key or "minmax" bound); one selection per "token" or per "chunk"
             (by the chunk's first query); how the scores learn ("none": only through q and k, as in MoBA;
             "straight_through": Landmark's grouped-softmax gradient, zero in value; "grouped": Landmark's grouped
-            softmax itself, each selected chunk's tokens weighted by the chunk's selection probability).
+            softmax itself, each selected chunk's tokens weighted by the chunk's selection probability; "distill":
+            in training mode a loss, added through the layer's output, that pulls the scores over every earlier
+            chunk towards where causal softmax attention puts its weight (as DeepSeek's sparse attention trains
+            its indexer), outputs as "none"; :func:`bsbr.ops.bsbr_blocks.selection_distill_loss`).
             docs/bsbr.md has the numbers that chose the defaults.
         train_top_k: chunks selected per query in training mode (None: ``top_k``).  A number at least the
             chunks of the training length selects every earlier chunk while training, as Landmark Attention
@@ -111,7 +115,7 @@ class BSBRAttention(QKVAttention):
         self.prev_chunk = prev_chunk
         self.block_summary = _checks.one_of("block_summary", block_summary, SUMMARIES)
         self.block_select = _checks.one_of("block_select", block_select, SELECTIONS)
-        self.selection_grad = _checks.one_of("selection_grad", selection_grad, GRADS)
+        self.selection_grad = _checks.one_of("selection_grad", selection_grad, LAYER_GRADS)
         self.train_top_k = None if train_top_k is None else _checks.positive_int("train_top_k", train_top_k)
         if self.retrieval != "states":
             given = {"compression_factor": (compression_factor, None), "retrieval_window": (retrieval_window, None),

@@ -12,7 +12,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops.bsbr_blocks import BlockSpec, blocks_dense, blocks_parallel, blocks_reference, blocks_step, summarize
+from ..ops.bsbr_blocks import (
+    BlockSpec,
+    add_loss,
+    blocks_dense,
+    blocks_parallel,
+    blocks_reference,
+    blocks_step,
+    selection_distill_loss,
+    summarize,
+)
 from .cache import GrowableBuffer, LayerCache
 
 
@@ -33,17 +42,26 @@ class BlocksCache(LayerCache):
 
 def spec(layer) -> BlockSpec:
     """The layer's settings as the op takes them (top_k = 0 for ``retrieval="none"``; ``train_top_k`` in training
-    mode when set)."""
+    mode when set; ``selection_grad="distill"`` is the layer's loss, the op selects as with "none")."""
     top_k = 0
     if layer.retrieval == "blocks":
         top_k = layer.train_top_k if layer.training and layer.train_top_k is not None else layer.top_k
     return BlockSpec(chunk=layer.chunk_size, top_k=top_k, sink=layer.sink_tokens, prev_chunk=layer.prev_chunk,
-                     summary=layer.block_summary, select=layer.block_select, grad=layer.selection_grad)
+                     summary=layer.block_summary, select=layer.block_select,
+                     grad="none" if layer.selection_grad == "distill" else layer.selection_grad)
+
+
+def _distill(layer, o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, s: BlockSpec) -> torch.Tensor:
+    """o, carrying the selection's distillation loss in training mode with ``selection_grad="distill"``."""
+    if not (layer.training and layer.selection_grad == "distill" and s.top_k and torch.is_grad_enabled()):
+        return o
+    return add_loss(o, selection_distill_loss(q, k, s))
 
 
 def reference(layer, x: torch.Tensor) -> torch.Tensor:
     q, k, v = layer.qkv(x, 0)
-    return layer.out(blocks_reference(q, k, v, spec(layer)))
+    s = spec(layer)
+    return layer.out(_distill(layer, blocks_reference(q, k, v, s), q, k, s))
 
 
 def parallel(layer, x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +72,8 @@ def parallel(layer, x: torch.Tensor) -> torch.Tensor:
         # the log-weights of selection_grad != "none" riding along), where the sparse path would gather every chunk.
         # In eval mode only where the grouped weights need it: there the sparse path is the one whose FLOPs
         # analytic_flops counts
-        return layer.out(blocks_dense(q, k, v, s))
-    return layer.out(blocks_parallel(q, k, v, s)[0])
+        return layer.out(_distill(layer, blocks_dense(q, k, v, s), q, k, s))
+    return layer.out(_distill(layer, blocks_parallel(q, k, v, s)[0], q, k, s))
 
 
 def attention_weights(layer, x: torch.Tensor) -> dict:

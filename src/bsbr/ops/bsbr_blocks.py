@@ -56,16 +56,18 @@ from .bsbr_blocks_select import (
     _attend,
     _expand,
     _selection_queries,
+    add_loss,
     candidates,
     scores,
     select,
     select_in_row_groups,
+    selection_distill_loss,
     summarize,
 )
 from .bsbr_blocks_tiles import _fixed_part, _selected_part
 
 __all__ = ["GRADS", "SELECTIONS", "SUMMARIES", "BlockSpec", "blocks_dense", "blocks_parallel", "blocks_reference",
-           "blocks_step", "candidates", "fused_available", "scores", "select", "summarize"]
+           "blocks_step", "candidates", "fused_available", "scores", "select", "selection_distill_loss", "summarize", "add_loss"]
 
 
 # ------------------------------------------------------------------------------------------ reference

@@ -126,6 +126,65 @@ def select_in_row_groups(q: torch.Tensor, summaries: torch.Tensor, allowed: torc
     return idx, ok
 
 
+def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, rows: int | None = 64) -> torch.Tensor:
+    """The selection's distillation loss (the layer's ``selection_grad="distill"``): how far the chunk scores are
+    from where causal softmax attention over EVERY earlier token puts its weight.
+
+    For each query t and candidate chunk j, the target m[t, j] is the causal softmax weight that q_t puts on chunk
+    j's tokens (computed over all tokens, no gradient; averaged over the query heads of a key/value group), and the
+    loss is  - sum_j m[t, j] log p[t, j]  with p = softmax of the scores over the candidates, averaged over queries
+    that have a candidate.  Its gradient is a KL divergence's, weighted by how much of the query's attention lies
+    outside its own chunk and the chunks in view; it reaches every candidate, selected or not, and flows into q and
+    k through the scores only (as DeepSeek's sparse attention trains its indexer by KL to the dense attention,
+    with the scorer here the summaries themselves).
+
+    ``rows``: the loss is taken over that many query positions with candidates, evenly spaced from the last one
+    back (None: all), so its cost is [rows, T] per head, not [T, T].
+
+    q [B, H, T, d]; k [B, Hk, T, d] (positions 0 .. T - 1).  Returns a scalar."""
+    B, H, T, d = q.shape
+    Hk, ch = k.shape[1], spec.chunk
+    G, Cc = H // Hk, T // ch
+    tc = torch.arange(T, device=q.device) // ch
+    allowed = candidates(tc, Cc, spec)  # [T, Cc]
+    pos = allowed.any(dim=-1).nonzero()[:, 0]  # queries with a candidate
+    if pos.numel() == 0:
+        return (q.sum() + k.sum()) * 0.0
+    if rows is not None and pos.numel() > rows:
+        pos = pos[torch.linspace(pos.numel() - 1, 0, rows, device=q.device).round().long()]
+    allowed = allowed[pos]  # [n, Cc]
+    with torch.no_grad():
+        logits = (q[:, :, pos].float() @ _expand(k, G).float().transpose(-1, -2)) * spec.scale(d)  # [B, H, n, T]
+        causal = torch.arange(T, device=q.device) <= pos[:, None]
+        w = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)[..., : Cc * ch]
+        mass = w.view(B, Hk, G, -1, Cc, ch).sum(dim=(2, 5)) / G  # [B, Hk, n, Cc]
+        mass = mass.masked_fill(~allowed, 0.0)
+    summ = summarize(k[:, :, : Cc * ch].reshape(B, Hk, Cc, ch, d), spec.summary)
+    sc = scores(_selection_queries(q, spec)[:, :, pos], summ, spec).float()
+    logp = torch.log_softmax(sc.masked_fill(~allowed, float("-inf")), dim=-1).masked_fill(~allowed, 0.0)
+    return -(mass * logp).sum(dim=-1).mean()
+
+
+class _AddLoss(torch.autograd.Function):
+    """Returns x unchanged; in backward, ``loss`` gets the gradient ``weight`` as if ``weight * loss`` had been
+    added to whatever x feeds (an auxiliary loss that needs no change to the training loop)."""
+
+    @staticmethod
+    def forward(ctx, x, loss, weight):
+        ctx.weight, ctx.spec = weight, (loss.shape, loss.dtype, loss.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.spec
+        return grad, torch.full(shape, ctx.weight, dtype=dtype, device=device), None
+
+
+def add_loss(x: torch.Tensor, loss: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """x, with ``weight * loss`` added to the loss of anything computed from x (see :class:`_AddLoss`)."""
+    return _AddLoss.apply(x, loss, weight)
+
+
 def _selection_queries(q: torch.Tensor, spec: BlockSpec, offset: int = 0) -> torch.Tensor:
     """The query each position selects with: q itself ("token") or the query at its chunk's first position
     ("chunk"); q [B, H, n, d] holds positions offset .. offset + n - 1 with offset % chunk == 0."""
