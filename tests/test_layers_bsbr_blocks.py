@@ -1,6 +1,7 @@
-"""BSBRAttention with retrieval="blocks" (bsbr.layers.bsbr_blocks): train_top_k selects more chunks in training
-mode only, the streaming cache (BlocksCache) holds every token and one summary per chunk, bad settings raise clear
-errors, and the attention weights reproduce the output.
+"""BSBRAttention with retrieval="blocks" (bsbr.layers.bsbr_blocks): train_top_k selects more chunks in training mode
+only,
+selection_grad="distill" adds its loss in training mode only and in every form, the streaming cache (BlocksCache) holds
+every token and one summary per chunk, bad settings raise clear errors, and the attention weights reproduce the output.
 
 The op's forms are tested in test_ops_bsbr_blocks.py; the registry-wide invariant suite (test_invariants.py) runs the
 layer as "BSBRBlocks".
@@ -52,6 +53,38 @@ def test_train_top_k_covering_every_chunk_trains_as_causal_softmax():
     sparse = attn.out(blocks_parallel(q, k, v, BlockSpec(chunk=4, top_k=1))[0])
     assert_close("eval mode", attn.eval()(x), sparse, rel_tol=1e-10)
     assert (sparse - causal)[:, 8:].abs().max() > 1e-3  # top_k 1 does leave chunks out
+
+
+def test_distill_adds_its_loss_in_training_mode_only_and_in_every_form():
+    """Same weights, selection_grad "distill" against "none": equal outputs in both modes; in training mode the
+    gradient is that of the output plus the selection's loss of the layer's q and k (reference and parallel forms
+    alike, the dense route included); in eval mode and under no_grad nothing is added."""
+    from bsbr.ops.bsbr_blocks import selection_distill_loss
+
+    torch.manual_seed(0)
+    for train_top_k in (None, 8):
+        kw = dict(chunk_size=4, dropout=0.0, retrieval="blocks", top_k=1, block_summary="minmax", rope=False,
+                  train_top_k=train_top_k)
+        plain = BSBRAttention(16, 2, **kw).double()
+        dist = BSBRAttention(16, 2, selection_grad="distill", **kw).double()
+        dist.load_state_dict(plain.state_dict())
+        x = torch.randn(2, 29, 16, dtype=torch.float64)
+        w = torch.randn(2, 29, 16, dtype=torch.float64)
+        for form in ("_reference", "_parallel"):
+            a, b = getattr(plain.train(), form)(x), getattr(dist.train(), form)(x)
+            assert_close(f"{form} output", b, a, rel_tol=1e-12)
+            q, k, _ = plain.qkv(x, 0)
+            spec = BlockSpec(chunk=4, top_k=train_top_k or 1, summary="minmax")
+            want = torch.autograd.grad((a * w).sum() + selection_distill_loss(q, k, spec), list(plain.parameters()))
+            got = torch.autograd.grad((b * w).sum(), list(dist.parameters()))
+            for g1, g2 in zip(got, want, strict=True):
+                assert_close(f"{form} gradient (train_top_k={train_top_k})", g1, g2, rel_tol=1e-10)
+        a, b = plain.eval()(x), dist.eval()(x)
+        ga = torch.autograd.grad((a * w).sum(), list(plain.parameters()))
+        gb = torch.autograd.grad((b * w).sum(), list(dist.parameters()))
+        for g1, g2 in zip(gb, ga, strict=True):
+            assert_close("eval-mode gradient", g1, g2, rel_tol=1e-12)
+    assert "selection_grad='distill'" in repr(dist)
 
 
 def test_layer_cache_holds_every_token_and_one_summary_per_chunk():

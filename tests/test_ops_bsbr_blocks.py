@@ -1,11 +1,12 @@
 """Block retrieval of tokens, the op (bsbr.ops.bsbr_blocks and its _fast, _select and _tiles parts): the reference,
-parallel (explicit and fused) and step-by-step forms against each other and against causal softmax, with gradients
-and grouped key/value heads; continuation from cached keys and summaries; bitwise causality; non-finite inputs that
-change no earlier output; the gathered-block path of select="chunk"; straight-through and grouped (Landmark) selection
-gradients; the dense form; and no [T, T] tensor in the parallel form.
+parallel (explicit and fused) and step-by-step forms against each other and against causal softmax, with gradients and
+grouped key/value heads; continuation from cached keys and summaries; bitwise causality; non-finite inputs that change
+no earlier output; the gathered-block path of select="chunk"; straight-through and grouped (Landmark) selection
+gradients; the selection's distillation loss against a loop over its definition; the dense form; and no [T, T] tensor in
+the parallel form.
 
-The registry-wide invariant suite (test_invariants.py) runs the layer as "BSBRBlocks"; the layer's own settings are
-in test_layers_bsbr_blocks.py.
+The registry-wide invariant suite (test_invariants.py) runs the layer as "BSBRBlocks"; the layer's own settings are in
+test_layers_bsbr_blocks.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from bsbr.ops.bsbr_blocks import (
     BlockSpec,
+    add_loss,
     blocks_dense,
     blocks_parallel,
     blocks_reference,
@@ -26,6 +28,7 @@ from bsbr.ops.bsbr_blocks import (
     fused_available,
     scores,
     select,
+    selection_distill_loss,
     summarize,
 )
 from bsbr.ops.bsbr_blocks_select import select_in_row_groups
@@ -283,3 +286,79 @@ def test_parallel_form_makes_no_T_by_T_tensor():
                 out.sum().backward()
         largest = max(e.cpu_memory_usage for e in prof.events())  # one op call's allocation
         assert largest < T * T * 4 // 4, f"an op allocated {largest} bytes (T*T*4 = {T * T * 4}), grad={grad}"
+
+
+def _distill_by_hand(q, k, chunk, spec):
+    """selection_distill_loss with rows=None, one query at a time with Python loops (mean or min/max summaries, the
+    group's query heads summed for the score and averaged for the target)."""
+    B, H, T, d = q.shape
+    Hk = k.shape[1]
+    G = H // Hk
+    total, n = 0.0, 0
+    for b in range(B):
+        for h in range(Hk):
+            for t in range(T):
+                cand = [j for j in range(t // chunk) if (not spec.prev_chunk or j != t // chunk - 1)]
+                if not cand:
+                    continue
+                mass = torch.zeros(len(cand), dtype=q.dtype)
+                sc = torch.zeros(len(cand), dtype=q.dtype)
+                for g in range(G):
+                    qt = q[b, h * G + g, t]
+                    w = torch.softmax(k[b, h, : t + 1] @ qt.detach() / d**0.5, dim=0).detach()
+                    for i, j in enumerate(cand):
+                        keys = k[b, h, j * chunk : (j + 1) * chunk]
+                        mass[i] += w[j * chunk : (j + 1) * chunk].sum() / G
+                        if spec.summary == "mean":
+                            sc[i] = sc[i] + qt @ keys.mean(0) / d**0.5
+                        else:
+                            lo, hi = keys.amin(0), keys.amax(0)
+                            sc[i] = sc[i] + (qt @ ((hi + lo) / 2) + qt.abs() @ ((hi - lo) / 2)) / d**0.5
+                total = total - (mass * torch.log_softmax(sc, dim=0)).sum()
+                n += 1
+    return total / n
+
+
+@pytest.mark.parametrize("spec", [BlockSpec(chunk=4, top_k=1), BlockSpec(chunk=3, top_k=2, summary="minmax",
+                                                                         prev_chunk=True)])
+def test_selection_distill_loss_is_its_definition(spec):
+    """The loss and its gradient (into q and k, through the scores only) against a loop over the definition, with
+    two query heads per key/value head; ``rows`` keeps the last query."""
+    q, k, _ = _qkv(2, 4, 2, 17, 5, grad=True)
+    got = selection_distill_loss(q, k, spec, rows=None)
+    want = _distill_by_hand(q, k, spec.chunk, spec)
+    assert_close("loss", got, want, rel_tol=1e-10)
+    for a, b in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k)), strict=True):
+        assert_close("gradient", a, b, rel_tol=1e-10)
+    one = selection_distill_loss(q[..., -1:, :].expand_as(q).contiguous(), k, spec, rows=1)
+    assert torch.isfinite(one) and one > 0
+
+
+def test_selection_distill_loss_reaches_chunks_no_query_selected():
+    """The gradient of the other chunks' outputs leaves the keys of a chunk nobody selected at zero (top_k 1,
+    selection_grad none); the distillation loss gives them one: every candidate's score learns."""
+    q, k, v = _qkv(1, 1, 1, 24, 4, grad=True)
+    spec = BlockSpec(chunk=4, top_k=1)
+    with torch.no_grad():
+        idx, ok, _ = select(scores(q, summarize(k.reshape(1, 1, 6, 4, 4), "mean"), spec),
+                            candidates(torch.arange(24) // 4, 6, spec), spec)
+    unpicked = sorted(set(range(5)) - set(idx[ok].tolist()))
+    assert unpicked, "every chunk was selected by some query; pick another seed"
+    j = unpicked[0]
+    others = (torch.arange(24) // 4 != j)[:, None].double()  # chunk j's own queries see its keys locally
+    g_out = torch.autograd.grad((blocks_reference(q, k, v, spec).square() * others).sum(), k)[0]
+    g_loss = torch.autograd.grad(selection_distill_loss(q, k, spec), k)[0]
+    assert g_out[..., j * 4 : (j + 1) * 4, :].abs().max() == 0
+    assert g_loss[..., j * 4 : (j + 1) * 4, :].abs().max() > 1e-6
+
+
+def test_add_loss_adds_the_loss_gradient_and_leaves_the_value():
+    q, k, v = _qkv(1, 2, 2, 13, 4, grad=True)
+    spec = BlockSpec(chunk=4, top_k=1)
+    o = blocks_reference(q, k, v, spec)
+    carried = add_loss(o, selection_distill_loss(q, k, spec), 0.3)
+    assert torch.equal(carried, o)
+    want = torch.autograd.grad(blocks_reference(q, k, v, spec).sum() + 0.3 * selection_distill_loss(q, k, spec),
+                               (q, k, v))
+    for a, b in zip(torch.autograd.grad(carried.sum(), (q, k, v)), want, strict=True):
+        assert_close("gradient", a, b, rel_tol=1e-12)

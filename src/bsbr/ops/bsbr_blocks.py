@@ -67,7 +67,8 @@ from .bsbr_blocks_select import (
 from .bsbr_blocks_tiles import _fixed_part, _selected_part
 
 __all__ = ["GRADS", "SELECTIONS", "SUMMARIES", "BlockSpec", "blocks_dense", "blocks_parallel", "blocks_reference",
-           "blocks_step", "candidates", "fused_available", "scores", "select", "selection_distill_loss", "summarize", "add_loss"]
+           "blocks_step", "candidates", "fused_available", "scores", "select", "selection_distill_loss", "summarize",
+           "add_loss"]
 
 
 # ------------------------------------------------------------------------------------------ reference

@@ -153,14 +153,15 @@ def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, ro
     if rows is not None and pos.numel() > rows:
         pos = pos[torch.linspace(pos.numel() - 1, 0, rows, device=q.device).round().long()]
     allowed = allowed[pos]  # [n, Cc]
+    dt = torch.promote_types(q.dtype, torch.float32)  # half precision computed in fp32
     with torch.no_grad():
-        logits = (q[:, :, pos].float() @ _expand(k, G).float().transpose(-1, -2)) * spec.scale(d)  # [B, H, n, T]
+        logits = (q[:, :, pos].to(dt) @ _expand(k, G).to(dt).transpose(-1, -2)) * spec.scale(d)  # [B, H, n, T]
         causal = torch.arange(T, device=q.device) <= pos[:, None]
         w = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)[..., : Cc * ch]
         mass = w.view(B, Hk, G, -1, Cc, ch).sum(dim=(2, 5)) / G  # [B, Hk, n, Cc]
         mass = mass.masked_fill(~allowed, 0.0)
     summ = summarize(k[:, :, : Cc * ch].reshape(B, Hk, Cc, ch, d), spec.summary)
-    sc = scores(_selection_queries(q, spec)[:, :, pos], summ, spec).float()
+    sc = scores(_selection_queries(q, spec)[:, :, pos], summ, spec).to(dt)
     logp = torch.log_softmax(sc.masked_fill(~allowed, float("-inf")), dim=-1).masked_fill(~allowed, 0.0)
     return -(mass * logp).sum(dim=-1).mean()
 
