@@ -79,6 +79,8 @@ def jobs_for(args) -> list[tuple[str, dict]]:
                             selection_grad=args.selection_grad)
                 if args.train_top_k is not None:
                     opts["train_top_k"] = args.train_top_k
+                if args.indexer_dim is not None:
+                    opts["indexer_dim"] = args.indexer_dim
             if model == "GAU" and args.gau_qk_scale_init is not None:
                 opts["qk_scale_init"] = args.gau_qk_scale_init
             task = {"name": "mqar", "seq_len": t, "vocab_size": args.vocab_size, "num_kv_pairs": t // 16,
@@ -121,12 +123,15 @@ def main() -> None:
     p.add_argument("--blocks-chunk-size", type=int, default=16,
                    help="BSBRBlocks' chunk: small enough that the T / 16 pairs span several chunks (4 at T = 512)")
     p.add_argument("--top-k", type=int, default=2, help="BSBRBlocks: chunks each query selects")
-    p.add_argument("--block-summary", default="mean", help="BSBRBlocks: chunk summary scored (mean or minmax)")
+    p.add_argument("--block-summary", default="mean", help="BSBRBlocks: chunk summary scored (mean, minmax or max)")
     p.add_argument("--selection-grad", default="none", choices=list(LAYER_GRADS),
                    help="BSBRBlocks: how the scores learn")
     p.add_argument("--train-top-k", type=int, default=None,
                    help="BSBRBlocks: chunks selected per query while training (default --top-k; at least T / chunk "
                         "selects every earlier chunk, as Landmark Attention trains)")
+    p.add_argument("--indexer-dim", type=int, default=None,
+                   help="BSBRBlocks: an indexer of this many dimensions per head selects (needs --selection-grad "
+                        "distill)")
     p.add_argument("--test-batches", type=int, default=8)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--gau-qk-scale-init", type=float, default=0.5,

@@ -101,7 +101,10 @@ def test_layer_cache_holds_every_token_and_one_summary_per_chunk():
     ({"retrieval": "blocks", "top_k": 0}, "top_k must be a positive integer, got 0"),
     ({"retrieval": "blocks", "sink_tokens": 9}, "sink_tokens must be at most chunk_size=8, got 9"),
     ({"retrieval": "blocks", "compression_factor": 4}, "compression_factor=4 belongs to the state readout"),
-    ({"retrieval": "blocks", "block_summary": "max"}, "block_summary must be one of"),
+    ({"retrieval": "blocks", "block_summary": "median"}, "block_summary must be one of"),
+    ({"retrieval": "blocks", "indexer_dim": 8}, "indexer_dim=8 needs retrieval=.blocks. .what it selects for. and "
+     "selection_grad=.distill."),
+    ({"retrieval": "blocks", "selection_grad": "distill", "indexer_dim": 0}, "indexer_dim must be a positive"),
     ({"retrieval": "states", "sink_tokens": 2}, "sink_tokens, prev_chunk and train_top_k belong to retrieval='blocks'"),
 ])
 def test_bad_settings_raise_clear_errors(kwargs, message):

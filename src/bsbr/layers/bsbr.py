@@ -88,6 +88,12 @@ class BSBRAttention(QKVAttention):
         train_top_k: chunks selected per query in training mode (None: ``top_k``).  A number at least the
             chunks of the training length selects every earlier chunk while training, as Landmark Attention
             trains: with ``selection_grad="grouped"`` every chunk's score then gets a gradient.
+        indexer_dim: e > 0 gives block retrieval an indexer of its own, as DeepSeek's sparse attention has: per
+            head, softplus(W x) split into an e-dimensional selection query and key, from the layer's input with no
+            gradient back into it; chunks are then scored by the indexer's query against a summary of its keys
+            (``block_summary="max"`` suits its positive features), and it learns from
+            ``selection_grad="distill"`` alone (required).  None (default): q and k select.  Extra weights:
+            ``indexer`` (D x 2 H e).
         rope, rope_base, bias: see :class:`~bsbr.layers.qkv.QKVAttention`.
 
     Shapes: hidden_states [B, T, D] -> [B, T, D].  Extra weights beyond standard attention: ``meta_q_proj``
@@ -102,7 +108,7 @@ class BSBRAttention(QKVAttention):
                  retrieval_window: int | None = None, retrieval: str = "states", top_k: int = 4,
                  sink_tokens: int = 0, prev_chunk: bool = False, block_summary: str = "mean",
                  block_select: str = "token", selection_grad: str = "none", train_top_k: int | None = None,
-                 rope: bool = True, rope_base: float = 10000.0, bias: bool = False):
+                 indexer_dim: int | None = None, rope: bool = True, rope_base: float = 10000.0, bias: bool = False):
         super().__init__(hidden_dim, num_heads, dropout, bias=bias, rope=rope, rope_base=rope_base)
         self.chunk_size = _checks.positive_int("chunk_size", chunk_size)
         self.retrieval = _checks.one_of("retrieval", retrieval, RETRIEVALS)
@@ -117,6 +123,14 @@ class BSBRAttention(QKVAttention):
         self.block_select = _checks.one_of("block_select", block_select, SELECTIONS)
         self.selection_grad = _checks.one_of("selection_grad", selection_grad, LAYER_GRADS)
         self.train_top_k = None if train_top_k is None else _checks.positive_int("train_top_k", train_top_k)
+        self.indexer_dim = None if indexer_dim is None else _checks.positive_int("indexer_dim", indexer_dim)
+        self.indexer = None
+        if self.indexer_dim is not None:
+            if self.retrieval != "blocks" or self.selection_grad != "distill":
+                raise ValueError(f"indexer_dim={indexer_dim} needs retrieval='blocks' (what it selects for) and "
+                                 f"selection_grad='distill' (how it learns), got retrieval={retrieval!r}, "
+                                 f"selection_grad={selection_grad!r}")
+            self.indexer = nn.Linear(hidden_dim, 2 * num_heads * self.indexer_dim, bias=False)
         if self.retrieval != "states":
             given = {"compression_factor": (compression_factor, None), "retrieval_window": (retrieval_window, None),
                      "state_norm": (state_norm, "mean"), "meta_query": (meta_query, "first")}
@@ -325,7 +339,8 @@ class BSBRAttention(QKVAttention):
                     f"top_k={self.top_k}, sink_tokens={self.sink_tokens}, prev_chunk={self.prev_chunk}, "
                     f"block_summary={self.block_summary!r}, block_select={self.block_select!r}, "
                     f"selection_grad={self.selection_grad!r}"
-                    + (f", train_top_k={self.train_top_k}" if self.train_top_k is not None else ""))
+                    + (f", train_top_k={self.train_top_k}" if self.train_top_k is not None else "")
+                    + (f", indexer_dim={self.indexer_dim}" if self.indexer_dim is not None else ""))
         return (super().extra_repr() + f", chunk_size={self.chunk_size}, compression_factor={self.compression_factor}"
                 f", state_norm={self.state_norm!r}, meta_query={self.meta_query!r}"
                 + (f", retrieval_window={self.retrieval_window}" if self.retrieval_window is not None else ""))
@@ -350,8 +365,9 @@ class BSBRBlocksAttention(BSBRAttention):
     def __init__(self, hidden_dim: int, num_heads: int, chunk_size: int, dropout: float = 0.1, *, top_k: int = 4,
                  sink_tokens: int = 0, prev_chunk: bool = False, block_summary: str = "mean",
                  block_select: str = "token", selection_grad: str = "none", train_top_k: int | None = None,
-                 retrieval: str = "blocks", rope: bool = True, rope_base: float = 10000.0, bias: bool = False):
+                 indexer_dim: int | None = None, retrieval: str = "blocks", rope: bool = True,
+                 rope_base: float = 10000.0, bias: bool = False):
         super().__init__(hidden_dim, num_heads, chunk_size, dropout, retrieval=retrieval, top_k=top_k,
                          sink_tokens=sink_tokens, prev_chunk=prev_chunk, block_summary=block_summary,
                          block_select=block_select, selection_grad=selection_grad, train_top_k=train_top_k,
-                         rope=rope, rope_base=rope_base, bias=bias)
+                         indexer_dim=indexer_dim, rope=rope, rope_base=rope_base, bias=bias)

@@ -18,6 +18,10 @@ A token is counted once: the sink tokens of a selected chunk 0 are taken from th
 never a candidate when it is always in view.  With top_k >= c(t) every earlier chunk is seen and o is causal
 softmax attention exactly.
 
+An indexer may select instead of q and k (``index_q`` [B, Hi, T, e] with Hk dividing Hi, ``index_k`` [B, Hk, T, e],
+as DeepSeek's sparse attention scores with a lightning indexer of its own): the summaries are then index_k's and
+the scores index_q's; nothing else changes.
+
 A hard top-k gives the scores no gradient.  ``grad="straight_through"`` adds log p[t, j] - stopgrad(log p[t, j])
 (p = softmax of the scores over cand(t)) to the logits of the tokens a query sees through selected chunk j: zero
 in value (outputs are unchanged, exactness holds), and the gradient of Landmark Attention's grouped softmax, so the
@@ -71,12 +75,30 @@ __all__ = ["GRADS", "SELECTIONS", "SUMMARIES", "BlockSpec", "blocks_dense", "blo
            "add_loss"]
 
 
+def _selectors(q, k, index_q, index_k):
+    """The queries and keys that select: (q, k), or an indexer's (index_q, index_k) after checking their shapes."""
+    if index_q is None and index_k is None:
+        return q, k
+    if index_q is None or index_k is None:
+        raise ValueError("index_q and index_k go together: got only "
+                         f"{'index_q' if index_k is None else 'index_k'}")
+    B, _, T, _ = q.shape  # (keys may run longer than queries: a stream's earlier positions)
+    if (index_k.shape[:3] != k.shape[:3] or index_q.shape[0] != B or index_q.shape[2] != T
+            or index_q.shape[1] % index_k.shape[1] or index_q.shape[-1] != index_k.shape[-1]):
+        raise ValueError(f"index_q [B, Hi, T, e] and index_k [B, Hk, T', e] must match q {tuple(q.shape)} and k "
+                         f"{tuple(k.shape)} (Hk dividing Hi), got index_q {tuple(index_q.shape)}, index_k "
+                         f"{tuple(index_k.shape)}")
+    return index_q, index_k
+
+
 # ------------------------------------------------------------------------------------------ reference
-def blocks_reference(q, k, v, spec: BlockSpec, *, return_weights: bool = False):
+def blocks_reference(q, k, v, spec: BlockSpec, *, return_weights: bool = False, index_q=None, index_k=None):
     """The definition with a dense [T, T] mask (slow in memory; tests and attention maps).
 
-    q [B, H, T, d]; k, v [B, Hk, T, d].  Returns o [B, H, T, d]; with ``return_weights`` also the softmax weights
-    [B, H, T, T] (o = weights @ v, v repeated over each group)."""
+    q [B, H, T, d]; k, v [B, Hk, T, d]; an indexer's index_q [B, Hi, T, e], index_k [B, Hk, T, e] select if given.
+    Returns o [B, H, T, d]; with ``return_weights`` also the softmax weights [B, H, T, T] (o = weights @ v, v
+    repeated over each group)."""
+    sq, sk = _selectors(q, k, index_q, index_k)
     B, H, T, d = q.shape
     Hk = k.shape[1]
     G = H // Hk
@@ -92,8 +114,8 @@ def blocks_reference(q, k, v, spec: BlockSpec, *, return_weights: bool = False):
     picked = torch.zeros(B, Hk, T, T, dtype=torch.bool, device=q.device)
     bias_tok = q.new_zeros(B, Hk, T, T)
     if Cc:
-        summ = summarize(k[:, :, : Cc * ch].reshape(B, Hk, Cc, ch, d), spec.summary)
-        sc = scores(_selection_queries(q, spec), summ, spec)  # [B, Hk, T, Cc]
+        summ = summarize(sk[:, :, : Cc * ch].reshape(B, Hk, Cc, ch, sk.shape[-1]), spec.summary)
+        sc = scores(_selection_queries(sq, spec), summ, spec)  # [B, Hk, T, Cc]
         idx, ok, bias = select(sc, candidates(tc, Cc, spec), spec)
         chosen = torch.zeros_like(sc, dtype=torch.bool).scatter(-1, idx, ok)  # [B, Hk, T, Cc]
         in_chunk = tc[None, :] < Cc
@@ -112,15 +134,17 @@ def blocks_reference(q, k, v, spec: BlockSpec, *, return_weights: bool = False):
 
 
 
-def blocks_dense(q, k, v, spec: BlockSpec):
+def blocks_dense(q, k, v, spec: BlockSpec, *, index_q=None, index_k=None):
     """Every earlier chunk selected (``top_k`` >= the chunks before the last query's chunk; training as Landmark
     Attention trains): one causal ``scaled_dot_product_attention`` call.  The selection's log-weights (``grad``
     other than "none") ride along as C extra dimensions: each key gets the one-hot of its chunk (zeros for the sink
     tokens), each query its log p[t, j] / scale, so q' . k' = q . k + log p[t, c(s)] / scale and the fused causal
     kernel (no [T, T] mask, gradients included) computes the grouped softmax.  Nothing is skipped at this top_k.
 
-    q [B, H, T, d]; k, v [B, Hk, T, d] -> o [B, H, T, d].  Differentiable.  Non-finite values go to
-    :func:`blocks_reference` (the fused kernel multiplies masked probabilities by every value)."""
+    q [B, H, T, d]; k, v [B, Hk, T, d] -> o [B, H, T, d]; index_q, index_k as in :func:`blocks_reference`.
+    Differentiable.  Non-finite values go to :func:`blocks_reference` (the fused kernel multiplies masked
+    probabilities by every value)."""
+    sq, sk = _selectors(q, k, index_q, index_k)
     B, H, T, d = q.shape
     Hk, ch = k.shape[1], spec.chunk
     G, Cc = H // Hk, T // ch
@@ -128,14 +152,14 @@ def blocks_dense(q, k, v, spec: BlockSpec):
         raise ValueError(f"blocks_dense: top_k={spec.top_k} selects fewer than the {(T - 1) // ch} chunks before "
                          f"the last query's chunk (T={T}, chunk={ch})")
     if not _all_finite(q, k, v):
-        return blocks_reference(q, k, v, spec)
+        return blocks_reference(q, k, v, spec, index_q=index_q, index_k=index_k)
     scale = spec.scale(d)
     kx, vx = _expand(k, G), _expand(v, G)
     if spec.grad != "none" and Cc:
         pos = torch.arange(T, device=q.device)
         tc = pos // ch
-        summ = summarize(k[:, :, : Cc * ch].reshape(B, Hk, Cc, ch, d), spec.summary)
-        sc = scores(_selection_queries(q, spec), summ, spec)  # [B, Hk, T, Cc]
+        summ = summarize(sk[:, :, : Cc * ch].reshape(B, Hk, Cc, ch, sk.shape[-1]), spec.summary)
+        sc = scores(_selection_queries(sq, spec), summ, spec)  # [B, Hk, T, Cc]
         allowed = candidates(tc, Cc, spec)  # [T, Cc]: own chunk, later chunks and chunks in view get 0
         logp = torch.log_softmax(sc.masked_fill(~allowed, float("-inf")), dim=-1).masked_fill(~allowed, 0.0)
         if spec.grad == "straight_through":
@@ -146,14 +170,17 @@ def blocks_dense(q, k, v, spec: BlockSpec):
     return torch.nn.functional.scaled_dot_product_attention(q, kx, vx, is_causal=True, scale=scale)
 
 
-def blocks_parallel(q, k, v, spec: BlockSpec, *, start: int = 0, summaries: torch.Tensor | None = None):
+def blocks_parallel(q, k, v, spec: BlockSpec, *, start: int = 0, summaries: torch.Tensor | None = None,
+                    index_q=None, index_k=None):
     """Block retrieval for queries at positions start .. start + Tq - 1 (``start`` a multiple of chunk) over keys at
     positions 0 .. start + Tq - 1.
 
     q [B, H, Tq, d]; k, v [B, Hk, start + Tq, d]; ``summaries`` [B, Hk, C0, S]: the summaries of the first C0
-    complete chunks if already known (a stream's cache), computed here otherwise.  No [T, T] tensor is made.
-    Returns (o [B, H, Tq, d], summaries of every complete chunk [B, Hk, (start + Tq) // chunk, S]).
+    complete chunks if already known (a stream's cache), computed here otherwise; an indexer's index_q
+    [B, Hi, Tq, e] and index_k [B, Hk, start + Tq, e] select if given (the summaries are then index_k's).  No [T, T]
+    tensor is made.  Returns (o [B, H, Tq, d], summaries of every complete chunk [B, Hk, (start + Tq) // chunk, S]).
     """
+    sq, sk = _selectors(q, k, index_q, index_k)
     B, H, Tq, d = q.shape
     Hk, L = k.shape[1], k.shape[2]
     G, ch = H // Hk, spec.chunk
@@ -166,22 +193,23 @@ def blocks_parallel(q, k, v, spec: BlockSpec, *, start: int = 0, summaries: torc
         pad = Tqp - Tq
         q = torch.nn.functional.pad(q, (0, 0, 0, pad))
         k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (k, v))
+        sq, sk = (q, k) if index_k is None else (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (sq, sk))
     Cc = L // ch
     C0 = 0 if summaries is None else summaries.shape[2]
-    new = summarize(k[:, :, C0 * ch : Cc * ch].reshape(B, Hk, Cc - C0, ch, d), spec.summary)
+    new = summarize(sk[:, :, C0 * ch : Cc * ch].reshape(B, Hk, Cc - C0, ch, sk.shape[-1]), spec.summary)
     summ = new if summaries is None else torch.cat([summaries, new], dim=2)
     qchunk = (start + torch.arange(Tqp, device=q.device)) // ch
     allowed = candidates(qchunk, Cc, spec) & (torch.arange(Tqp, device=q.device) < Tq)[:, None]
     if spec.select == "chunk" and spec.grad != "grouped" and _chunkwise_available(q, k, spec, q, k, v):
         # the rows of a chunk share its selection: score the chunks' first rows only
-        idx, ok, _ = select(scores(q[:, :, ::ch], summ, spec), allowed[::ch], spec, inplace=True)
+        idx, ok, _ = select(scores(sq[:, :, ::ch], summ, spec), allowed[::ch], spec, inplace=True)
         return _parallel_chunkwise(q, k, v, spec, idx, ok, start)[:, :, :Tq], summ
     fused = spec.grad != "grouped" and fused_available(q, k, v)  # (the fused path takes no log-weights)
     if fused and spec.grad == "none" and spec.select == "token":
         # inference: each group of query rows scored against only the chunks it may select
-        idx, ok = select_in_row_groups(q, summ, allowed, spec, first_chunk=start // ch)
+        idx, ok = select_in_row_groups(sq, summ, allowed, spec, first_chunk=start // ch)
         return _parallel_fused(q, k, v, spec, idx, ok, start, Ctot)[:, :, :Tq], summ
-    sc = scores(_selection_queries(q, spec), summ, spec)  # [B, Hk, Tqp, Cc]
+    sc = scores(_selection_queries(sq, spec), summ, spec)  # [B, Hk, Tqp, Cc]
     idx, ok, bias = select(sc, allowed, spec, inplace=True)
     if fused:
         return _parallel_fused(q, k, v, spec, idx, ok, start, Ctot)[:, :, :Tq], summ
@@ -211,13 +239,16 @@ def blocks_parallel(q, k, v, spec: BlockSpec, *, start: int = 0, summaries: torc
 
 
 # ------------------------------------------------------------------------------------------ recurrent
-def blocks_step(q, keys, values, summaries, lengths, spec: BlockSpec, select_q: torch.Tensor | None = None):
+def blocks_step(q, keys, values, summaries, lengths, spec: BlockSpec, select_q: torch.Tensor | None = None,
+                index_q: torch.Tensor | None = None):
     """One new token per row, its key and value already written at position ``lengths[b]`` of ``keys``/``values``.
 
     q [B, H, 1, d]; keys, values [B, Hk, N, d] (N > max(lengths); rows hold their tokens 0 .. lengths[b]);
     summaries [B, Hk, C, S] of each row's complete chunks (rows may have fewer than C; the rest are ignored);
     lengths [B] long: the position of the new token in each row; ``select_q`` [B, H, 1, d]: with
-    ``select="chunk"``, the query at the first position of each row's chunk (kept by the caller).
+    ``select="chunk"``, the query at the first position of each row's chunk (kept by the caller; an indexer's
+    query there if one selects); ``index_q`` [B, Hi, 1, e]: an indexer's query for ``select="token"`` (the summaries
+    are then its keys').
     Cost per row and head: O((top_k + in view + 1) * chunk * d + C * d).  Returns o [B, H, 1, d].
     """
     B, H, _, d = q.shape
@@ -245,7 +276,8 @@ def blocks_step(q, keys, values, summaries, lengths, spec: BlockSpec, select_q: 
         allowed = candidates(ci, C, spec) & (torch.arange(C, device=dev)[None, :] < (lengths // ch)[:, None])
         if spec.select == "chunk" and select_q is None:
             raise ValueError("blocks_step: select='chunk' needs select_q, the query at the chunk's first position")
-        sc = scores(q if spec.select == "token" else select_q, summaries, spec)[:, :, 0]  # [B, Hk, C]
+        token_q = q if index_q is None else index_q
+        sc = scores(token_q if spec.select == "token" else select_q, summaries, spec)[:, :, 0]  # [B, Hk, C]
         idx, ok, bias = select(sc, allowed[:, None, :], spec, inplace=True)  # [B, Hk, K]
         K = idx.shape[-1]
         sel_seen = ok[..., None].expand(B, Hk, K, ch)

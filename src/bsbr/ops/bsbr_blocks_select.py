@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUMMARIES = ("mean", "minmax")
+SUMMARIES = ("mean", "minmax", "max")
 SELECTIONS = ("token", "chunk")
 GRADS = ("none", "straight_through", "grouped")
 
@@ -35,8 +35,11 @@ class BlockSpec:
 
 # ------------------------------------------------------------------------------------------ selection
 def summarize(k_chunks: torch.Tensor, summary: str) -> torch.Tensor:
-    """Summaries of complete chunks: k_chunks [..., C, chunk, d] -> [..., C, S] (S = d for "mean", 2d for
-    "minmax": centre then radius)."""
+    """Summaries of complete chunks: k_chunks [..., C, chunk, d] -> [..., C, S] (S = d for "mean" and "max", 2d for
+    "minmax": centre then radius).  "max" is the per-channel maximum: for queries and keys >= 0 (an indexer's
+    softplus features) q . max is the min/max bound at half its size, the largest q . k the chunk could hold."""
+    if summary == "max":
+        return k_chunks.amax(dim=-2)
     if summary == "mean":
         return k_chunks.mean(dim=-2, dtype=torch.float32 if k_chunks.dtype in (torch.float16, torch.bfloat16)
                              else None)
@@ -51,7 +54,7 @@ def scores(q: torch.Tensor, summaries: torch.Tensor, spec: BlockSpec) -> torch.T
     Hk = summaries.shape[1]
     if q.dtype in (torch.float16, torch.bfloat16):  # a choice, not a weight: scored in fp32 (fewer flipped ties)
         q, summaries = q.float(), summaries.float()
-    qq = q if spec.summary == "mean" else torch.cat([q, q.abs()], dim=-1)
+    qq = torch.cat([q, q.abs()], dim=-1) if spec.summary == "minmax" else q
     # the score is linear in qq: sum the group's query heads and scale them before the product, so the only pass
     # over the [n, C] scores is the product itself (they are the part of the cost that grows as T^2 / chunk)
     qq = qq.view(B, Hk, H // Hk, n, -1).sum(dim=2) * spec.scale(d)
@@ -126,7 +129,8 @@ def select_in_row_groups(q: torch.Tensor, summaries: torch.Tensor, allowed: torc
     return idx, ok
 
 
-def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, rows: int | None = 64) -> torch.Tensor:
+def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, rows: int | None = 64, *,
+                           index_q: torch.Tensor | None = None, index_k: torch.Tensor | None = None) -> torch.Tensor:
     """The selection's distillation loss (the layer's ``selection_grad="distill"``): how far the chunk scores are
     from where causal softmax attention over EVERY earlier token puts its weight.
 
@@ -139,7 +143,9 @@ def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, ro
     with the scorer here the summaries themselves).
 
     ``rows``: the loss is taken over that many query positions with candidates, evenly spaced from the last one
-    back (None: all), so its cost is [rows, T] per head, not [T, T].
+    back (None: all), so its cost is [rows, T] per head, not [T, T].  ``index_q``, ``index_k``: an indexer's
+    selection queries and keys (see :func:`bsbr.ops.bsbr_blocks.blocks_reference`); the scores are then theirs,
+    the target still q's and k's, and the gradient reaches the indexer only.
 
     q [B, H, T, d]; k [B, Hk, T, d] (positions 0 .. T - 1).  Returns a scalar."""
     B, H, T, d = q.shape
@@ -149,7 +155,7 @@ def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, ro
     allowed = candidates(tc, Cc, spec)  # [T, Cc]
     pos = allowed.any(dim=-1).nonzero()[:, 0]  # queries with a candidate
     if pos.numel() == 0:
-        return (q.sum() + k.sum()) * 0.0
+        return (q.sum() + k.sum()) * 0.0 if index_k is None else (index_q.sum() + index_k.sum()) * 0.0
     if rows is not None and pos.numel() > rows:
         pos = pos[torch.linspace(pos.numel() - 1, 0, rows, device=q.device).round().long()]
     allowed = allowed[pos]  # [n, Cc]
@@ -160,8 +166,9 @@ def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, ro
         w = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)[..., : Cc * ch]
         mass = w.view(B, Hk, G, -1, Cc, ch).sum(dim=(2, 5)) / G  # [B, Hk, n, Cc]
         mass = mass.masked_fill(~allowed, 0.0)
-    summ = summarize(k[:, :, : Cc * ch].reshape(B, Hk, Cc, ch, d), spec.summary)
-    sc = scores(_selection_queries(q, spec)[:, :, pos], summ, spec).to(dt)
+    sq, sk = (q, k) if index_k is None else (index_q, index_k)
+    summ = summarize(sk[:, :, : Cc * ch].reshape(B, Hk, Cc, ch, sk.shape[-1]), spec.summary)
+    sc = scores(_selection_queries(sq, spec)[:, :, pos], summ, spec).to(dt)
     logp = torch.log_softmax(sc.masked_fill(~allowed, float("-inf")), dim=-1).masked_fill(~allowed, 0.0)
     return -(mass * logp).sum(dim=-1).mean()
 
