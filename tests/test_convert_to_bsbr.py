@@ -88,7 +88,7 @@ def test_blocks_is_the_default_and_its_settings_are_checked():
     with pytest.raises(ValueError, match="top_k must be a positive integer, got 0"):
         convert_to_bsbr(tiny("llama"), chunk_size=8, top_k=0)
     with pytest.raises(ValueError, match="block_summary must be one of"):
-        convert_to_bsbr(tiny("llama"), chunk_size=8, block_summary="max")
+        convert_to_bsbr(tiny("llama"), chunk_size=8, block_summary="median")
     with pytest.raises(ValueError, match="belong to retrieval='blocks'"):
         convert_to_bsbr(tiny("llama"), chunk_size=8, retrieval="states", top_k=2)
     with pytest.raises(ValueError, match="retrieval must be one of"):

@@ -73,7 +73,10 @@ def test_bsbr_options_and_row_groups(options):
 @pytest.mark.parametrize("options", [{"prev_chunk": True, "sink_tokens": 16, "block_summary": "minmax"},
                                      {"top_k": 40}, {"retrieval": "none", "sink_tokens": 3},
                                      {"block_select": "chunk", "prev_chunk": True},
-                                     {"block_select": "chunk", "sink_tokens": 16, "top_k": 40}], ids=str)
+                                     {"block_select": "chunk", "sink_tokens": 16, "top_k": 40},
+                                     {"selection_grad": "distill", "indexer_dim": 8, "block_summary": "max"},
+                                     {"selection_grad": "distill", "indexer_dim": 8, "block_select": "chunk"}],
+                         ids=str)
 def test_bsbr_blocks_options(options):
     """Every pair counted: with top_k above the number of chunks nothing is padded beyond the tiles' own."""
     from bsbr.ops.bsbr_blocks_tiles import _tile

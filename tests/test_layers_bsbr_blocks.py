@@ -123,3 +123,72 @@ def test_attention_weights_reproduce_the_output():
     assert_close("parts", maps["local"] + maps["retrieval"], maps["total"])
     # each query sees its own chunk, the sink and at most one selected chunk: at most 4 + 2 + 4 keys
     assert int((maps["total"] > 0).sum(-1).max()) <= 10
+
+
+# ------------------------------------------------------------------------------------------- the indexer
+INDEXER = {"chunk_size": 8, "top_k": 2, "sink_tokens": 3, "selection_grad": "distill", "indexer_dim": 6,
+           "block_summary": "max"}
+
+
+def _invariant_cases():
+    import test_invariants as inv
+
+    cases = [(inv.test_reference_equals_parallel_fp64_outputs_and_grads, {"T": T}) for T in (9, 23, 63)]
+    cases += [(inv.test_causality_layer_and_model, {}), (inv.test_padding_invariance, {}),
+              (inv.test_streaming_ragged_batch, {}), (inv.test_greedy_generate_equals_argmax_redecoding, {}),
+              (inv.test_recurrent_gradients_equal_parallel, {})]
+    cases += [(inv.test_streaming_equals_parallel, {"split": s}) for s in ([1] * 45, [3, 5, 8, 1, 16, 12])]
+    cases += [(inv.test_nonfinite_token_reaches_no_earlier_position, {"form": f, "value": float("nan")})
+              for f in inv.LAYER_FORMS]
+    cases += [(inv.test_padding_garbage_changes_no_real_output, {"form": f, "side": "left"}) for f in inv.LAYER_FORMS]
+    return cases
+
+
+@pytest.mark.parametrize(("check", "kwargs"), _invariant_cases(),
+                         ids=lambda c: c.__name__[5:] if callable(c) else "-".join(map(str, c.values()))[:24])
+@pytest.mark.parametrize("select", ["token", "chunk"])
+def test_indexer_holds_the_invariants(check, kwargs, select, monkeypatch):
+    """The registry's invariant suite (reference == parallel with gradients, causality, padding, streaming in
+    any split, ragged batches, generation, non-finite values) for BSBRBlocks whose chunks an indexer selects."""
+    import conftest
+
+    monkeypatch.setitem(conftest.SMALL_OPTIONS, "BSBRBlocks", {**INDEXER, "block_select": select})
+    check("BSBRBlocks", **kwargs)
+
+
+def test_indexer_selects_and_learns_from_the_distillation_loss_only():
+    """The indexer's scores choose the chunks (the output is the reference op's with index_q / index_k, and differs
+    from q and k selecting); in training mode the indexer's gradient is exactly that of
+    selection_distill_loss(q, k, index_q=, index_k=), every other gradient (x included) that of the same layer
+    without the loss; with top_k covering every chunk it is causal softmax attention whatever the indexer says."""
+    from bsbr.layers.bsbr_blocks import index, spec
+    from bsbr.ops.bsbr_blocks import selection_distill_loss
+
+    torch.manual_seed(0)
+    kw = dict(chunk_size=4, dropout=0.0, retrieval="blocks", top_k=1, block_summary="max", rope=False)
+    layer = BSBRAttention(16, 2, selection_grad="distill", indexer_dim=5, **kw).double()
+    plain = BSBRAttention(16, 2, **kw).double()  # the same weights, q and k selecting
+    plain.load_state_dict({n: p for n, p in layer.state_dict().items() if not n.startswith("indexer")})
+    x = torch.randn(2, 29, 16, dtype=torch.float64, requires_grad=True)
+    q, k, v = layer.qkv(x, 0)
+    iq, ik = index(layer, x)
+    s = spec(layer)
+    want = layer.out(blocks_reference(q, k, v, s, index_q=iq, index_k=ik))
+    assert_close("eval output", layer.eval()(x), want, rel_tol=1e-10)
+    assert (want - plain.eval()(x)).abs().max() > 1e-3  # the indexer chose other chunks than q and k would
+    w = torch.randn_like(want)
+    out = layer.train()(x)
+    got = torch.autograd.grad((out * w).sum(), (x, *layer.parameters()))
+    names = [n for n, _ in layer.named_parameters()]
+    loss = selection_distill_loss(q, k, s, index_q=iq, index_k=ik)
+    g_index = torch.autograd.grad(loss, layer.indexer.weight, retain_graph=True)[0]
+    g_out = torch.autograd.grad((want * w).sum(), (x, *layer.parameters()), allow_unused=True)
+    assert g_out[names.index("indexer.weight") + 1] is None  # the choice passes no gradient
+    for n, g, g0 in zip(["x", *names], got, g_out, strict=True):
+        assert_close(f"gradient {n}", g, g_index if n == "indexer.weight" else g0, rel_tol=1e-10)
+    every = BSBRAttention(16, 2, selection_grad="distill", indexer_dim=5, **{**kw, "top_k": 8}).double().eval()
+    every.load_state_dict(layer.state_dict())
+    q, k, v = every.qkv(x, 0)
+    causal = every.out(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert_close("top_k covering every chunk", every(x), causal, rel_tol=1e-10)
+    assert "indexer_dim=5" in repr(layer)

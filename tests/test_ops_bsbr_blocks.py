@@ -82,6 +82,65 @@ def test_three_forms_agree_fp64(spec, shape):
         assert_close(f"{spec} step by step", _stream(q, k, v, spec), ref)
 
 
+def _index(B, Hk, T, e=3, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.functional.softplus(2 * torch.randn(B, Hk, T, e, generator=g, dtype=torch.float64))
+            for _ in range(2)]
+
+
+@pytest.mark.parametrize("spec", [BlockSpec(chunk=4, top_k=2, summary="max"),
+                                  BlockSpec(chunk=3, top_k=1, sink=2, prev_chunk=True, summary="minmax"),
+                                  BlockSpec(chunk=4, top_k=2, sink=1, select="chunk", summary="max")])
+def test_an_indexer_selects_in_every_form(spec):
+    """index_q / index_k choose the chunks: the reference against a loop that picks each query's top_k by the
+    indexer's scores, then the parallel form (values and gradients), the fused path, the step and a continued
+    stream against the reference."""
+    B, H, Hk, T, d = 2, 4, 2, 23, 5
+    q, k, v = _qkv(B, H, Hk, T, d, grad=True)
+    iq, ik = _index(B, Hk, T)
+    ref = blocks_reference(q, k, v, spec, index_q=iq, index_k=ik)
+    ch, G = spec.chunk, H // Hk
+    want = torch.empty_like(ref)
+    for b, h, t in itertools.product(range(B), range(H), range(T)):
+        c, hk = t // ch, h // G
+        first = c * ch if spec.select == "chunk" else t
+        cand = [j for j in range(c) if not (spec.prev_chunk and j == c - 1)]
+        summ = lambda j: summarize(ik[b, hk, j * ch : (j + 1) * ch][None], spec.summary)[0]  # noqa: E731
+        sc = torch.stack([scores(iq[b, hk, first][None, None, None], summ(j)[None, None, None], spec)[0, 0, 0, 0]
+                          for j in cand]) if cand else torch.zeros(0)
+        picked = [cand[i] for i in sc.topk(min(spec.top_k, len(cand))).indices.tolist()]
+        seen = [s for s in range(t + 1) if s // ch == c or s // ch in picked or (c >= 1 and s < spec.sink)
+                or (spec.prev_chunk and s // ch == c - 1)]
+        w = torch.softmax(k[b, hk, seen] @ q[b, h, t] / d**0.5, dim=0)
+        want[b, h, t] = w @ v[b, hk, seen]
+    assert_close("reference", ref, want, rel_tol=1e-10)
+    assert (ref - blocks_reference(q, k, v, spec)).abs().max() > 1e-3  # q and k would choose otherwise
+    par, summ = blocks_parallel(q, k, v, spec, index_q=iq, index_k=ik)
+    assert_close("parallel", par, ref)
+    g = torch.randn_like(ref)
+    for a, b_ in zip(torch.autograd.grad((par * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v)),
+                     strict=True):
+        assert_close("gradient", a, b_, atol=1e-12)
+    with torch.no_grad():
+        assert_close("fused", blocks_parallel(q, k, v, spec, index_q=iq, index_k=ik)[0], ref)
+        steps = []
+        for t in range(T):
+            c = t // ch
+            sm = summarize(ik[:, :, : c * ch].reshape(B, Hk, c, ch, -1), spec.summary) if c else None
+            first = iq[:, :, c * ch : c * ch + 1] if spec.select == "chunk" else None
+            steps.append(blocks_step(q[:, :, t : t + 1], k, v, sm, torch.full((B,), t), spec, select_q=first,
+                                     index_q=iq[:, :, t : t + 1]))
+        assert_close("step by step", torch.cat(steps, dim=2), ref)
+        start = 2 * ch
+        out, _ = blocks_parallel(q[:, :, start:], k, v, spec, start=start, summaries=summ[:, :, :2],
+                                 index_q=iq[:, :, start:], index_k=ik)
+        assert_close("continued", out, ref[:, :, start:])
+    with pytest.raises(ValueError, match="index_q and index_k go together"):
+        blocks_reference(q, k, v, spec, index_q=iq)
+    with pytest.raises(ValueError, match="index_q .B, Hi, T, e. and index_k"):
+        blocks_parallel(q, k, v, spec, index_q=iq[:, :, 1:], index_k=ik)
+
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_parallel_continues_a_stream(spec):
     """Queries of a later segment over cached keys and summaries give the rows of one full forward."""
@@ -288,9 +347,10 @@ def test_parallel_form_makes_no_T_by_T_tensor():
         assert largest < T * T * 4 // 4, f"an op allocated {largest} bytes (T*T*4 = {T * T * 4}), grad={grad}"
 
 
-def _distill_by_hand(q, k, chunk, spec):
-    """selection_distill_loss with rows=None, one query at a time with Python loops (mean or min/max summaries, the
-    group's query heads summed for the score and averaged for the target)."""
+def _distill_by_hand(q, k, chunk, spec, index_q=None, index_k=None):
+    """selection_distill_loss with rows=None, one query at a time with Python loops (mean, min/max or max summaries,
+    the group's query heads summed for the score and averaged for the target; with an indexer (one query head per
+    key/value head) the scores are its query's against its keys' summaries)."""
     B, H, T, d = q.shape
     Hk = k.shape[1]
     G = H // Hk
@@ -309,7 +369,13 @@ def _distill_by_hand(q, k, chunk, spec):
                     for i, j in enumerate(cand):
                         keys = k[b, h, j * chunk : (j + 1) * chunk]
                         mass[i] += w[j * chunk : (j + 1) * chunk].sum() / G
-                        if spec.summary == "mean":
+                        if index_q is not None:
+                            if g == 0:
+                                e = index_q.shape[-1]
+                                sc[i] = index_q[b, h, t] @ index_k[b, h, j * chunk : (j + 1) * chunk].amax(0) / e**0.5
+                        elif spec.summary == "max":
+                            sc[i] = sc[i] + qt @ keys.amax(0) / d**0.5
+                        elif spec.summary == "mean":
                             sc[i] = sc[i] + qt @ keys.mean(0) / d**0.5
                         else:
                             lo, hi = keys.amin(0), keys.amax(0)
@@ -320,7 +386,8 @@ def _distill_by_hand(q, k, chunk, spec):
 
 
 @pytest.mark.parametrize("spec", [BlockSpec(chunk=4, top_k=1), BlockSpec(chunk=3, top_k=2, summary="minmax",
-                                                                         prev_chunk=True)])
+                                                                         prev_chunk=True),
+                                  BlockSpec(chunk=3, top_k=1, summary="max")])
 def test_selection_distill_loss_is_its_definition(spec):
     """The loss and its gradient (into q and k, through the scores only) against a loop over the definition, with
     two query heads per key/value head; ``rows`` keeps the last query."""
@@ -332,6 +399,20 @@ def test_selection_distill_loss_is_its_definition(spec):
         assert_close("gradient", a, b, rel_tol=1e-10)
     one = selection_distill_loss(q[..., -1:, :].expand_as(q).contiguous(), k, spec, rows=1)
     assert torch.isfinite(one) and one > 0
+
+
+def test_selection_distill_loss_of_an_indexer_is_its_definition():
+    """With index_q / index_k the scores are the indexer's ("max" summaries), the target still q's and k's: loss and
+    gradients against the loop; q and k get no gradient."""
+    q, k, _ = _qkv(2, 4, 2, 17, 5, grad=True)
+    iq, ik = (torch.nn.functional.softplus(t).detach().requires_grad_() for t in _qkv(2, 2, 2, 17, 3, seed=1)[:2])
+    spec = BlockSpec(chunk=3, top_k=2, summary="max")
+    got = selection_distill_loss(q, k, spec, rows=None, index_q=iq, index_k=ik)
+    want = _distill_by_hand(q, k, spec.chunk, spec, iq, ik)
+    assert_close("loss", got, want, rel_tol=1e-10)
+    for a, b in zip(torch.autograd.grad(got, (iq, ik)), torch.autograd.grad(want, (iq, ik)), strict=True):
+        assert_close("gradient", a, b, rel_tol=1e-10)
+    assert torch.autograd.grad(got, (q, k), allow_unused=True) == (None, None)
 
 
 def test_selection_distill_loss_reaches_chunks_no_query_selected():

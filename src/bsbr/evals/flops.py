@@ -135,14 +135,18 @@ def _bsbr_blocks(a, T):
     Cq, Tp = _ceil_to(T, ch)
     Cc = T // ch  # complete chunks: the ones a query may select
     s = a.sink_tokens
-    S = 2 * d if a.block_summary == "minmax" else d
+    e = d if a.indexer_dim is None else a.indexer_dim  # the dimension the chunks are scored in
+    S = 2 * e if a.block_summary == "minmax" else e
     top_k = a.top_k if a.retrieval == "blocks" else 0
-    if a.block_select == "chunk" and a.selection_grad == "none":
+    projections = _projections(D, T)
+    if a.indexer_dim is not None:  # the indexer's query and key features: D x 2 H e
+        projections += 2 * T * D * 2 * H * e
+    if a.block_select == "chunk" and a.selection_grad in ("none", "distill"):  # (distill: a loss in training only)
         # one gathered block per query chunk (bsbr.ops.bsbr_blocks_fast._parallel_chunkwise): [chunk 0 if sink |
         # previous | K = min(top_k, Cc) slots, filled or not | own], every row against all of it; scores by the
         # chunks' first rows only
         m = (1 if s else 0) + (1 if a.prev_chunk else 0) + min(top_k, Cc) + 1
-        return {"projections": _projections(D, T),
+        return {"projections": projections,
                 "selection": (H * 2 * Cq * Cc * S) if top_k and Cc else 0,
                 "local": H * 4 * Tp * (m - min(top_k, Cc)) * ch * d,  # own chunk and chunks in view
                 "selected": H * 4 * Tp * min(top_k, Cc) * ch * d}
@@ -151,7 +155,7 @@ def _bsbr_blocks(a, T):
         cand = c - (1 if a.prev_chunk else 0) - (1 if s >= ch and not (a.prev_chunk and c == 1) else 0)
         pairs += min(top_k, max(cand, 0)) * (min(T, (c + 1) * ch) - c * ch)
     seen = ch + s + (ch if a.prev_chunk else 0)  # own chunk, sink tokens, previous chunk: keys of every query row
-    return {"projections": _projections(D, T),
+    return {"projections": projections,
             "selection": (H * 2 * Tp * Cc * S) if top_k and Cc else 0,  # scores of every query row and chunk
             "local": H * 4 * Tp * seen * d,  # the own chunk and the chunks in view, over full blocks
             "selected": H * 4 * pairs * ch * d}  # each query against each chunk it selected
