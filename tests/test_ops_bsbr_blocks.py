@@ -105,9 +105,9 @@ def test_an_indexer_selects_in_every_form(spec):
         c, hk = t // ch, h // G
         first = c * ch if spec.select == "chunk" else t
         cand = [j for j in range(c) if not (spec.prev_chunk and j == c - 1)]
-        summ = lambda j: summarize(ik[b, hk, j * ch : (j + 1) * ch][None], spec.summary)[0]  # noqa: E731
-        sc = torch.stack([scores(iq[b, hk, first][None, None, None], summ(j)[None, None, None], spec)[0, 0, 0, 0]
-                          for j in cand]) if cand else torch.zeros(0)
+        chunk_summ = [summarize(ik[b, hk, j * ch : (j + 1) * ch][None], spec.summary)[0] for j in cand]
+        sc = torch.stack([scores(iq[b, hk, first][None, None, None], sj[None, None, None], spec)[0, 0, 0, 0]
+                          for sj in chunk_summ]) if cand else torch.zeros(0)
         picked = [cand[i] for i in sc.topk(min(spec.top_k, len(cand))).indices.tolist()]
         seen = [s for s in range(t + 1) if s // ch == c or s // ch in picked or (c >= 1 and s < spec.sink)
                 or (spec.prev_chunk and s // ch == c - 1)]
