@@ -44,8 +44,17 @@ def main() -> None:
     task_opts = {k: v for k, v in config["task"].items() if k not in ("name", "curriculum")}
     task = get_task(config["task"]["name"], **task_opts)
     ch = config["model"]["attention_kwargs"]["chunk_size"]
-    spec_sink = config["model"]["attention_kwargs"].get("sink_tokens", 0)
 
+    r = measure(model, task, ch, config["model"]["attention_kwargs"].get("sink_tokens", 0),
+                config["model"]["num_layers"], args.batches, args.batch_size)
+    opts = config["model"]["attention_kwargs"]
+    print(describe(f"{args.run.name} (step {state.get('step')})", ch, opts["top_k"], opts.get("block_summary", "mean"),
+                   r))
+
+
+def measure(model, task, ch: int, spec_sink: int, layers: int, batches: int, batch_size: int) -> dict:
+    """Accuracy and, per layer, the share of scored test queries with the queried key's chunk in view (selected,
+    own or always visible), and accuracy split by whether the last layer had it in view."""
     picks: list[tuple] = []
     original, original_rows = blocks.select, blocks.select_in_row_groups
 
@@ -60,44 +69,52 @@ def main() -> None:
         return out
 
     blocks.select, blocks.select_in_row_groups = recording, recording_rows
-    layers = config["model"]["num_layers"]
     hits = torch.zeros(layers)
     found_right = found_total = missed_right = missed_total = total = 0
-    with torch.no_grad():
-        for i in range(args.batches):
-            picks.clear()
-            batch = task.batch("test", args.batch_size, i)
-            logits = model(batch.input_ids).logits
-            scored = batch.labels != -100  # [B, T]
-            b_idx, a_idx = scored.nonzero(as_tuple=True)  # the answer's position; the query key is just before it
-            t_idx = a_idx - 1
-            key_pos = t_idx - batch.meta["distance"][b_idx, a_idx]
-            key_chunk, own_chunk = key_pos // ch, t_idx // ch
-            right = logits.argmax(-1)[b_idx, t_idx] == batch.labels[b_idx, a_idx]
-            seen_by_layer = []
-            if not picks:  # top_k covers every earlier chunk: the layers take the dense route and select nothing
-                seen_by_layer = [torch.ones_like(right)] * layers
-                hits += right.numel()
-            for layer, (idx, ok) in enumerate(picks):  # idx, ok [B, Hk, T, K]; a head sees the chunk if it picked it
-                chosen = ((idx[b_idx, :, t_idx] == key_chunk[:, None, None]) & ok[b_idx, :, t_idx]).any(-1)  # [n, H]
-                free = (key_chunk == own_chunk) | ((key_pos < spec_sink) & (own_chunk >= 1))
-                seen = chosen.any(-1) | free
-                hits[layer] += seen.float().sum()
-                seen_by_layer.append(seen)
-            last = seen_by_layer[-1]
-            found_right += int((right & last).sum())
-            found_total += int(last.sum())
-            missed_right += int((right & ~last).sum())
-            missed_total += int((~last).sum())
-            total += int(scored.sum())
-    blocks.select, blocks.select_in_row_groups = original, original_rows
-    opts = config["model"]["attention_kwargs"]
-    print(f"{args.run.name} (step {state.get('step')}): {total} scored queries, chunk {ch}, top_k {opts['top_k']}, "
-          f"summary {opts.get('block_summary', 'mean')}: accuracy {(found_right + missed_right) / max(total, 1):.3f}")
-    for layer in range(layers):
-        print(f"  layer {layer + 1}: the queried key's chunk in view for {hits[layer] / total:.3f} of queries")
-    print(f"  accuracy where layer {layers} sees the key's chunk: {found_right / max(found_total, 1):.3f} "
-          f"({found_total} queries); where it does not: {missed_right / max(missed_total, 1):.3f} ({missed_total})")
+    try:
+        with torch.no_grad():
+            for i in range(batches):
+                picks.clear()
+                batch = task.batch("test", batch_size, i)
+                logits = model(batch.input_ids).logits
+                scored = batch.labels != -100  # [B, T]
+                b_idx, a_idx = scored.nonzero(as_tuple=True)  # the answer's position; the query key is just before
+                t_idx = a_idx - 1
+                key_pos = t_idx - batch.meta["distance"][b_idx, a_idx]
+                key_chunk, own_chunk = key_pos // ch, t_idx // ch
+                right = logits.argmax(-1)[b_idx, t_idx] == batch.labels[b_idx, a_idx]
+                seen_by_layer = []
+                if not picks:  # top_k covers every earlier chunk: the layers take the dense route, select nothing
+                    seen_by_layer = [torch.ones_like(right)] * layers
+                    hits += right.numel()
+                for layer, (idx, ok) in enumerate(picks):  # idx, ok [B, Hk, T, K]; a head sees the chunk it picked
+                    chosen = ((idx[b_idx, :, t_idx] == key_chunk[:, None, None]) & ok[b_idx, :, t_idx]).any(-1)
+                    free = (key_chunk == own_chunk) | ((key_pos < spec_sink) & (own_chunk >= 1))
+                    seen = chosen.any(-1) | free
+                    hits[layer] += seen.float().sum()
+                    seen_by_layer.append(seen)
+                last = seen_by_layer[-1]
+                found_right += int((right & last).sum())
+                found_total += int(last.sum())
+                missed_right += int((right & ~last).sum())
+                missed_total += int((~last).sum())
+                total += int(scored.sum())
+    finally:
+        blocks.select, blocks.select_in_row_groups = original, original_rows
+    return {"total": total, "accuracy": (found_right + missed_right) / max(total, 1),
+            "in_view": [float(h) / max(total, 1) for h in hits], "found": found_total, "missed": missed_total,
+            "accuracy_found": found_right / max(found_total, 1), "accuracy_missed": missed_right / max(missed_total, 1)}
+
+
+def describe(name: str, ch: int, top_k: int, summary: str, r: dict) -> str:
+    """The lines :func:`main` prints for one reading."""
+    lines = [f"{name}: {r['total']} scored queries, chunk {ch}, top_k {top_k}, summary {summary}: accuracy "
+             f"{r['accuracy']:.3f}"]
+    lines += [f"  layer {i + 1}: the queried key's chunk in view for {h:.3f} of queries"
+              for i, h in enumerate(r["in_view"])]
+    lines.append(f"  accuracy where layer {len(r['in_view'])} sees the key's chunk: {r['accuracy_found']:.3f} "
+                 f"({r['found']} queries); where it does not: {r['accuracy_missed']:.3f} ({r['missed']})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
