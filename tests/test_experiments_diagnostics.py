@@ -90,3 +90,30 @@ def test_blocks_selection_reads_a_run_back_with_its_test_accuracy(tmp_path):
     every = run_exp_script("blocks_selection.py", [str(cell_dir), "--top-k", "16"], tmp_path)  # the dense route
     assert every.returncode == 0, every.stderr
     assert "layer 2: the queried key's chunk in view for 1.000" in every.stdout, every.stdout
+
+
+def test_indexer_probe_trains_only_the_indexers_and_leaves_the_run(tmp_path):
+    """experiments/indexer_probe.py on a tiny BSBRBlocks cell with an indexer: its first reading is
+    blocks_selection.py's (the grid's test accuracy), the run's checkpoint is unchanged, and a run without an
+    indexer is a clear error."""
+    base = ["--models", "BSBRBlocks", "--lengths", "64", "--stage-lengths", "32", "--stage-steps", "2", "--steps",
+            "4", "--hiddens", "32", "--seeds", "0", "--test-batches", "2", "--batch-size", "4",
+            "--blocks-chunk-size", "4", "--top-k", "2", "--vocab-size", "16"]
+    done = run_exp_script("recall_curriculum.py", [*base, "--selection-grad", "distill", "--indexer-dim", "8",
+                                                   "--block-summary", "max", "--tag", "idx"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    cell_dir = next((tmp_path / "runs").rglob("config.json")).parent
+    before = {p.name: p.read_bytes() for p in (cell_dir / "checkpoint").rglob("*") if p.is_file()}
+    probe = run_exp_script("indexer_probe.py", [str(cell_dir), "--steps", "2", "--batch-size", "4", "--eval-batches",
+                                                "2", "--eval-batch-size", "4", "--report-every", "1"], tmp_path)
+    assert probe.returncode == 0, probe.stderr
+    sel = run_exp_script("blocks_selection.py", [str(cell_dir), "--batches", "2", "--batch-size", "4"], tmp_path)
+    readings = probe.stdout.split("\n" + cell_dir.name)
+    assert len(readings) == 3, probe.stdout  # as trained, after step 1, after step 2
+    assert readings[0].split(": ", 1)[1] == sel.stdout.strip().split(": ", 1)[1], (readings[0], sel.stdout)
+    assert {p.name: p.read_bytes() for p in (cell_dir / "checkpoint").rglob("*") if p.is_file()} == before
+    plain = run_exp_script("recall_curriculum.py", [*base, "--tag", "plain"], tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr
+    plain_dir = next((tmp_path / "plain" / "runs").rglob("config.json")).parent
+    refused = run_exp_script("indexer_probe.py", [str(plain_dir)], tmp_path)
+    assert refused.returncode != 0 and "has no indexer" in refused.stderr
