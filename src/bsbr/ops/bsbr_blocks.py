@@ -200,7 +200,7 @@ def blocks_parallel(q, k, v, spec: BlockSpec, *, start: int = 0, summaries: torc
     summ = new if summaries is None else torch.cat([summaries, new], dim=2)
     qchunk = (start + torch.arange(Tqp, device=q.device)) // ch
     allowed = candidates(qchunk, Cc, spec) & (torch.arange(Tqp, device=q.device) < Tq)[:, None]
-    if spec.select == "chunk" and spec.grad != "grouped" and _chunkwise_available(q, k, spec, q, k, v):
+    if spec.select == "chunk" and spec.grad != "grouped" and _chunkwise_available(sq, sk, spec, q, k, v):
         # the rows of a chunk share its selection: score the chunks' first rows only
         idx, ok, _ = select(scores(sq[:, :, ::ch], summ, spec), allowed[::ch], spec, inplace=True)
         return _parallel_chunkwise(q, k, v, spec, idx, ok, start)[:, :, :Tq], summ
