@@ -126,12 +126,11 @@ def extend(layer, x: torch.Tensor, cache: BlocksCache) -> torch.Tensor:
         q = torch.cat([q.new_zeros(B, H, f, d), q], dim=2)
         if iq is not None:
             iq = torch.cat([iq.new_zeros(B, H, f, iq.shape[-1]), iq], dim=2)
-        sq = q if iq is None else iq
-        if s.select == "chunk":
+    sq = q if iq is None else iq  # the queries that select
+    if s.select == "chunk":
+        if f:
             sq[:, :, 0] = cache.select_q
-    else:
-        sq = q if iq is None else iq
-        if s.select == "chunk":
+        else:
             cache.select_q = sq[:, :, 0]
     if s.select == "chunk" and T + f > ch:  # the stream's open chunk after x: its first query
         last_start = (L0 + T - 1) // ch * ch - (L0 - f)

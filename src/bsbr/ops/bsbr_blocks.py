@@ -60,6 +60,7 @@ from .bsbr_blocks_select import (
     _attend,
     _expand,
     _selection_queries,
+    _selectors,
     add_loss,
     candidates,
     scores,
@@ -73,22 +74,6 @@ from .bsbr_blocks_tiles import _fixed_part, _selected_part
 __all__ = ["GRADS", "SELECTIONS", "SUMMARIES", "BlockSpec", "blocks_dense", "blocks_parallel", "blocks_reference",
            "blocks_step", "candidates", "fused_available", "scores", "select", "selection_distill_loss", "summarize",
            "add_loss"]
-
-
-def _selectors(q, k, index_q, index_k):
-    """The queries and keys that select: (q, k), or an indexer's (index_q, index_k) after checking their shapes."""
-    if index_q is None and index_k is None:
-        return q, k
-    if index_q is None or index_k is None:
-        raise ValueError("index_q and index_k go together: got only "
-                         f"{'index_q' if index_k is None else 'index_k'}")
-    B, _, T, _ = q.shape  # (keys may run longer than queries: a stream's earlier positions)
-    if (index_k.shape[:3] != k.shape[:3] or index_q.shape[0] != B or index_q.shape[2] != T
-            or index_q.shape[1] % index_k.shape[1] or index_q.shape[-1] != index_k.shape[-1]):
-        raise ValueError(f"index_q [B, Hi, T, e] and index_k [B, Hk, T', e] must match q {tuple(q.shape)} and k "
-                         f"{tuple(k.shape)} (Hk dividing Hi), got index_q {tuple(index_q.shape)}, index_k "
-                         f"{tuple(index_k.shape)}")
-    return index_q, index_k
 
 
 # ------------------------------------------------------------------------------------------ reference

@@ -166,7 +166,7 @@ def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, ro
         w = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)[..., : Cc * ch]
         mass = w.view(B, Hk, G, -1, Cc, ch).sum(dim=(2, 5)) / G  # [B, Hk, n, Cc]
         mass = mass.masked_fill(~allowed, 0.0)
-    sq, sk = (q, k) if index_k is None else (index_q, index_k)
+    sq, sk = _selectors(q, k, index_q, index_k)
     summ = summarize(sk[:, :, : Cc * ch].reshape(B, Hk, Cc, ch, sk.shape[-1]), spec.summary)
     sc = scores(_selection_queries(sq, spec)[:, :, pos], summ, spec).to(dt)
     logp = torch.log_softmax(sc.masked_fill(~allowed, float("-inf")), dim=-1).masked_fill(~allowed, 0.0)
@@ -200,6 +200,22 @@ def _selection_queries(q: torch.Tensor, spec: BlockSpec, offset: int = 0) -> tor
         return q
     firsts = (torch.arange(q.shape[2], device=q.device) // spec.chunk) * spec.chunk
     return q[:, :, firsts]
+
+
+def _selectors(q, k, index_q, index_k):
+    """The queries and keys that select: (q, k), or an indexer's (index_q, index_k) after checking their shapes."""
+    if index_q is None and index_k is None:
+        return q, k
+    if index_q is None or index_k is None:
+        raise ValueError("index_q and index_k go together: got only "
+                         f"{'index_q' if index_k is None else 'index_k'}")
+    B, _, T, _ = q.shape  # (keys may run longer than queries: a stream's earlier positions)
+    if (index_k.shape[:3] != k.shape[:3] or index_q.shape[0] != B or index_q.shape[2] != T
+            or index_q.shape[1] % index_k.shape[1] or index_q.shape[-1] != index_k.shape[-1]):
+        raise ValueError(f"index_q [B, Hi, T, e] and index_k [B, Hk, T', e] must match q {tuple(q.shape)} and k "
+                         f"{tuple(k.shape)} (Hk dividing Hi), got index_q {tuple(index_q.shape)}, index_k "
+                         f"{tuple(index_k.shape)}")
+    return index_q, index_k
 
 
 def _expand(x: torch.Tensor, groups: int) -> torch.Tensor:
