@@ -40,6 +40,9 @@ def main() -> None:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=128)
     p.add_argument("--report-every", type=int, default=100)
+    p.add_argument("--block-summary", default=None,
+                   help="score the chunks by this summary instead of the run's (e.g. tokens: the log-sum-exp of "
+                        "the indexer's token scores); the indexer's weights carry over, the loss follows it")
     args = p.parse_args()
     for name in ("steps", "batch_size", "eval_batches", "eval_batch_size", "report_every"):
         if getattr(args, name) < 1:
@@ -48,6 +51,8 @@ def main() -> None:
     opts = config["model"]["attention_kwargs"]
     if not opts.get("indexer_dim"):
         p.error(f"{args.run} has no indexer (attention_kwargs: {opts}); train one with --indexer-dim")
+    if args.block_summary is not None:
+        opts["block_summary"] = args.block_summary
     model = CausalLM(ModelConfig.from_dict(config["model"]))
     state = load_checkpoint(args.run / "checkpoint", model, None, training_state=False)
     task = get_task(config["task"]["name"], **{k: v for k, v in config["task"].items()

@@ -44,6 +44,8 @@ SPECS = [
     BlockSpec(chunk=4, top_k=2, sink=3, select="chunk"),  # chunk 0 a candidate: its sink hidden per head
     BlockSpec(chunk=4, top_k=2, sink=1, grad="grouped"),
     BlockSpec(chunk=3, top_k=9, prev_chunk=True, select="chunk", summary="minmax", grad="grouped"),
+    BlockSpec(chunk=4, top_k=2, sink=1, summary="tokens"),
+    BlockSpec(chunk=3, top_k=1, prev_chunk=True, select="chunk", summary="tokens", grad="straight_through"),
 ]
 SHAPES = [(2, 4, 2, 23, 6), (1, 2, 2, 7, 4), (2, 3, 1, 3, 5), (1, 2, 1, 40, 6)]  # B, H, Hk, T, d
 
@@ -90,7 +92,9 @@ def _index(B, Hk, T, e=3, seed=5):
 
 @pytest.mark.parametrize("spec", [BlockSpec(chunk=4, top_k=2, summary="max"),
                                   BlockSpec(chunk=3, top_k=1, sink=2, prev_chunk=True, summary="minmax"),
-                                  BlockSpec(chunk=4, top_k=2, sink=1, select="chunk", summary="max")])
+                                  BlockSpec(chunk=4, top_k=2, sink=1, select="chunk", summary="max"),
+                                  BlockSpec(chunk=4, top_k=2, sink=1, summary="tokens"),
+                                  BlockSpec(chunk=3, top_k=1, select="chunk", summary="tokens")])
 def test_an_indexer_selects_in_every_form(spec):
     """index_q / index_k choose the chunks: the reference against a loop that picks each query's top_k by the
     indexer's scores, then the parallel form (values and gradients), the fused path, the step and a continued
@@ -105,9 +109,13 @@ def test_an_indexer_selects_in_every_form(spec):
         c, hk = t // ch, h // G
         first = c * ch if spec.select == "chunk" else t
         cand = [j for j in range(c) if not (spec.prev_chunk and j == c - 1)]
-        chunk_summ = [summarize(ik[b, hk, j * ch : (j + 1) * ch][None], spec.summary)[0] for j in cand]
-        sc = torch.stack([scores(iq[b, hk, first][None, None, None], sj[None, None, None], spec)[0, 0, 0, 0]
-                          for sj in chunk_summ]) if cand else torch.zeros(0)
+        if spec.summary == "tokens":  # by hand: log sum over the chunk's tokens of exp(iq . ik / sqrt(e))
+            sc = torch.stack([torch.logsumexp(ik[b, hk, j * ch : (j + 1) * ch] @ iq[b, hk, first] / 3**0.5, 0)
+                              for j in cand]) if cand else torch.zeros(0)
+        else:
+            chunk_summ = [summarize(ik[b, hk, j * ch : (j + 1) * ch][None], spec.summary)[0] for j in cand]
+            sc = torch.stack([scores(iq[b, hk, first][None, None, None], sj[None, None, None], spec)[0, 0, 0, 0]
+                              for sj in chunk_summ]) if cand else torch.zeros(0)
         picked = [cand[i] for i in sc.topk(min(spec.top_k, len(cand))).indices.tolist()]
         seen = [s for s in range(t + 1) if s // ch == c or s // ch in picked or (c >= 1 and s < spec.sink)
                 or (spec.prev_chunk and s // ch == c - 1)]
@@ -347,6 +355,30 @@ def test_parallel_form_makes_no_T_by_T_tensor():
         assert largest < T * T * 4 // 4, f"an op allocated {largest} bytes (T*T*4 = {T * T * 4}), grad={grad}"
 
 
+def _distill_tokens_by_hand(q, k, chunk, spec, index_q=None, index_k=None):
+    """selection_distill_loss for summary="tokens" with rows=None: per query, - sum over the candidate chunks'
+    tokens s of w[s] log p[s], w the causal softmax weight (averaged over the group's query heads), p the softmax
+    over those tokens of the scorer's scores (q's summed over the group, or the indexer's query)."""
+    B, H, T, d = q.shape
+    Hk = k.shape[1]
+    G = H // Hk
+    total, n = 0.0, 0
+    for b, h, t in itertools.product(range(B), range(Hk), range(T)):
+        cand = [j for j in range(t // chunk) if (not spec.prev_chunk or j != t // chunk - 1)]
+        if not cand:
+            continue
+        toks = [s for j in cand for s in range(j * chunk, (j + 1) * chunk)]
+        w = sum(torch.softmax(k[b, h, : t + 1] @ q[b, h * G + g, t].detach() / d**0.5, dim=0).detach()[toks]
+                for g in range(G)) / G
+        if index_q is None:
+            sc = sum(k[b, h, toks] @ q[b, h * G + g, t] for g in range(G)) / d**0.5
+        else:
+            sc = index_k[b, h, toks] @ index_q[b, h, t] / index_q.shape[-1] ** 0.5
+        total = total - (w * torch.log_softmax(sc, dim=0)).sum()
+        n += 1
+    return total / n
+
+
 def _distill_by_hand(q, k, chunk, spec, index_q=None, index_k=None):
     """selection_distill_loss with rows=None, one query at a time with Python loops (mean, min/max or max summaries,
     the group's query heads summed for the score and averaged for the target; with an indexer (one query head per
@@ -413,6 +445,31 @@ def test_selection_distill_loss_of_an_indexer_is_its_definition():
     for a, b in zip(torch.autograd.grad(got, (iq, ik)), torch.autograd.grad(want, (iq, ik)), strict=True):
         assert_close("gradient", a, b, rel_tol=1e-10)
     assert torch.autograd.grad(got, (q, k), allow_unused=True) == (None, None)
+
+
+def test_selection_distill_loss_of_token_scores_is_its_definition():
+    """summary="tokens": the loss is taken token by token (the scorer's softmax over every candidate chunk's tokens
+    against the attention's weights there), for q and k (two query heads per key/value head) and for an indexer;
+    values and gradients against the loop."""
+    q, k, _ = _qkv(2, 4, 2, 17, 5, grad=True)
+    spec = BlockSpec(chunk=3, top_k=2, summary="tokens", prev_chunk=True)
+    got = selection_distill_loss(q, k, spec, rows=None)
+    want = _distill_tokens_by_hand(q, k, spec.chunk, spec)
+    assert_close("loss", got, want, rel_tol=1e-10)
+    for a, b in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k)), strict=True):
+        assert_close("gradient", a, b, rel_tol=1e-10)
+    iq, ik = (torch.nn.functional.softplus(t).detach().requires_grad_() for t in _qkv(2, 2, 2, 17, 3, seed=1)[:2])
+    got = selection_distill_loss(q, k, spec, rows=None, index_q=iq, index_k=ik)
+    want = _distill_tokens_by_hand(q, k, spec.chunk, spec, iq, ik)
+    assert_close("indexer loss", got, want, rel_tol=1e-10)
+    for a, b in zip(torch.autograd.grad(got, (iq, ik)), torch.autograd.grad(want, (iq, ik)), strict=True):
+        assert_close("indexer gradient", a, b, rel_tol=1e-10)
+    # the chunks' scores are the log-sum-exp of the tokens' (so their softmax is the tokens' chunk marginal)
+    summ = summarize(ik[:, :, :15].reshape(2, 2, 5, 3, 3), "tokens")
+    tok = scores(iq, summ, spec, tokens=True)
+    assert_close("log-sum-exp", scores(iq, summ, spec), tok.logsumexp(dim=-1), rel_tol=1e-12)
+    with pytest.raises(ValueError, match="tokens=True needs summary='tokens'"):
+        scores(iq, summ, BlockSpec(chunk=3, top_k=2), tokens=True)
 
 
 def test_selection_distill_loss_reaches_chunks_no_query_selected():

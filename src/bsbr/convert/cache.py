@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..ops.bsbr import BSBRPast, bsbr_step
-from ..ops.bsbr_blocks import blocks_parallel, blocks_step, summarize
+from ..ops.bsbr_blocks import blocks_parallel, blocks_step, summarize, summary_width
 from .meta import BSBRMeta
 
 _CACHE_KEY = "bsbr_cache_layer"
@@ -194,7 +194,7 @@ class BSBRCacheLayer(CacheLayerMixin):
         ch, n = spec.chunk, q.shape[2]
         row = self.rows[b]
         if row is None:
-            S = k.shape[3] * (2 if spec.summary == "minmax" else 1)
+            S = summary_width(spec.summary, k.shape[3], spec.chunk)
             row = self.rows[b] = BlocksRow(k[:, :, :0], v[:, :, :0], k.new_zeros(1, k.shape[1], 0, S))
         L0 = row.length
         f = L0 % ch  # tokens of the open chunk seen already

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..layers.base import CausalAttention
+from ..ops.bsbr_blocks import summary_width
 
 __all__ = ["analytic_flops", "attention_flops"]
 
@@ -136,7 +137,7 @@ def _bsbr_blocks(a, T):
     Cc = T // ch  # complete chunks: the ones a query may select
     s = a.sink_tokens
     e = d if a.indexer_dim is None else a.indexer_dim  # the dimension the chunks are scored in
-    S = 2 * e if a.block_summary == "minmax" else e
+    S = summary_width(a.block_summary, e, ch)  # "tokens": every key, chunk * e
     top_k = a.top_k if a.retrieval == "blocks" else 0
     projections = _projections(D, T)
     if a.indexer_dim is not None:  # the indexer's query and key features: D x 2 H e

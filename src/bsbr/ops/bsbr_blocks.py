@@ -7,8 +7,10 @@ its selection; the native layer has Hk = H); chunk size ``chunk``; chunk of posi
 
     summary_j   = the mean key of complete chunk j ("mean"), or its per-channel centre and radius ("minmax":
                   q . centre + |q| . radius is the largest q . k any key inside the chunk's min/max box can give)
+                  (its per-channel maximum for "max"; for "tokens" no summary: every key of the chunk is kept)
     score[t, j] = scaling * sum over the G query heads of the group of  q'_t . summary_j
-                  (q'_t = q_t for ``select="token"``; the query at the first position of c(t) for ``"chunk"``)
+                  (q'_t = q_t for ``select="token"``; the query at the first position of c(t) for ``"chunk"``;
+                  for "tokens" the log-sum-exp over the chunk's keys s of that score with k_s for summary_j)
     cand(t)     = chunks j < c(t), less the chunks always in view
     sel(t)      = the top_k chunks of cand(t) by score
     in view     = the first ``sink`` tokens (for queries after chunk 0) and, with ``prev_chunk``, chunk c(t) - 1
@@ -68,12 +70,13 @@ from .bsbr_blocks_select import (
     select_in_row_groups,
     selection_distill_loss,
     summarize,
+    summary_width,
 )
 from .bsbr_blocks_tiles import _fixed_part, _selected_part
 
 __all__ = ["GRADS", "SELECTIONS", "SUMMARIES", "BlockSpec", "blocks_dense", "blocks_parallel", "blocks_reference",
            "blocks_step", "candidates", "fused_available", "scores", "select", "selection_distill_loss", "summarize",
-           "add_loss"]
+           "summary_width", "add_loss"]
 
 
 # ------------------------------------------------------------------------------------------ reference

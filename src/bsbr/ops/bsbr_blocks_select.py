@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUMMARIES = ("mean", "minmax", "max")
+SUMMARIES = ("mean", "minmax", "max", "tokens")
 SELECTIONS = ("token", "chunk")
 GRADS = ("none", "straight_through", "grouped")
 
@@ -34,10 +34,19 @@ class BlockSpec:
 
 
 # ------------------------------------------------------------------------------------------ selection
+def summary_width(summary: str, d: int, chunk: int) -> int:
+    """S, the width of one chunk's summary of d-dimensional keys (see :func:`summarize`)."""
+    return {"minmax": 2 * d, "tokens": chunk * d}.get(summary, d)
+
+
 def summarize(k_chunks: torch.Tensor, summary: str) -> torch.Tensor:
     """Summaries of complete chunks: k_chunks [..., C, chunk, d] -> [..., C, S] (S = d for "mean" and "max", 2d for
-    "minmax": centre then radius).  "max" is the per-channel maximum: for queries and keys >= 0 (an indexer's
-    softplus features) q . max is the min/max bound at half its size, the largest q . k the chunk could hold."""
+    "minmax": centre then radius; chunk * d for "tokens").  "max" is the per-channel maximum: for queries and keys
+    >= 0 (an indexer's softplus features) q . max is the min/max bound at half its size, the largest q . k the chunk
+    could hold.  "tokens" summarises nothing: it keeps every key (flattened), and :func:`scores` gives the chunk
+    the log-sum-exp of its tokens' scores (a [T, T] product; meant for an indexer's few dimensions)."""
+    if summary == "tokens":
+        return k_chunks.flatten(-2)
     if summary == "max":
         return k_chunks.amax(dim=-2)
     if summary == "mean":
@@ -47,9 +56,10 @@ def summarize(k_chunks: torch.Tensor, summary: str) -> torch.Tensor:
     return torch.cat([(hi + lo) / 2, (hi - lo) / 2], dim=-1)
 
 
-def scores(q: torch.Tensor, summaries: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
+def scores(q: torch.Tensor, summaries: torch.Tensor, spec: BlockSpec, *, tokens: bool = False) -> torch.Tensor:
     """Chunk scores, summed over each key/value group's query heads: q [B, H, n, d], summaries [B, Hk, C, S]
-    -> [B, Hk, n, C]."""
+    -> [B, Hk, n, C].  With ``summary="tokens"`` the chunk's score is log sum over its tokens s of exp(score of
+    s); ``tokens=True`` returns the tokens' scores instead, [B, Hk, n, C, chunk]."""
     B, H, n, d = q.shape
     Hk = summaries.shape[1]
     if q.dtype in (torch.float16, torch.bfloat16):  # a choice, not a weight: scored in fp32 (fewer flipped ties)
@@ -58,6 +68,12 @@ def scores(q: torch.Tensor, summaries: torch.Tensor, spec: BlockSpec) -> torch.T
     # the score is linear in qq: sum the group's query heads and scale them before the product, so the only pass
     # over the [n, C] scores is the product itself (they are the part of the cost that grows as T^2 / chunk)
     qq = qq.view(B, Hk, H // Hk, n, -1).sum(dim=2) * spec.scale(d)
+    if spec.summary == "tokens":
+        C, m = summaries.shape[2], summaries.shape[3] // d
+        tok = (qq @ summaries.reshape(B, Hk, C * m, d).transpose(-1, -2)).view(B, Hk, n, C, m)
+        return tok if tokens else tok.logsumexp(dim=-1)
+    if tokens:
+        raise ValueError(f"scores: tokens=True needs summary='tokens', got summary={spec.summary!r}")
     return qq @ summaries.transpose(-1, -2)
 
 
@@ -145,7 +161,9 @@ def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, ro
     ``rows``: the loss is taken over that many query positions with candidates, evenly spaced from the last one
     back (None: all), so its cost is [rows, T] per head, not [T, T].  ``index_q``, ``index_k``: an indexer's
     selection queries and keys (see :func:`bsbr.ops.bsbr_blocks.blocks_reference`); the scores are then theirs,
-    the target still q's and k's, and the gradient reaches the indexer only.
+    the target still q's and k's, and the gradient reaches the indexer only.  With ``summary="tokens"`` the loss
+    is taken token by token: - sum_s w[t, s] log p[t, s], w the attention weight of each candidate chunk's token s
+    and p the softmax of the tokens' scores over them (so the chunks' softmax is the chunk marginal of p).
 
     q [B, H, T, d]; k [B, Hk, T, d] (positions 0 .. T - 1).  Returns a scalar."""
     B, H, T, d = q.shape
@@ -168,6 +186,12 @@ def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, ro
         mass = mass.masked_fill(~allowed, 0.0)
     sq, sk = _selectors(q, k, index_q, index_k)
     summ = summarize(sk[:, :, : Cc * ch].reshape(B, Hk, Cc, ch, sk.shape[-1]), spec.summary)
+    if spec.summary == "tokens":  # token by token: the scorer's softmax over the candidates' tokens against w
+        sc = scores(_selection_queries(sq, spec)[:, :, pos], summ, spec, tokens=True).to(dt).flatten(-2)
+        tok_ok = allowed.repeat_interleave(ch, dim=-1)  # [n, Cc * ch]
+        w = (w.view(B, Hk, G, -1, Cc * ch).sum(dim=2) / G).masked_fill(~tok_ok, 0.0)
+        logp = torch.log_softmax(sc.masked_fill(~tok_ok, float("-inf")), dim=-1).masked_fill(~tok_ok, 0.0)
+        return -(w * logp).sum(dim=-1).mean()
     sc = scores(_selection_queries(sq, spec)[:, :, pos], summ, spec).to(dt)
     logp = torch.log_softmax(sc.masked_fill(~allowed, float("-inf")), dim=-1).masked_fill(~allowed, 0.0)
     return -(mass * logp).sum(dim=-1).mean()
