@@ -123,7 +123,8 @@ def main() -> None:
     p.add_argument("--blocks-chunk-size", type=int, default=16,
                    help="BSBRBlocks' chunk: small enough that the T / 16 pairs span several chunks (4 at T = 512)")
     p.add_argument("--top-k", type=int, default=2, help="BSBRBlocks: chunks each query selects")
-    p.add_argument("--block-summary", default="mean", help="BSBRBlocks: chunk summary scored (mean, minmax, max or tokens)")
+    p.add_argument("--block-summary", default="mean",
+                   help="BSBRBlocks: chunk summary scored (mean, minmax, max or tokens)")
     p.add_argument("--selection-grad", default="none", choices=list(LAYER_GRADS),
                    help="BSBRBlocks: how the scores learn")
     p.add_argument("--train-top-k", type=int, default=None,

@@ -75,7 +75,10 @@ def test_bsbr_options_and_row_groups(options):
                                      {"block_select": "chunk", "prev_chunk": True},
                                      {"block_select": "chunk", "sink_tokens": 16, "top_k": 40},
                                      {"selection_grad": "distill", "indexer_dim": 8, "block_summary": "max"},
-                                     {"selection_grad": "distill", "indexer_dim": 8, "block_select": "chunk"}],
+                                     {"selection_grad": "distill", "indexer_dim": 8, "block_select": "chunk"},
+                                     {"selection_grad": "distill", "indexer_dim": 8, "block_summary": "tokens"},
+                                     {"selection_grad": "distill", "indexer_dim": 8, "block_summary": "tokens",
+                                      "block_select": "chunk"}],
                          ids=str)
 def test_bsbr_blocks_options(options):
     """Every pair counted: with top_k above the number of chunks nothing is padded beyond the tiles' own."""

@@ -146,13 +146,15 @@ def _invariant_cases():
 
 @pytest.mark.parametrize(("check", "kwargs"), _invariant_cases(),
                          ids=lambda c: c.__name__[5:] if callable(c) else "-".join(map(str, c.values()))[:24])
-@pytest.mark.parametrize("select", ["token", "chunk"])
-def test_indexer_holds_the_invariants(check, kwargs, select, monkeypatch):
+@pytest.mark.parametrize(("select", "summary"), [("token", "max"), ("chunk", "max"), ("token", "tokens")])
+def test_indexer_holds_the_invariants(check, kwargs, select, summary, monkeypatch):
     """The registry's invariant suite (reference == parallel with gradients, causality, padding, streaming in
-    any split, ragged batches, generation, non-finite values) for BSBRBlocks whose chunks an indexer selects."""
+    any split, ragged batches, generation, non-finite values) for BSBRBlocks whose chunks an indexer selects (by a
+    max-pooled summary of its keys, or by the log-sum-exp of its token scores)."""
     import conftest
 
-    monkeypatch.setitem(conftest.SMALL_OPTIONS, "BSBRBlocks", {**INDEXER, "block_select": select})
+    monkeypatch.setitem(conftest.SMALL_OPTIONS, "BSBRBlocks",
+                        {**INDEXER, "block_select": select, "block_summary": summary})
     check("BSBRBlocks", **kwargs)
 
 

@@ -77,7 +77,8 @@ class BSBRAttention(QKVAttention):
         top_k, sink_tokens, prev_chunk, block_summary, block_select, selection_grad: block retrieval's settings
             (``retrieval="blocks"``; sink_tokens and prev_chunk also for "none"): chunks selected per query; the
             stream's first ``sink_tokens`` (<= chunk_size) always in view; the previous chunk always in view;
-            the chunk summary scored ("mean" key or "minmax" bound); one selection per "token" or per "chunk"
+            the chunk summary scored ("mean" key, "minmax" bound, "max" per channel, or "tokens": no summary, the
+            log-sum-exp of the chunk's token scores, a [T, T] product); one selection per "token" or per "chunk"
             (by the chunk's first query); how the scores learn ("none": only through q and k, as in MoBA;
             "straight_through": Landmark's grouped-softmax gradient, zero in value; "grouped": Landmark's grouped
             softmax itself, each selected chunk's tokens weighted by the chunk's selection probability; "distill":
@@ -91,7 +92,7 @@ class BSBRAttention(QKVAttention):
         indexer_dim: e > 0 gives block retrieval an indexer of its own, as DeepSeek's sparse attention has: per
             head, softplus(W x) split into an e-dimensional selection query and key, from the layer's input with no
             gradient back into it; chunks are then scored by the indexer's query against a summary of its keys
-            (``block_summary="max"`` suits its positive features), and it learns from
+            (``block_summary="max"`` suits its positive features; "tokens" scores every key of it), and it learns from
             ``selection_grad="distill"`` alone (required).  None (default): q and k select.  Extra weights:
             ``indexer`` (D x 2 H e).
         rope, rope_base, bias: see :class:`~bsbr.layers.qkv.QKVAttention`.
