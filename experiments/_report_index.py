@@ -32,7 +32,7 @@ RECORD = [
                           "recall_curriculum_blocks_minmax", "recall_curriculum_blocks_grouped",
                           "recall_curriculum_blocks_grouped_k2", "recall_curriculum_blocks_dense_train",
                           "recall_curriculum_blocks_distill", "recall_curriculum_blocks_indexer",
-                          "recall_curriculum_blocks_indexer_dense"),
+                          "recall_curriculum_blocks_indexer_dense", "recall_curriculum_blocks_tokens_dense"),
            "recall_curriculum.py"),
     Record("Passkey retrieval by needle depth and length, trained at T = 1,024 and tested up to 64k",
            "passkey", ("passkey_depth", "passkey_depth_blocks"), "passkey_depth.py"),

@@ -47,7 +47,9 @@ def _blocks_text(b: dict) -> str:
     """The BSBRBlocks settings of a budget that trained it, for the section's description ("" otherwise)."""
     if "BSBRBlocks" not in b.get("models", ()) or "blocks_chunk_size" not in b:
         return ""
-    return (f", BSBRBlocks chunk {b['blocks_chunk_size']}, top_k {b['top_k']}, {b['block_summary']} summary, "
+    summary = ("no summary (a chunk scores the log-sum-exp of its tokens' scores)" if b["block_summary"] == "tokens"
+               else f"{b['block_summary']} summary")
+    return (f", BSBRBlocks chunk {b['blocks_chunk_size']}, top_k {b['top_k']}, {summary}, "
             f"selection gradient {b['selection_grad']}, no sink (each query sees its own chunk and the top_k chunks "
             "it selects)"
             + (f"; in training every query selects up to {b['train_top_k']} chunks (every earlier chunk where that "
