@@ -8,6 +8,11 @@ test rows before and after (``experiments/blocks_selection.py``'s counts): the s
 the queried key's chunk in view, and the accuracy.  If the share rises to ~1 the indexer has the capacity and
 the run's budget was what it lacked; if it stays, the indexer's form is what limits.
 
+With ``--all-weights`` every weight trains instead, by the task's loss (the indexers still by theirs), with the
+selection in place: the run's ``train_top_k`` is cleared, so training sees the top_k chunks that test sees.  For a
+run trained with every chunk in view this asks whether a short sparse stage recovers what the sparse view loses (the
+steps are beyond the grid's budget: a diagnostic, not a result).
+
     PYTHONPATH=src python experiments/indexer_probe.py runs/experiments/recall_curriculum_blocks_indexer/<cell>
 
 The run's checkpoint is not changed.
@@ -43,6 +48,8 @@ def main() -> None:
     p.add_argument("--block-summary", default=None,
                    help="score the chunks by this summary instead of the run's (e.g. tokens: the log-sum-exp of "
                         "the indexer's token scores); the indexer's weights carry over, the loss follows it")
+    p.add_argument("--all-weights", action="store_true",
+                   help="train every weight by the task's loss with the selection in place (train_top_k cleared)")
     args = p.parse_args()
     for name in ("steps", "batch_size", "eval_batches", "eval_batch_size", "report_every"):
         if getattr(args, name) < 1:
@@ -53,6 +60,8 @@ def main() -> None:
         p.error(f"{args.run} has no indexer (attention_kwargs: {opts}); train one with --indexer-dim")
     if args.block_summary is not None:
         opts["block_summary"] = args.block_summary
+    if args.all_weights:
+        opts.pop("train_top_k", None)  # training selects top_k, as test does
     model = CausalLM(ModelConfig.from_dict(config["model"]))
     state = load_checkpoint(args.run / "checkpoint", model, None, training_state=False)
     task = get_task(config["task"]["name"], **{k: v for k, v in config["task"].items()
@@ -66,23 +75,27 @@ def main() -> None:
                        opts.get("block_summary", "mean"), r), flush=True)
 
     read("as trained")
-    indexers = [prm for n, prm in model.named_parameters() if ".indexer." in n]
+    trained = [prm for n, prm in model.named_parameters() if args.all_weights or ".indexer." in n]
     for n, prm in model.named_parameters():
-        prm.requires_grad_(".indexer." in n)
-    optimizer = torch.optim.AdamW(indexers, lr=args.lr, weight_decay=0.0)
+        prm.requires_grad_(args.all_weights or ".indexer." in n)
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
+    what = "all-weight steps at top_k" if args.all_weights else "indexer-only steps"
     # the layer adds the loss through its output (bsbr.ops.bsbr_blocks.add_loss); here over --rows query rows
     original = layer_blocks.selection_distill_loss
     layer_blocks.selection_distill_loss = functools.partial(original, rows=args.rows or None)
     try:
-        for step in tqdm(range(1, args.steps + 1), desc="indexer only"):
+        for step in tqdm(range(1, args.steps + 1), desc=what):
             model.train()
             batch = task.batch("train", args.batch_size, 10**6 + step)  # rows the run never trained on
-            logits = model(batch.input_ids).logits
             optimizer.zero_grad(set_to_none=True)
-            (logits.sum() * 0.0).backward()  # only the distillation losses carried by the layers' outputs count
+            if args.all_weights:
+                model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss.backward()
+            else:
+                logits = model(batch.input_ids).logits
+                (logits.sum() * 0.0).backward()  # only the distillation losses carried by the layers' outputs count
             optimizer.step()
             if step % args.report_every == 0 or step == args.steps:
-                read(f"+ {step} indexer-only steps (rows {args.rows or 'all'}, lr {args.lr}, batch {args.batch_size})")
+                read(f"+ {step} {what} (rows {args.rows or 'all'}, lr {args.lr}, batch {args.batch_size})")
     finally:
         layer_blocks.selection_distill_loss = original
 

@@ -112,6 +112,11 @@ def test_indexer_probe_trains_only_the_indexers_and_leaves_the_run(tmp_path):
     assert len(readings) == 3, probe.stdout  # as trained, after step 1, after step 2
     assert readings[0].split(": ", 1)[1] == sel.stdout.strip().split(": ", 1)[1], (readings[0], sel.stdout)
     assert {p.name: p.read_bytes() for p in (cell_dir / "checkpoint").rglob("*") if p.is_file()} == before
+    every = run_exp_script("indexer_probe.py", [str(cell_dir), "--steps", "1", "--batch-size", "4", "--eval-batches",
+                                                "2", "--eval-batch-size", "4", "--all-weights"], tmp_path)
+    assert every.returncode == 0, every.stderr
+    assert "+ 1 all-weight steps at top_k" in every.stdout.split("\n" + cell_dir.name)[-1], every.stdout
+    assert {p.name: p.read_bytes() for p in (cell_dir / "checkpoint").rglob("*") if p.is_file()} == before
     plain = run_exp_script("recall_curriculum.py", [*base, "--tag", "plain"], tmp_path / "plain")
     assert plain.returncode == 0, plain.stderr
     plain_dir = next((tmp_path / "plain" / "runs").rglob("config.json")).parent
