@@ -30,8 +30,9 @@ class BlocksCache(LayerCache):
     """What block retrieval keeps while streaming, per row and key/value head.
 
     keys, values: GrowableBuffer [B, H, n, d]   every token's (rotated) key and value
-    summaries:    GrowableBuffer [B, H, C, S]   one summary per complete chunk (S = d, or 2d for "minmax"; of the
-                                                indexer's keys where the layer has one)
+    summaries:    GrowableBuffer [B, H, C, S]   one summary per complete chunk (S = d, 2d for "minmax",
+                                                chunk * d for "tokens"; of the indexer's keys where the layer has
+                                                one)
     index_keys:   GrowableBuffer [B, H, n, e]   the indexer's keys (layers with ``indexer_dim``)
     select_q:     [B, H, d]                     the query at the open chunk's first position (``select="chunk"``;
                                                 the indexer's, [B, H, e], where the layer has one)
