@@ -182,16 +182,16 @@ def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, ro
         logits = (q[:, :, pos].to(dt) @ _expand(k, G).to(dt).transpose(-1, -2)) * spec.scale(d)  # [B, H, n, T]
         causal = torch.arange(T, device=q.device) <= pos[:, None]
         w = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)[..., : Cc * ch]
-        mass = w.view(B, Hk, G, -1, Cc, ch).sum(dim=(2, 5)) / G  # [B, Hk, n, Cc]
-        mass = mass.masked_fill(~allowed, 0.0)
+        w = w.view(B, Hk, G, -1, Cc, ch).sum(dim=2) / G  # [B, Hk, n, Cc, ch]: the group's mean weight per token
     sq, sk = _selectors(q, k, index_q, index_k)
     summ = summarize(sk[:, :, : Cc * ch].reshape(B, Hk, Cc, ch, sk.shape[-1]), spec.summary)
     if spec.summary == "tokens":  # token by token: the scorer's softmax over the candidates' tokens against w
         sc = scores(_selection_queries(sq, spec)[:, :, pos], summ, spec, tokens=True).to(dt).flatten(-2)
         tok_ok = allowed.repeat_interleave(ch, dim=-1)  # [n, Cc * ch]
-        w = (w.view(B, Hk, G, -1, Cc * ch).sum(dim=2) / G).masked_fill(~tok_ok, 0.0)
+        w = w.flatten(-2).masked_fill(~tok_ok, 0.0)
         logp = torch.log_softmax(sc.masked_fill(~tok_ok, float("-inf")), dim=-1).masked_fill(~tok_ok, 0.0)
         return -(w * logp).sum(dim=-1).mean()
+    mass = w.sum(dim=-1).masked_fill(~allowed, 0.0)  # [B, Hk, n, Cc]
     sc = scores(_selection_queries(sq, spec)[:, :, pos], summ, spec).to(dt)
     logp = torch.log_softmax(sc.masked_fill(~allowed, float("-inf")), dim=-1).masked_fill(~allowed, 0.0)
     return -(mass * logp).sum(dim=-1).mean()
