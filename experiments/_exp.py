@@ -90,16 +90,20 @@ def build(model: str, vocab_size: int, hidden_dim: int = 128, num_layers: int = 
 
 
 def train_run(model: str, model_opts: dict, task_spec: dict, train_opts: dict, test_batches: int | None = None,
-              keep_every: int = 1, out_dir: str | None = None) -> tuple[dict, torch.nn.Module]:
+              keep_every: int = 1, out_dir: str | None = None,
+              train_top_k_until: int | None = None) -> tuple[dict, torch.nn.Module]:
     """Train ``model`` on ``task_spec`` and evaluate on the test split; returns (summary, trained model).
 
     The summary holds the settings, parameters, seconds, peak memory, the loss curve (every ``keep_every``
     steps: step, loss, seconds), the periodic valid evaluations, and final valid / test metrics.  With ``out_dir``
-    the run keeps its log and checkpoints there and resumes from them if it was interrupted."""
+    the run keeps its log and checkpoints there and resumes from them if it was interrupted.  With
+    ``train_top_k_until`` (BSBRBlocks with ``train_top_k``) the layers select ``train_top_k`` chunks while training
+    for the steps before that step and their ``top_k`` from it on (dense warm-up, then sparse training)."""
     task = make_task(task_spec)
     cfg = TrainConfig(**{"progress": True, **train_opts, "out_dir": out_dir})
     lm = build(model, task.vocab_size, seed=cfg.seed, **model_opts)
-    result = train(lm, task, cfg)
+    result = train(lm, task, cfg, before_step=None if train_top_k_until is None else
+                   train_top_k_schedule(lm, train_top_k_until))
     test = evaluate(lm, task, "test", cfg.batch_size, test_batches)
     curve = [{k: h[k] for k in ("step", "loss", "seconds")} for h in result.history
              if h["step"] % keep_every == 0 or h["step"] == result.steps]
@@ -110,7 +114,25 @@ def train_run(model: str, model_opts: dict, task_spec: dict, train_opts: dict, t
                "tokens_per_second": cfg.batch_size * _row_tokens(task, result.steps) / result.seconds,
                "curve": curve, "evals": result.evals, "valid": result.final, "test": test,
                "steps_to_target": result.steps_to_target, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if train_top_k_until is not None:
+        summary["train_top_k_until"] = train_top_k_until
     return summary, lm
+
+
+def train_top_k_schedule(lm: torch.nn.Module, until: int):
+    """A ``before_step`` for :func:`bsbr.train.train`: every layer with a ``train_top_k`` keeps it for the steps
+    before ``until`` and drops it (training at its ``top_k``) from step ``until`` on.  Raises ValueError when no
+    layer of ``lm`` has a ``train_top_k`` set."""
+    layers = {m: m.train_top_k for m in lm.modules() if getattr(m, "train_top_k", None) is not None}
+    if not layers:
+        raise ValueError(f"train_top_k_until={until} needs layers with a train_top_k (BSBRBlocks' --train-top-k); "
+                         f"{type(lm).__name__} has none")
+
+    def before_step(index: int) -> None:
+        for layer, k in layers.items():
+            layer.train_top_k = k if index < until else None
+
+    return before_step
 
 
 def _row_tokens(task, steps: int) -> int:

@@ -90,8 +90,11 @@ def jobs_for(args) -> list[tuple[str, dict]]:
                           "eval_every": args.eval_every, "eval_batches": 2, "seed": seed, "weight_decay": 0.1,
                           "device": args.device, "checkpoint_every": args.checkpoint_every}
             key = f"{model}|T={t}|h={hidden}|lr={lr:g}|seed={seed}"
-            jobs.append((key, {"model": model, "model_opts": opts, "task_spec": task, "train_opts": train_opts,
-                               "test_batches": args.test_batches}))
+            job = {"model": model, "model_opts": opts, "task_spec": task, "train_opts": train_opts,
+                   "test_batches": args.test_batches}
+            if model == "BSBRBlocks" and args.train_top_k_until is not None:
+                job["train_top_k_until"] = args.train_top_k_until
+            jobs.append((key, job))
     return jobs
 
 
@@ -130,6 +133,9 @@ def main() -> None:
     p.add_argument("--train-top-k", type=int, default=None,
                    help="BSBRBlocks: chunks selected per query while training (default --top-k; at least T / chunk "
                         "selects every earlier chunk, as Landmark Attention trains)")
+    p.add_argument("--train-top-k-until", type=int, default=None,
+                   help="BSBRBlocks: select --train-top-k chunks for the steps before this one, then --top-k (dense "
+                        "warm-up, then sparse training, as DeepSeek's sparse attention trains; needs --train-top-k)")
     p.add_argument("--indexer-dim", type=int, default=None,
                    help="BSBRBlocks: an indexer of this many dimensions per head selects (needs --selection-grad "
                         "distill)")
@@ -143,6 +149,8 @@ def main() -> None:
     p.add_argument("--tag", default="", help="results go to results/recall_curriculum_<tag>.json")
     args = p.parse_args()
     check_device(args.device)
+    if args.train_top_k_until is not None and args.train_top_k is None:
+        p.error("--train-top-k-until needs --train-top-k")
     if args.flush_denormals:
         cpu_flush_denormals()
     budget = vars(args)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from bsbr.models import build_model
 from bsbr.tasks import get_task
 from experiment_helpers import load_experiment, run_exp_script
 
@@ -70,12 +71,14 @@ def test_blocks_selection_reads_a_run_back_with_its_test_accuracy(tmp_path):
     --batch-size of the grid) its accuracy is the grid's test accuracy, and the chunk and top_k overrides apply."""
     args = ["--models", "BSBRBlocks", "--lengths", "64", "--stage-lengths", "32", "--stage-steps", "2", "--steps",
             "4", "--hiddens", "32", "--seeds", "0", "--test-batches", "2", "--batch-size", "4",
-            "--blocks-chunk-size", "4", "--top-k", "2", "--train-top-k", "16", "--block-summary", "minmax",
-            "--vocab-size", "16", "--tag", "sel"]  # 8 values: a guess is right often enough to compare counts
+            "--blocks-chunk-size", "4", "--top-k", "2", "--train-top-k", "16", "--train-top-k-until", "3",
+            "--block-summary", "minmax", "--vocab-size", "16", "--tag", "sel"]  # 8 values: a guess is often right
     done = run_exp_script("recall_curriculum.py", args, tmp_path)
     assert done.returncode == 0, done.stderr
-    run = json.loads((tmp_path / "results" / "recall_curriculum_sel.json").read_text())["runs"]
+    results = json.loads((tmp_path / "results" / "recall_curriculum_sel.json").read_text())
+    run = results["runs"]
     (cell,) = run.values()
+    assert cell["train_top_k_until"] == 3 and next(iter(results["jobs"].values()))["train_top_k_until"] == 3
     cell_dir = next((tmp_path / "runs").rglob("config.json")).parent
     out = run_exp_script("blocks_selection.py", [str(cell_dir), "--batches", "2", "--batch-size", "4"], tmp_path)
     assert out.returncode == 0, out.stderr
@@ -90,6 +93,23 @@ def test_blocks_selection_reads_a_run_back_with_its_test_accuracy(tmp_path):
     every = run_exp_script("blocks_selection.py", [str(cell_dir), "--top-k", "16"], tmp_path)  # the dense route
     assert every.returncode == 0, every.stderr
     assert "layer 2: the queried key's chunk in view for 1.000" in every.stdout, every.stdout
+
+
+def test_train_top_k_schedule_is_dense_then_sparse_by_step():
+    """_exp.train_top_k_schedule: train_top_k for the steps before ``until``, top_k from it on, by step index (a
+    resumed run may call it at any step), and a clear error for a model with no train_top_k."""
+    exp = load_experiment("_exp.py")
+    lm = build_model("BSBRBlocks", vocab_size=16, hidden_dim=16, num_layers=2, num_heads=2, ff_dim=32,
+                     causal_lm=True, chunk_size=4, top_k=1, train_top_k=8)
+    layers = [m for m in lm.modules() if hasattr(m, "train_top_k")]
+    assert len(layers) == 2
+    before_step = exp.train_top_k_schedule(lm, 3)
+    for index, expected in [(0, 8), (2, 8), (3, None), (7, None), (1, 8)]:
+        before_step(index)
+        assert [m.train_top_k for m in layers] == [expected, expected], index
+    with pytest.raises(ValueError, match=r"train_top_k_until=3 needs layers with a train_top_k"):
+        exp.train_top_k_schedule(build_model("BSBRBlocks", vocab_size=16, hidden_dim=16, num_layers=1, num_heads=2,
+                                             ff_dim=32, causal_lm=True, chunk_size=4, top_k=1), 3)
 
 
 def test_indexer_probe_trains_only_the_indexers_and_leaves_the_run(tmp_path):

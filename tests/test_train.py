@@ -73,11 +73,13 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, how):
                 raise KeyboardInterrupt
 
     lm = tiny_lm(task, dropout=0.1)
+    indices = []
     with pytest.raises(KeyboardInterrupt):
-        train(lm, task, quick(**cfg, out_dir=str(tmp_path)), callback=interrupt)
+        train(lm, task, quick(**cfg, out_dir=str(tmp_path)), callback=interrupt, before_step=indices.append)
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 7
     lm2 = tiny_lm(task, dropout=0.1, seed=123)  # a fresh process: different initial weights, restored from disk
-    resumed = train(lm2, task, quick(**cfg, out_dir=str(tmp_path)))
+    resumed = train(lm2, task, quick(**cfg, out_dir=str(tmp_path)), before_step=indices.append)
+    assert indices == list(range(12))  # before every step, the resumed session from its first new step
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     assert [e["loss"] for e in resumed.evals] == [e["loss"] for e in full.evals]
     for (k, a), b in zip(ref.state_dict().items(), lm2.state_dict().values(), strict=True):

@@ -96,13 +96,16 @@ def _run_description(lm, task: Task, cfg: TrainConfig) -> dict:
             "train": {k: v for k, v in cfg.to_dict().items() if k not in skip}}
 
 
-def train(lm: torch.nn.Module, task: Task, cfg: TrainConfig, callback=None) -> TrainResult:
+def train(lm: torch.nn.Module, task: Task, cfg: TrainConfig, callback=None, before_step=None) -> TrainResult:
     """Train ``lm`` (a CausalLM whose vocab covers ``task.vocab_size``) on ``task`` with ``cfg``.
 
     With ``cfg.out_dir`` set: writes ``config.json`` (model, task, training settings), ``log.jsonl`` (one JSON
     object per step and per evaluation), ``checkpoint/`` and ``result.json``; if a checkpoint of the same run is
     there, training resumes from it.  Ctrl-C / SIGTERM finish the current step, save a checkpoint and raise
-    KeyboardInterrupt.  ``callback(record)`` is called after every step (it may raise to stop the run).
+    KeyboardInterrupt.  ``callback(record)`` is called after every step (it may raise to stop the run);
+    ``before_step(index)`` before every optimizer step with its 0-based index, a resumed run's first new step
+    included, so a schedule that changes the model by step (e.g. the chunks a layer selects while training) gives
+    a resumed run what an uninterrupted one had.
     Returns a :class:`TrainResult`.
     """
     _check_arguments(lm, task, cfg)
@@ -113,6 +116,8 @@ def train(lm: torch.nn.Module, task: Task, cfg: TrainConfig, callback=None) -> T
     seconds_before = run.state["seconds"]
 
     def one_step() -> dict:
+        if before_step is not None:
+            before_step(run.state["step"])
         record = run.step()
         run.state["step"] = record["step"]
         run.state["seconds"] = record["seconds"] = seconds_before + time.perf_counter() - session_start
