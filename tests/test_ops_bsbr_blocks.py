@@ -188,8 +188,9 @@ def test_selection_is_a_choice_top_k_1_misses_what_top_k_all_sees():
 
 
 @pytest.mark.parametrize("spec", [BlockSpec(chunk=4, top_k=3), BlockSpec(chunk=3, top_k=2, sink=3, prev_chunk=True,
-                                                                          summary="minmax")])
-@pytest.mark.parametrize("group_chunks", [1, 2, 5])
+                                                                          summary="minmax"),
+                                  BlockSpec(chunk=4, top_k=2, summary="tokens")])
+@pytest.mark.parametrize("group_chunks", [1, 2, 5, None])
 @pytest.mark.parametrize("first_chunk", [0, 3])
 def test_selection_in_row_groups_is_the_selection_over_every_chunk(spec, group_chunks, first_chunk):
     """Scoring groups of query rows against only the chunks they may select picks the same chunks as scoring every

@@ -193,12 +193,15 @@ def blocks_parallel(q, k, v, spec: BlockSpec, *, start: int = 0, summaries: torc
         idx, ok, _ = select(scores(sq[:, :, ::ch], summ, spec), allowed[::ch], spec, inplace=True)
         return _parallel_chunkwise(q, k, v, spec, idx, ok, start)[:, :, :Tq], summ
     fused = spec.grad != "grouped" and fused_available(q, k, v)  # (the fused path takes no log-weights)
-    if fused and spec.grad == "none" and spec.select == "token":
-        # inference: each group of query rows scored against only the chunks it may select
-        idx, ok = select_in_row_groups(sq, summ, allowed, spec, first_chunk=start // ch)
-        return _parallel_fused(q, k, v, spec, idx, ok, start, Ctot)[:, :, :Tq], summ
-    sc = scores(_selection_queries(sq, spec), summ, spec)  # [B, Hk, Tqp, Cc]
-    idx, ok, bias = select(sc, allowed, spec, inplace=True)
+    if spec.grad == "none" and spec.select == "token":
+        # a choice with no gradient: each group of query rows scored against only the chunks it may select, and no
+        # graph kept for the [Tq, C] scores (in training they would otherwise be saved for nothing)
+        with torch.no_grad():
+            idx, ok = select_in_row_groups(sq, summ, allowed, spec, first_chunk=start // ch)
+        bias = None
+    else:
+        sc = scores(_selection_queries(sq, spec), summ, spec)  # [B, Hk, Tqp, Cc]
+        idx, ok, bias = select(sc, allowed, spec, inplace=True)
     if fused:
         return _parallel_fused(q, k, v, spec, idx, ok, start, Ctot)[:, :, :Tq], summ
     qg = q.view(B, Hk, G, Tqp, d)

@@ -71,7 +71,15 @@ def scores(q: torch.Tensor, summaries: torch.Tensor, spec: BlockSpec, *, tokens:
     if spec.summary == "tokens":
         C, m = summaries.shape[2], summaries.shape[3] // d
         tok = (qq @ summaries.reshape(B, Hk, C * m, d).transpose(-1, -2)).view(B, Hk, n, C, m)
-        return tok if tokens else tok.logsumexp(dim=-1)
+        if tokens:
+            return tok
+        if torch.is_grad_enabled() and tok.requires_grad:
+            return tok.logsumexp(dim=-1)
+        # torch.logsumexp's steps, in place on the product: its out-of-place (tok - max) allocates another
+        # [n, C, chunk] tensor, which cost 20x the in-place subtraction here (fresh pages of a large allocation)
+        mx = tok.amax(dim=-1, keepdim=True)
+        mx = mx.masked_fill_(mx.isinf(), 0.0)
+        return tok.sub_(mx).exp_().sum(dim=-1).log_().add_(mx.squeeze(-1))
     if tokens:
         raise ValueError(f"scores: tokens=True needs summary='tokens', got summary={spec.summary!r}")
     return qq @ summaries.transpose(-1, -2)
@@ -117,10 +125,13 @@ def select(score: torch.Tensor, allowed: torch.Tensor, spec: BlockSpec, *, inpla
 
 
 def select_in_row_groups(q: torch.Tensor, summaries: torch.Tensor, allowed: torch.Tensor, spec: BlockSpec,
-                         first_chunk: int = 0, group_chunks: int = 16):
+                         first_chunk: int = 0, group_chunks: int | None = None):
     """:func:`scores` then :func:`select` for ``grad="none"``, in groups of ``group_chunks`` query chunks, each
     scored against only the chunks its rows may select (those before its last chunk): about half the products and
-    top-k work of scoring every row against every chunk, the same selection.
+    top-k work of scoring every row against every chunk, the same selection.  ``group_chunks`` None: as many as
+    keep a group's scores near 2^22 values (16 MB in fp32; at least 1, at most 16), so that the [rows, C] (for
+    ``summary="tokens"`` [rows, C, chunk]) temporaries come from the allocator's reused memory rather than fresh
+    pages, which cost more than the product itself at T = 512, B = 128.
 
     q [B, H, n, d] (the selecting queries of positions first_chunk * chunk ..); summaries [B, Hk, C, S];
     allowed bool [n, C].  Returns (idx, ok) [B, Hk, n, K] with K = min(top_k, C) (slots a short row cannot fill:
@@ -133,6 +144,9 @@ def select_in_row_groups(q: torch.Tensor, summaries: torch.Tensor, allowed: torc
     K = min(spec.top_k, C)
     idx = torch.zeros(B, Hk, n, K, dtype=torch.long, device=q.device)
     ok = torch.zeros(B, Hk, n, K, dtype=torch.bool, device=q.device)
+    if group_chunks is None:
+        per_row = B * Hk * C * (summaries.shape[3] // q.shape[-1] if spec.summary == "tokens" else 1)
+        group_chunks = min(16, max(1, (1 << 22) // max(1, per_row * spec.chunk)))
     rows = group_chunks * spec.chunk
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
