@@ -158,6 +158,24 @@ def test_indexer_holds_the_invariants(check, kwargs, select, summary, monkeypatc
     check("BSBRBlocks", **kwargs)
 
 
+@pytest.mark.parametrize("summary", ["max", "tokens"])
+def test_distillation_loss_ignores_padding(summary):
+    """In training mode a row padded on either side gives the unpadded row's gradients, the distillation loss's
+    included (every real position is among the loss's rows here): the padded positions' queries do not count."""
+    torch.manual_seed(0)
+    layer = BSBRAttention(16, 2, chunk_size=4, dropout=0.0, retrieval="blocks", top_k=1, block_summary=summary,
+                          selection_grad="distill", indexer_dim=5).double().train()
+    x = torch.randn(1, 13, 16, dtype=torch.float64)
+    w = torch.randn(1, 13, 16, dtype=torch.float64)
+    want = torch.autograd.grad((layer(x) * w).sum(), list(layer.parameters()))
+    pad = torch.randn(1, 6, 16, dtype=torch.float64) * 50
+    for xp, mask, wp in [(torch.cat([x, pad], 1), [1] * 13 + [0] * 6, torch.cat([w, torch.randn(1, 6, 16)], 1)),
+                         (torch.cat([pad, x], 1), [0] * 6 + [1] * 13, torch.cat([torch.randn(1, 6, 16), w], 1))]:
+        got = torch.autograd.grad((layer(xp, torch.tensor([mask])) * wp).sum(), list(layer.parameters()))
+        for (n, _), a, b in zip(layer.named_parameters(), got, want, strict=True):
+            assert_close(f"gradient {n}", a, b, rel_tol=1e-10)
+
+
 def test_indexer_selects_and_learns_from_the_distillation_loss_only():
     """The indexer's scores choose the chunks (the output is the reference op's with index_q / index_k, and differs
     from q and k selecting); in training mode the indexer's gradient is exactly that of

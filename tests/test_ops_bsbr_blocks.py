@@ -473,6 +473,26 @@ def test_selection_distill_loss_of_token_scores_is_its_definition():
         scores(iq, summ, BlockSpec(chunk=3, top_k=2), tokens=True)
 
 
+@pytest.mark.parametrize("spec", [BlockSpec(chunk=3, top_k=1), BlockSpec(chunk=3, top_k=2, summary="tokens")])
+def test_selection_distill_loss_counts_only_real_rows(spec):
+    """With num_valid the loss is the mean over real query positions only: a batch of a full row and a row of L real
+    tokens padded with (finite) garbage gives the rows' own losses weighted by their counts of positions with a
+    candidate, values and gradients; no real position at all gives 0 in the graph."""
+    q, k, _ = _qkv(2, 4, 2, 17, 5, grad=True)
+    L = 11
+    got = selection_distill_loss(q, k, spec, rows=None, num_valid=torch.tensor([17, L]))
+    full = selection_distill_loss(q[:1], k[:1], spec, rows=None)
+    short = selection_distill_loss(q[1:, :, :L], k[1:, :, :L], spec, rows=None)
+    n_full, n_short = 17 - spec.chunk, L - spec.chunk  # positions from chunk 1 on have a candidate
+    want = (n_full * full + n_short * short) / (n_full + n_short)
+    assert_close("loss", got, want, rel_tol=1e-10)
+    for a, b in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k)), strict=True):
+        assert_close("gradient", a, b, rel_tol=1e-10)
+    assert (selection_distill_loss(q, k, spec, rows=None) - got).abs() > 1e-6  # counting the padded rows differs
+    none = selection_distill_loss(q, k, spec, rows=None, num_valid=torch.tensor([2, 0]))
+    assert none == 0 and none.requires_grad
+
+
 def test_selection_distill_loss_reaches_chunks_no_query_selected():
     """The gradient of the other chunks' outputs leaves the keys of a chunk nobody selected at zero (top_k 1,
     selection_grad none); the distillation loss gives them one: every candidate's score learns."""

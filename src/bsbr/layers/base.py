@@ -21,6 +21,9 @@ Left padding therefore shifts nothing: positions and chunk boundaries count from
 The hidden states at padded positions are zeroed before any form sees them, so garbage there (NaN or infinity, as in
 uninitialised memory) cannot reach a real token through a product that multiplies it by a zero weight (0 * NaN =
 NaN); a form must still keep a non-finite value at a real token from earlier tokens (:mod:`bsbr.ops.nonfinite`).
+Outputs need no padding logic, but a loss a form adds in training does (a padded row's query is a real vector of
+zeros): during ``_reference`` and ``_parallel`` the layer's ``_num_valid`` holds each row's real tokens ([B] long,
+or None when every token is real), as BSBR's selection distillation reads it.
 """
 
 from __future__ import annotations
@@ -126,7 +129,11 @@ class CausalAttention(nn.Module):
         if cache is None:
             if self.impl not in IMPLS:
                 raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
-            y = self._reference(x) if self.impl == "reference" else self._parallel(x)
+            self._num_valid = num_valid  # for a training loss that must not count padded rows (see the module doc)
+            try:
+                y = self._reference(x) if self.impl == "reference" else self._parallel(x)
+            finally:
+                self._num_valid = None
         else:
             if not isinstance(cache, LayerCache) or cache.batch_size != x.shape[0]:
                 raise ValueError(

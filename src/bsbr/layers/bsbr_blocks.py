@@ -72,7 +72,8 @@ def _distill(layer, o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, s: BlockS
     """o, carrying the selection's distillation loss in training mode with ``selection_grad="distill"``."""
     if not (layer.training and layer.selection_grad == "distill" and s.top_k and torch.is_grad_enabled()):
         return o
-    return add_loss(o, selection_distill_loss(q, k, s, index_q=iq, index_k=ik))
+    return add_loss(o, selection_distill_loss(q, k, s, index_q=iq, index_k=ik,
+                                              num_valid=getattr(layer, "_num_valid", None)))
 
 
 def reference(layer, x: torch.Tensor) -> torch.Tensor:

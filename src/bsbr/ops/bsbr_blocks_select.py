@@ -160,7 +160,8 @@ def select_in_row_groups(q: torch.Tensor, summaries: torch.Tensor, allowed: torc
 
 
 def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, rows: int | None = 64, *,
-                           index_q: torch.Tensor | None = None, index_k: torch.Tensor | None = None) -> torch.Tensor:
+                           index_q: torch.Tensor | None = None, index_k: torch.Tensor | None = None,
+                           num_valid: torch.Tensor | None = None) -> torch.Tensor:
     """The selection's distillation loss (the layer's ``selection_grad="distill"``): how far the chunk scores are
     from where causal softmax attention over EVERY earlier token puts its weight.
 
@@ -178,6 +179,9 @@ def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, ro
     the target still q's and k's, and the gradient reaches the indexer only.  With ``summary="tokens"`` the loss
     is taken token by token: - sum_s w[t, s] log p[t, s], w the attention weight of each candidate chunk's token s
     and p the softmax of the tokens' scores over them (so the chunks' softmax is the chunk marginal of p).
+
+    ``num_valid`` [B]: each row's real tokens (left-aligned, padding after them); the loss is then averaged over
+    the real query positions only (a padded row's query would otherwise count).
 
     q [B, H, T, d]; k [B, Hk, T, d] (positions 0 .. T - 1).  Returns a scalar."""
     B, H, T, d = q.shape
@@ -204,11 +208,20 @@ def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, ro
         tok_ok = allowed.repeat_interleave(ch, dim=-1)  # [n, Cc * ch]
         w = w.flatten(-2).masked_fill(~tok_ok, 0.0)
         logp = torch.log_softmax(sc.masked_fill(~tok_ok, float("-inf")), dim=-1).masked_fill(~tok_ok, 0.0)
-        return -(w * logp).sum(dim=-1).mean()
+        return _mean_over_real_rows(-(w * logp).sum(dim=-1), pos, num_valid)
     mass = w.sum(dim=-1).masked_fill(~allowed, 0.0)  # [B, Hk, n, Cc]
     sc = scores(_selection_queries(sq, spec)[:, :, pos], summ, spec).to(dt)
     logp = torch.log_softmax(sc.masked_fill(~allowed, float("-inf")), dim=-1).masked_fill(~allowed, 0.0)
-    return -(mass * logp).sum(dim=-1).mean()
+    return _mean_over_real_rows(-(mass * logp).sum(dim=-1), pos, num_valid)
+
+
+def _mean_over_real_rows(loss: torch.Tensor, pos: torch.Tensor, num_valid: torch.Tensor | None) -> torch.Tensor:
+    """loss [B, Hk, n] at query positions pos [n] -> its mean over the real positions (all with num_valid None;
+    0, still in the graph, when no row has one)."""
+    if num_valid is None:
+        return loss.mean()
+    real = (pos[None, :] < num_valid.to(pos.device)[:, None]).to(loss.dtype)  # [B, n]
+    return (loss * real[:, None]).sum() / (real.sum() * loss.shape[1]).clamp_min(1.0)
 
 
 class _AddLoss(torch.autograd.Function):
