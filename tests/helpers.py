@@ -1,5 +1,5 @@
-"""Comparison helpers: one place that reports max-abs and relative error and names the tensor that failed; and the
-non-finite values the tests plant."""
+"""Comparison helpers: one place that reports max-abs and relative error and names the tensor that failed; the
+non-finite values the tests plant; seeded inputs for the block-retrieval op tests."""
 
 from __future__ import annotations
 
@@ -32,3 +32,9 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, rel_to
     assert rel <= tol or max_abs <= atol, (
         f"{name}: max abs err {max_abs:.3e}, relative RMS err {rel:.3e} > tolerance {tol:.1e}"
     )
+
+
+def blocks_qkv(B, H, Hk, T, d, dtype=torch.float64, seed=0, grad=False):
+    """Seeded q [B, H, T, d], k and v [B, Hk, T, d] for the block-retrieval op tests."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, T, d, generator=g, dtype=dtype).requires_grad_(grad) for h in (H, Hk, Hk)]
