@@ -50,6 +50,13 @@ def test_selection_in_row_groups_is_the_selection_over_every_chunk(spec, group_c
     assert ok.any() and (first_chunk or not ok.all())  # from chunk 0 on, the first rows cannot fill every slot
 
 
+def _candidates_by_hand(t, chunk, spec):
+    """The chunks query t may select: earlier ones, less the previous (``prev_chunk``) and chunk 0 when the sink
+    covers it."""
+    return [j for j in range(t // chunk) if (not spec.prev_chunk or j != t // chunk - 1)
+            and not (j == 0 and spec.sink >= chunk)]
+
+
 def _distill_tokens_by_hand(q, k, chunk, spec, index_q=None, index_k=None):
     """selection_distill_loss for summary="tokens" with rows=None: per query, - sum over the candidate chunks'
     tokens s of w[s] log p[s], w the causal softmax weight (averaged over the group's query heads), p the softmax
@@ -59,10 +66,10 @@ def _distill_tokens_by_hand(q, k, chunk, spec, index_q=None, index_k=None):
     G = H // Hk
     total, n = 0.0, 0
     for b, h, t in itertools.product(range(B), range(Hk), range(T)):
-        cand = [j for j in range(t // chunk) if (not spec.prev_chunk or j != t // chunk - 1)]
+        cand = _candidates_by_hand(t, chunk, spec)
         if not cand:
             continue
-        toks = [s for j in cand for s in range(j * chunk, (j + 1) * chunk)]
+        toks = [s for j in cand for s in range(j * chunk, (j + 1) * chunk) if s >= spec.sink]  # the sink is in view
         w = sum(torch.softmax(k[b, h, : t + 1] @ q[b, h * G + g, t].detach() / d**0.5, dim=0).detach()[toks]
                 for g in range(G)) / G
         if index_q is None:
@@ -85,7 +92,7 @@ def _distill_by_hand(q, k, chunk, spec, index_q=None, index_k=None):
     for b in range(B):
         for h in range(Hk):
             for t in range(T):
-                cand = [j for j in range(t // chunk) if (not spec.prev_chunk or j != t // chunk - 1)]
+                cand = _candidates_by_hand(t, chunk, spec)
                 if not cand:
                     continue
                 mass = torch.zeros(len(cand), dtype=q.dtype)
@@ -95,7 +102,7 @@ def _distill_by_hand(q, k, chunk, spec, index_q=None, index_k=None):
                     w = torch.softmax(k[b, h, : t + 1] @ qt.detach() / d**0.5, dim=0).detach()
                     for i, j in enumerate(cand):
                         keys = k[b, h, j * chunk : (j + 1) * chunk]
-                        mass[i] += w[j * chunk : (j + 1) * chunk].sum() / G
+                        mass[i] += w[max(j * chunk, spec.sink) : (j + 1) * chunk].sum() / G  # sink in view
                         if index_q is not None:
                             if g == 0:
                                 e = index_q.shape[-1]
@@ -114,7 +121,8 @@ def _distill_by_hand(q, k, chunk, spec, index_q=None, index_k=None):
 
 @pytest.mark.parametrize("spec", [BlockSpec(chunk=4, top_k=1), BlockSpec(chunk=3, top_k=2, summary="minmax",
                                                                          prev_chunk=True),
-                                  BlockSpec(chunk=3, top_k=1, summary="max")])
+                                  BlockSpec(chunk=3, top_k=1, summary="max"), BlockSpec(chunk=4, top_k=1, sink=2),
+                                  BlockSpec(chunk=3, top_k=1, sink=3)])
 def test_selection_distill_loss_is_its_definition(spec):
     """The loss and its gradient (into q and k, through the scores only) against a loop over the definition, with
     two query heads per key/value head; ``rows`` keeps the last query."""
@@ -142,12 +150,13 @@ def test_selection_distill_loss_of_an_indexer_is_its_definition():
     assert torch.autograd.grad(got, (q, k), allow_unused=True) == (None, None)
 
 
-def test_selection_distill_loss_of_token_scores_is_its_definition():
+@pytest.mark.parametrize("spec", [BlockSpec(chunk=3, top_k=2, summary="tokens", prev_chunk=True),
+                                  BlockSpec(chunk=3, top_k=2, summary="tokens", sink=2)])
+def test_selection_distill_loss_of_token_scores_is_its_definition(spec):
     """summary="tokens": the loss is taken token by token (the scorer's softmax over every candidate chunk's tokens
     against the attention's weights there), for q and k (two query heads per key/value head) and for an indexer;
     values and gradients against the loop."""
     q, k, _ = _qkv(2, 4, 2, 17, 5, grad=True)
-    spec = BlockSpec(chunk=3, top_k=2, summary="tokens", prev_chunk=True)
     got = selection_distill_loss(q, k, spec, rows=None)
     want = _distill_tokens_by_hand(q, k, spec.chunk, spec)
     assert_close("loss", got, want, rel_tol=1e-10)

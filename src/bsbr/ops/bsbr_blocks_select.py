@@ -171,7 +171,8 @@ def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, ro
     that have a candidate.  Its gradient is a KL divergence's, weighted by how much of the query's attention lies
     outside its own chunk and the chunks in view; it reaches every candidate, selected or not, and flows into q and
     k through the scores only (as DeepSeek's sparse attention trains its indexer by KL to the dense attention,
-    with the scorer here the summaries themselves).
+    with the scorer here the summaries themselves).  The sink tokens are always in view, so their weight is not
+    counted in chunk 0's target (nor are they among the candidates' tokens for ``summary="tokens"``).
 
     ``rows``: the loss is taken over that many query positions with candidates, evenly spaced from the last one
     back (None: all), so its cost is [rows, T] per head, not [T, T].  ``index_q``, ``index_k``: an indexer's
@@ -201,11 +202,14 @@ def selection_distill_loss(q: torch.Tensor, k: torch.Tensor, spec: BlockSpec, ro
         causal = torch.arange(T, device=q.device) <= pos[:, None]
         w = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)[..., : Cc * ch]
         w = w.view(B, Hk, G, -1, Cc, ch).sum(dim=2) / G  # [B, Hk, n, Cc, ch]: the group's mean weight per token
+        if 0 < spec.sink < ch:  # chunk 0 a candidate whose first tokens are in view anyway: not the choice's weight
+            w[..., 0, : spec.sink] = 0.0
     sq, sk = _selectors(q, k, index_q, index_k)
     summ = summarize(sk[:, :, : Cc * ch].reshape(B, Hk, Cc, ch, sk.shape[-1]), spec.summary)
     if spec.summary == "tokens":  # token by token: the scorer's softmax over the candidates' tokens against w
         sc = scores(_selection_queries(sq, spec)[:, :, pos], summ, spec, tokens=True).to(dt).flatten(-2)
         tok_ok = allowed.repeat_interleave(ch, dim=-1)  # [n, Cc * ch]
+        tok_ok[:, : spec.sink] = False  # the sink tokens are in view, not candidates
         w = w.flatten(-2).masked_fill(~tok_ok, 0.0)
         logp = torch.log_softmax(sc.masked_fill(~tok_ok, float("-inf")), dim=-1).masked_fill(~tok_ok, 0.0)
         return _mean_over_real_rows(-(w * logp).sum(dim=-1), pos, num_valid)
