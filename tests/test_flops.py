@@ -94,6 +94,23 @@ def test_bsbr_blocks_options(options):
         assert a <= counted(model, T) <= a + padding
 
 
+def test_bsbr_blocks_row_groups_follow_the_batch():
+    """At batch 48 the tokens summary's row groups hold 9 chunks, not 16 (their scores kept near 2^22 values): the
+    meter counts those groups' scores, which differ from batch 2's, and FlopCounterMode agrees."""
+    from bsbr.ops.bsbr_blocks_select import row_group_chunks
+    from bsbr.ops.bsbr_blocks_tiles import _tile
+
+    model = small("BSBRBlocks", selection_grad="distill", indexer_dim=8, block_summary="tokens")
+    T, batch = 300, 48
+    assert row_group_chunks(batch, 2, T // 16, 16, "tokens") == 9
+    assert row_group_chunks(2, 2, T // 16, 16, "tokens") == 16
+    a = analytic_flops(model, T, batch_size=batch)
+    per_row = {k: v // batch for k, v in a["parts"].items()}
+    assert per_row["selection"] != analytic_flops(model, T, batch_size=2)["parts"]["selection"] // 2
+    padding = batch * 2 * 2 * (T // 16) * (_tile(16) - 1) * 4 * 16 * 32  # layers, heads as above
+    assert a["total"] <= counted(model, T, batch=batch) <= a["total"] + padding
+
+
 def test_scaling_of_the_formulas():
     """Quadratic mechanisms grow 4x per doubling at long T; the sub-quadratic ones 2x (to within their fixed terms)."""
     big = {name: small(name) for name in ("Standard", "Linear", "SlidingWindow", "GAU", "DeltaNet")}

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..layers.base import CausalAttention
 from ..ops.bsbr_blocks import summary_width
+from ..ops.bsbr_blocks_select import row_group_chunks, row_group_scores
 
 __all__ = ["analytic_flops", "attention_flops"]
 
@@ -126,12 +127,14 @@ def _bsbr(a, T):
     return parts
 
 
-def _bsbr_blocks(a, T):
+def _bsbr_blocks(a, T, batch: int = 1):
     """Block retrieval (``retrieval="blocks"`` or ``"none"``): the exact pairs its parallel form computes (with
     ``block_select="chunk"`` and no straight-through term: the gathered blocks, empty slots included).  The
     selected chunks run in tiles of queries that read one chunk, padded to whole tiles: that padding depends on the
     selection (the data) and is not counted, so FlopCounterMode counts at least this and at most a tile of padding
-    per (row, key/value head, chunk) more (tests/test_flops.py)."""
+    per (row, key/value head, chunk) more (tests/test_flops.py).  With per-token selection and no log-weights the
+    rows are scored in groups against only the chunks they may select (``select_in_row_groups``), in groups sized by
+    the batch: ``batch`` is the rows' count."""
     ch, d, H, D = a.chunk_size, a.head_dim, a.num_heads, a.hidden_dim
     Cq, Tp = _ceil_to(T, ch)
     Cc = T // ch  # complete chunks: the ones a query may select
@@ -156,8 +159,12 @@ def _bsbr_blocks(a, T):
         cand = c - (1 if a.prev_chunk else 0) - (1 if s >= ch and not (a.prev_chunk and c == 1) else 0)
         pairs += min(top_k, max(cand, 0)) * (min(T, (c + 1) * ch) - c * ch)
     seen = ch + s + (ch if a.prev_chunk else 0)  # own chunk, sink tokens, previous chunk: keys of every query row
+    if a.block_select == "token" and a.selection_grad in ("none", "distill"):  # rows in groups (bsbr_blocks_select)
+        scored = row_group_scores(Tp, Cc, ch, row_group_chunks(batch, H, Cc, ch, a.block_summary))
+    else:  # the log-weights need every query row's score of every chunk
+        scored = Tp * Cc
     return {"projections": projections,
-            "selection": (H * 2 * Tp * Cc * S) if top_k and Cc else 0,  # scores of every query row and chunk
+            "selection": (H * 2 * scored * S) if top_k and Cc else 0,
             "local": H * 4 * Tp * seen * d,  # the own chunk and the chunks in view, over full blocks
             "selected": H * 4 * pairs * ch * d}  # each query against each chunk it selected
 
@@ -180,7 +187,8 @@ def attention_flops(attn: CausalAttention, seq_len: int, batch_size: int = 1) ->
     if formula is None:
         raise ValueError(f"no analytic FLOP formula for attention {getattr(attn, 'name', type(attn).__name__)!r}; "
                          f"known: {sorted(_BY_NAME)}")
-    return {k: batch_size * int(v) for k, v in formula(attn, seq_len).items()}
+    per_row = formula(attn, seq_len, batch_size) if formula is _bsbr_blocks else formula(attn, seq_len)
+    return {k: batch_size * int(v) for k, v in per_row.items()}
 
 
 def analytic_flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> dict:

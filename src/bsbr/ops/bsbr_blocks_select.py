@@ -124,6 +124,24 @@ def select(score: torch.Tensor, allowed: torch.Tensor, spec: BlockSpec, *, inpla
     return idx, ok, bias
 
 
+def row_group_chunks(batch: int, kv_heads: int, chunks: int, chunk: int, summary: str) -> int:
+    """Query chunks per group of :func:`select_in_row_groups` by default: as many as keep a group's scores
+    (batch x kv_heads x rows x chunks, times chunk for ``summary="tokens"``) near 2^22 values, at least 1, at most
+    16 (the analytic FLOP meter counts the same groups)."""
+    per_row = batch * kv_heads * chunks * (chunk if summary == "tokens" else 1)
+    return min(16, max(1, (1 << 22) // max(1, per_row * chunk)))
+
+
+def row_group_scores(rows: int, chunks: int, chunk: int, group_chunks: int, first_chunk: int = 0) -> int:
+    """(query row, chunk) scores :func:`select_in_row_groups` computes for ``rows`` rows from chunk
+    ``first_chunk`` on against ``chunks`` complete chunks, in groups of ``group_chunks`` query chunks."""
+    total, step = 0, group_chunks * chunk
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        total += (r1 - r0) * min(chunks, first_chunk + (r1 - 1) // chunk)
+    return total
+
+
 def select_in_row_groups(q: torch.Tensor, summaries: torch.Tensor, allowed: torch.Tensor, spec: BlockSpec,
                          first_chunk: int = 0, group_chunks: int | None = None):
     """:func:`scores` then :func:`select` for ``grad="none"``, in groups of ``group_chunks`` query chunks, each
@@ -145,8 +163,7 @@ def select_in_row_groups(q: torch.Tensor, summaries: torch.Tensor, allowed: torc
     idx = torch.zeros(B, Hk, n, K, dtype=torch.long, device=q.device)
     ok = torch.zeros(B, Hk, n, K, dtype=torch.bool, device=q.device)
     if group_chunks is None:
-        per_row = B * Hk * C * (summaries.shape[3] // q.shape[-1] if spec.summary == "tokens" else 1)
-        group_chunks = min(16, max(1, (1 << 22) // max(1, per_row * spec.chunk)))
+        group_chunks = row_group_chunks(B, Hk, C, spec.chunk, spec.summary)
     rows = group_chunks * spec.chunk
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
