@@ -119,6 +119,14 @@ def _distill_by_hand(q, k, chunk, spec, index_q=None, index_k=None):
     return total / n
 
 
+def _agree(name, got, want, wrt):
+    """A loss and its gradients with respect to ``wrt`` against the by-hand loop's (fp64, 1e-10)."""
+    assert_close(name, got, want, rel_tol=1e-10)
+    ours = torch.autograd.grad(got, wrt, retain_graph=True)
+    for a, b in zip(ours, torch.autograd.grad(want, wrt, retain_graph=True), strict=True):
+        assert_close(f"{name} gradient", a, b, rel_tol=1e-10)
+
+
 @pytest.mark.parametrize("spec", [BlockSpec(chunk=4, top_k=1), BlockSpec(chunk=3, top_k=2, summary="minmax",
                                                                          prev_chunk=True),
                                   BlockSpec(chunk=3, top_k=1, summary="max"), BlockSpec(chunk=4, top_k=1, sink=2),
@@ -129,9 +137,7 @@ def test_selection_distill_loss_is_its_definition(spec):
     q, k, _ = _qkv(2, 4, 2, 17, 5, grad=True)
     got = selection_distill_loss(q, k, spec, rows=None)
     want = _distill_by_hand(q, k, spec.chunk, spec)
-    assert_close("loss", got, want, rel_tol=1e-10)
-    for a, b in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k)), strict=True):
-        assert_close("gradient", a, b, rel_tol=1e-10)
+    _agree("loss", got, want, (q, k))
     one = selection_distill_loss(q[..., -1:, :].expand_as(q).contiguous(), k, spec, rows=1)
     assert torch.isfinite(one) and one > 0
 
@@ -144,9 +150,7 @@ def test_selection_distill_loss_of_an_indexer_is_its_definition():
     spec = BlockSpec(chunk=3, top_k=2, summary="max")
     got = selection_distill_loss(q, k, spec, rows=None, index_q=iq, index_k=ik)
     want = _distill_by_hand(q, k, spec.chunk, spec, iq, ik)
-    assert_close("loss", got, want, rel_tol=1e-10)
-    for a, b in zip(torch.autograd.grad(got, (iq, ik)), torch.autograd.grad(want, (iq, ik)), strict=True):
-        assert_close("gradient", a, b, rel_tol=1e-10)
+    _agree("loss", got, want, (iq, ik))
     assert torch.autograd.grad(got, (q, k), allow_unused=True) == (None, None)
 
 
@@ -159,15 +163,11 @@ def test_selection_distill_loss_of_token_scores_is_its_definition(spec):
     q, k, _ = _qkv(2, 4, 2, 17, 5, grad=True)
     got = selection_distill_loss(q, k, spec, rows=None)
     want = _distill_tokens_by_hand(q, k, spec.chunk, spec)
-    assert_close("loss", got, want, rel_tol=1e-10)
-    for a, b in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k)), strict=True):
-        assert_close("gradient", a, b, rel_tol=1e-10)
+    _agree("loss", got, want, (q, k))
     iq, ik = (torch.nn.functional.softplus(t).detach().requires_grad_() for t in _qkv(2, 2, 2, 17, 3, seed=1)[:2])
     got = selection_distill_loss(q, k, spec, rows=None, index_q=iq, index_k=ik)
     want = _distill_tokens_by_hand(q, k, spec.chunk, spec, iq, ik)
-    assert_close("indexer loss", got, want, rel_tol=1e-10)
-    for a, b in zip(torch.autograd.grad(got, (iq, ik)), torch.autograd.grad(want, (iq, ik)), strict=True):
-        assert_close("indexer gradient", a, b, rel_tol=1e-10)
+    _agree("indexer loss", got, want, (iq, ik))
     # the chunks' scores are the log-sum-exp of the tokens' (so their softmax is the tokens' chunk marginal)
     summ = summarize(ik[:, :, :15].reshape(2, 2, 5, 3, 3), "tokens")
     tok = scores(iq, summ, spec, tokens=True)
@@ -188,9 +188,7 @@ def test_selection_distill_loss_counts_only_real_rows(spec):
     short = selection_distill_loss(q[1:, :, :L], k[1:, :, :L], spec, rows=None)
     n_full, n_short = 17 - spec.chunk, L - spec.chunk  # positions from chunk 1 on have a candidate
     want = (n_full * full + n_short * short) / (n_full + n_short)
-    assert_close("loss", got, want, rel_tol=1e-10)
-    for a, b in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k)), strict=True):
-        assert_close("gradient", a, b, rel_tol=1e-10)
+    _agree("loss", got, want, (q, k))
     assert (selection_distill_loss(q, k, spec, rows=None) - got).abs() > 1e-6  # counting the padded rows differs
     none = selection_distill_loss(q, k, spec, rows=None, num_valid=torch.tensor([2, 0]))
     assert none == 0 and none.requires_grad
