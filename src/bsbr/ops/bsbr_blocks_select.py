@@ -76,7 +76,7 @@ def scores(q: torch.Tensor, summaries: torch.Tensor, spec: BlockSpec, *, tokens:
         if torch.is_grad_enabled() and tok.requires_grad:
             return tok.logsumexp(dim=-1)
         # torch.logsumexp's steps, in place on the product: its out-of-place (tok - max) allocates another
-        # [n, C, chunk] tensor, which cost 20x the in-place subtraction here (fresh pages of a large allocation)
+        # [n, C, chunk] tensor, whose fresh pages cost far more than the subtraction itself at training sizes
         mx = tok.amax(dim=-1, keepdim=True)
         mx = mx.masked_fill_(mx.isinf(), 0.0)
         return tok.sub_(mx).exp_().sum(dim=-1).log_().add_(mx.squeeze(-1))
@@ -132,14 +132,20 @@ def row_group_chunks(batch: int, kv_heads: int, chunks: int, chunk: int, summary
     return min(16, max(1, (1 << 22) // max(1, per_row * chunk)))
 
 
+def _row_groups(rows: int, chunks: int, chunk: int, group_chunks: int, first_chunk: int = 0):
+    """(r0, r1, cols) of each group of :func:`select_in_row_groups`: rows r0 .. r1 - 1 (counted from chunk
+    ``first_chunk``) scored against the first ``cols`` of ``chunks`` complete chunks (those before the group's last
+    row's chunk)."""
+    step = group_chunks * chunk
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        yield r0, r1, min(chunks, first_chunk + (r1 - 1) // chunk)
+
+
 def row_group_scores(rows: int, chunks: int, chunk: int, group_chunks: int, first_chunk: int = 0) -> int:
     """(query row, chunk) scores :func:`select_in_row_groups` computes for ``rows`` rows from chunk
     ``first_chunk`` on against ``chunks`` complete chunks, in groups of ``group_chunks`` query chunks."""
-    total, step = 0, group_chunks * chunk
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        total += (r1 - r0) * min(chunks, first_chunk + (r1 - 1) // chunk)
-    return total
+    return sum((r1 - r0) * cols for r0, r1, cols in _row_groups(rows, chunks, chunk, group_chunks, first_chunk))
 
 
 def select_in_row_groups(q: torch.Tensor, summaries: torch.Tensor, allowed: torch.Tensor, spec: BlockSpec,
@@ -164,10 +170,7 @@ def select_in_row_groups(q: torch.Tensor, summaries: torch.Tensor, allowed: torc
     ok = torch.zeros(B, Hk, n, K, dtype=torch.bool, device=q.device)
     if group_chunks is None:
         group_chunks = row_group_chunks(B, Hk, C, spec.chunk, spec.summary)
-    rows = group_chunks * spec.chunk
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        cols = min(C, first_chunk + (r1 - 1) // spec.chunk)  # a row may select chunks before its own
+    for r0, r1, cols in _row_groups(n, C, spec.chunk, group_chunks, first_chunk):
         if cols == 0 or K == 0:
             continue
         i, o, _ = select(scores(q[:, :, r0:r1], summaries[:, :, :cols], spec), allowed[r0:r1, :cols], spec,
