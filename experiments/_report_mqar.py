@@ -39,6 +39,7 @@ def _curriculum_flags(b: dict) -> str:
             + (f" --blocks-chunk-size {b['blocks_chunk_size']} --top-k {b['top_k']} --block-summary "
                f"{b['block_summary']} --selection-grad {b['selection_grad']}"
                + (f" --train-top-k {b['train_top_k']}" if b.get("train_top_k") is not None else "")
+               + (f" --train-top-k-until {b['train_top_k_until']}" if b.get("train_top_k_until") is not None else "")
                + (f" --indexer-dim {b['indexer_dim']}" if b.get("indexer_dim") is not None else "")
                if "BSBRBlocks" in b.get("models", ()) and "blocks_chunk_size" in b else ""))
 
@@ -53,7 +54,10 @@ def _blocks_text(b: dict) -> str:
             f"selection gradient {b['selection_grad']}, no sink (each query sees its own chunk and the top_k chunks "
             "it selects)"
             + (f"; in training every query selects up to {b['train_top_k']} chunks (every earlier chunk where that "
-               "covers them), validation and test select top_k" if b.get("train_top_k") is not None else "")
+               "covers them)"
+               + (f" for the steps before {b['train_top_k_until']}, top_k from it on"
+                  if b.get("train_top_k_until") is not None else "")
+               + ", validation and test select top_k" if b.get("train_top_k") is not None else "")
             + (f"; an indexer of {b['indexer_dim']} dimensions per head (its own weights, trained by the distillation "
                "loss only) scores the chunks" if b.get("indexer_dim") is not None else ""))
 
